@@ -1,0 +1,1 @@
+//! Asset manifests and a verifying fetcher for real weights and data sets (no LibTorch dependency).

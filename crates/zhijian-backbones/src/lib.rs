@@ -1,0 +1,1 @@
+//! Pre-trained backbones with upstream key names and hook sites.

@@ -1,0 +1,1 @@
+//! The unified comparison protocol: experiments, runs, records, reports.

@@ -1,0 +1,2 @@
+//! The `zhijian` command.
+fn main() {}

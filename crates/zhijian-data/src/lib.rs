@@ -1,0 +1,1 @@
+//! Data adapters for real data sets: text, splits, tokenisation.

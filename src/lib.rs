@@ -1,0 +1,1 @@
+//! zhijian: reuse pre-trained models.

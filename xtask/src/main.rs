@@ -1,0 +1,2 @@
+//! `cargo xtask`: set-up, fetch, demo, test.
+fn main() {}
