@@ -1,1 +1,29 @@
-//! Core of zhijian: errors, Backbone and Method traits, hook sites, registry, weight I/O, training engine.
+//! Core of zhijian: the one error type, the [`Backbone`] and [`Method`] traits,
+//! hookable layers and the step context, the method [`Registry`], weight I/O and
+//! the training engine.
+//!
+//! Backbones are plain structs written with [`layers`]: each layer knows its path
+//! (= checkpoint key) and asks the [`Ctx`] at its site, so methods inject or
+//! observe without any change to backbone code.
+
+pub mod backbone;
+pub mod ctx;
+pub mod error;
+pub mod layers;
+pub mod method;
+pub mod metrics;
+pub mod model;
+pub mod registry;
+pub mod train;
+pub mod weights;
+
+pub use backbone::{Backbone, Input, ParamGroup};
+pub use ctx::{Ctx, Tap};
+pub use error::{Error, Result};
+pub use layers::{Linear, Role, Site};
+pub use method::{Method, Stage, StepOutput};
+pub use metrics::Accuracy;
+pub use model::Model;
+pub use registry::{config_table, parse_config, Registry};
+pub use train::{Split, TrainConfig};
+pub use weights::{load_into, save_atomic, LoadReport};

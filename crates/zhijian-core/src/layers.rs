@@ -1,0 +1,137 @@
+//! Hookable layers shared by every backbone.
+//!
+//! Each layer knows its own path, which equals its checkpoint key prefix
+//! (`encoder.layer.3.attention.self.query`), and consults the [`Ctx`] at its
+//! site so methods can inject without any change to backbone code.
+
+use serde::Serialize;
+use tch::nn::{Init, Path};
+use tch::Tensor;
+
+use crate::ctx::Ctx;
+
+/// What a backbone's sub-layer does; lets methods pick sensible default targets
+/// across backbone families (LoRA defaults to the attention query and value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Attention query projection.
+    Query,
+    /// Attention key projection.
+    Key,
+    /// Attention value projection.
+    Value,
+    /// Fused query-key-value projection (timm ViT).
+    Qkv,
+    /// Attention output projection.
+    AttnOut,
+    /// First MLP / feed-forward projection.
+    MlpUp,
+    /// Second MLP / feed-forward projection.
+    MlpDown,
+    /// The classification head.
+    Head,
+    /// Anything else (poolers, stems, …).
+    Other,
+}
+
+/// A place in a backbone where methods can act.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Site {
+    /// Path of the layer, equal to its checkpoint key prefix.
+    pub path: String,
+    /// Input features of the layer.
+    pub in_features: i64,
+    /// Output features of the layer.
+    pub out_features: i64,
+    /// What the layer does.
+    pub role: Role,
+}
+
+/// Joins a tch path's components with dots, as checkpoint keys are written.
+pub fn path_name(p: &Path) -> String {
+    p.components().collect::<Vec<_>>().join(".")
+}
+
+/// A linear layer `y = x Wᵀ + b` with PyTorch's `[out, in]` weight layout,
+/// whose output every active method may transform.
+#[derive(Debug)]
+pub struct Linear {
+    /// Weight `[out_features, in_features]`.
+    pub ws: Tensor,
+    /// Bias `[out_features]`, if any.
+    pub bs: Option<Tensor>,
+    site: Site,
+}
+
+impl Linear {
+    /// Creates the layer's variables under `p` (`p.weight`, `p.bias`) with
+    /// PyTorch's default initialisation (Kaiming-uniform, a = √5).
+    pub fn new(p: Path, in_features: i64, out_features: i64, bias: bool, role: Role) -> Linear {
+        let bound = 1.0 / (in_features as f64).sqrt();
+        let ws = p.var("weight", &[out_features, in_features], Init::Uniform { lo: -bound, up: bound });
+        let bs = bias.then(|| p.var("bias", &[out_features], Init::Uniform { lo: -bound, up: bound }));
+        Linear { ws, bs, site: Site { path: path_name(&p), in_features, out_features, role } }
+    }
+
+    /// The layer's hook site.
+    pub fn site(&self) -> &Site {
+        &self.site
+    }
+
+    /// # Shapes
+    /// `x`: `[..., in_features]` → `[..., out_features]`.
+    pub fn forward(&self, cx: &Ctx, x: &Tensor) -> Tensor {
+        let base = x.linear(&self.ws, self.bs.as_ref());
+        cx.linear(&self.site.path, x, base)
+    }
+}
+
+/// Layer normalisation over the last dimension (`weight`, `bias` as in PyTorch).
+#[derive(Debug)]
+pub struct LayerNorm {
+    /// Scale `[dim]`.
+    pub ws: Tensor,
+    /// Shift `[dim]`.
+    pub bs: Tensor,
+    eps: f64,
+    dim: i64,
+}
+
+impl LayerNorm {
+    /// Creates `p.weight` (ones) and `p.bias` (zeros).
+    pub fn new(p: Path, dim: i64, eps: f64) -> LayerNorm {
+        LayerNorm { ws: p.ones("weight", &[dim]), bs: p.zeros("bias", &[dim]), eps, dim }
+    }
+
+    /// # Shapes
+    /// `x`: `[..., dim]` → same.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.layer_norm([self.dim], Some(&self.ws), Some(&self.bs), self.eps, true)
+    }
+}
+
+/// A lookup table `p.weight` of shape `[num, dim]`.
+#[derive(Debug)]
+pub struct Embedding {
+    /// Table `[num, dim]`.
+    pub ws: Tensor,
+}
+
+impl Embedding {
+    /// Creates `p.weight`, initialised N(0, 1) as PyTorch does.
+    pub fn new(p: Path, num: i64, dim: i64) -> Embedding {
+        Embedding { ws: p.randn_standard("weight", &[num, dim]) }
+    }
+
+    /// # Shapes
+    /// `ids`: `[...]` (int64) → `[..., dim]`.
+    pub fn forward(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.ws, ids, -1, false, false)
+    }
+}
+
+/// Dropout that is active only in training passes.
+pub fn dropout(cx: &Ctx, x: &Tensor, p: f64) -> Tensor {
+    if cx.is_train() && p > 0.0 { x.dropout(p, true) } else { x.shallow_clone() }
+}

@@ -1,0 +1,117 @@
+//! A backbone with a classification head: what methods prepare and engines train.
+
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
+
+use crate::backbone::{Backbone, Input, ParamGroup};
+use crate::ctx::{Ctx, Tap};
+use crate::layers::{Linear, Role, Site};
+
+/// Name of the head's variables (`head.weight`, `head.bias`), as timm names it.
+pub const HEAD: &str = "head";
+
+/// A backbone plus a linear head over its pooled features.
+///
+/// All of the backbone's and the head's parameters live in `vs`, named by their
+/// checkpoint keys; methods keep their own parameters in their own stores.
+pub struct Model {
+    /// Backbone and head parameters.
+    pub vs: VarStore,
+    /// The feature extractor.
+    pub backbone: Box<dyn Backbone>,
+    /// Linear head `[num_classes, hidden]`.
+    pub head: Linear,
+}
+
+impl Model {
+    /// Builds the backbone with `build` under the store's root and adds a fresh
+    /// head for `num_classes` classes.
+    pub fn new(
+        device: Device,
+        num_classes: i64,
+        build: impl FnOnce(tch::nn::Path) -> Box<dyn Backbone>,
+    ) -> Model {
+        let vs = VarStore::new(device);
+        let backbone = build(vs.root());
+        let head = Linear::new(vs.root() / HEAD, backbone.hidden_size(), num_classes, true, Role::Head);
+        Model { vs, backbone, head }
+    }
+
+    /// Device of the parameters.
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Number of output classes.
+    pub fn num_classes(&self) -> i64 {
+        self.head.site().out_features
+    }
+
+    /// Every hook site, the head's last.
+    pub fn sites(&self) -> Vec<Site> {
+        let mut sites = self.backbone.sites();
+        sites.push(self.head.site().clone());
+        sites
+    }
+
+    /// The group of a parameter of `vs`.
+    pub fn group(&self, param: &str) -> ParamGroup {
+        if param.starts_with("head.") { ParamGroup::Head } else { self.backbone.group(param) }
+    }
+
+    /// Pooled features; `Input::Features` passes through untouched.
+    ///
+    /// # Shapes
+    /// `input` → `[batch, hidden]`.
+    pub fn features(&self, cx: &Ctx, input: &Input) -> Tensor {
+        let pooled = match input {
+            Input::Features(f) => f.shallow_clone(),
+            other => self.backbone.forward(cx, other),
+        };
+        cx.tap(Tap::Pooled, &pooled);
+        pooled
+    }
+
+    /// Logits.
+    ///
+    /// # Shapes
+    /// `input` → `[batch, num_classes]`.
+    pub fn forward(&self, cx: &Ctx, input: &Input) -> Tensor {
+        let features = self.features(cx, input);
+        self.head.forward(cx, &features)
+    }
+
+    /// Freezes every backbone parameter and leaves the head trainable: the
+    /// starting point before methods choose what else trains.
+    pub fn freeze_backbone(&self) {
+        for (name, t) in self.vs.variables() {
+            let _ = t.set_requires_grad(self.group(&name) == ParamGroup::Head);
+        }
+    }
+
+    /// Sets `requires_grad` on every backbone parameter `keep` selects.
+    pub fn unfreeze_where(&self, keep: impl Fn(&str, ParamGroup) -> bool) {
+        for (name, t) in self.vs.variables() {
+            if keep(&name, self.group(&name)) {
+                let _ = t.set_requires_grad(true);
+            }
+        }
+    }
+
+    /// Trainable parameters of the model (not of methods), sorted by name.
+    pub fn trainable(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<_> = self.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Whether no backbone parameter trains (so features can be computed once).
+    pub fn backbone_frozen(&self) -> bool {
+        self.vs.variables().iter().all(|(n, t)| self.group(n) == ParamGroup::Head || !t.requires_grad())
+    }
+
+    /// Number of elements over all parameters of `vs`.
+    pub fn num_params(&self) -> i64 {
+        self.vs.variables().values().map(Tensor::numel).map(|n| n as i64).sum()
+    }
+}

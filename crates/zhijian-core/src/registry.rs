@@ -1,0 +1,90 @@
+//! Methods by name: one explicit registration line per method.
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+use crate::method::{Method, Stage};
+
+/// Builds a method from its TOML table (the `method` key already removed).
+pub type Factory = fn(&toml::Table) -> Result<Box<dyn Method>>;
+
+/// One registered method.
+#[derive(Clone)]
+pub struct Entry {
+    /// Name used in configs.
+    pub name: &'static str,
+    /// Stage it belongs to.
+    pub stage: Stage,
+    /// One line for `zhijian methods`.
+    pub summary: &'static str,
+    factory: Factory,
+}
+
+/// The known methods.
+#[derive(Clone, Default)]
+pub struct Registry {
+    entries: BTreeMap<&'static str, Entry>,
+}
+
+impl Registry {
+    /// An empty registry; each method family adds itself with its `register`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a method. A second registration of the same name is a programming error.
+    pub fn register(&mut self, name: &'static str, stage: Stage, summary: &'static str, factory: Factory) {
+        let previous = self.entries.insert(name, Entry { name, stage, summary, factory });
+        assert!(previous.is_none(), "method `{name}` registered twice");
+    }
+
+    /// Every entry, by name.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values()
+    }
+
+    /// Every name, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.entries.keys().map(|s| s.to_string()).collect()
+    }
+
+    /// Builds the method a config entry `{ method = "lora", rank = 8, … }` describes.
+    pub fn build(&self, spec: &toml::Table) -> Result<Box<dyn Method>> {
+        let name = match spec.get("method") {
+            Some(toml::Value::String(s)) => s.as_str(),
+            _ => return Err(Error::Config(format!("a method entry needs `method = \"<name>\"`; got {spec}"))),
+        };
+        let entry = self
+            .entries
+            .get(name)
+            .ok_or_else(|| Error::UnknownMethod { name: name.into(), known: self.names() })?;
+        let mut rest = spec.clone();
+        rest.remove("method");
+        (entry.factory)(&rest)
+    }
+
+    /// Builds a method by name with its default config.
+    pub fn build_default(&self, name: &str) -> Result<Box<dyn Method>> {
+        let mut spec = toml::Table::new();
+        spec.insert("method".into(), toml::Value::String(name.into()));
+        self.build(&spec)
+    }
+}
+
+/// Parses a method's config, naming the method in the error. Config structs use
+/// `#[serde(deny_unknown_fields)]`, so a misspelt field names itself.
+pub fn parse_config<T: DeserializeOwned>(method: &str, table: &toml::Table) -> Result<T> {
+    toml::Value::Table(table.clone())
+        .try_into()
+        .map_err(|e: toml::de::Error| Error::MethodConfig { method: method.into(), message: e.message().to_string() })
+}
+
+/// Serialises a method's config back to TOML (for records and round-trips).
+pub fn config_table<T: serde::Serialize>(config: &T) -> toml::Table {
+    match toml::Value::try_from(config) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => toml::Table::new(),
+    }
+}

@@ -1,0 +1,314 @@
+//! The training engine: prepare methods, train, evaluate.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Reduction, Tensor};
+
+use super::optim::{Optimizer, OptimizerConfig};
+use super::schedule::Schedule;
+use crate::backbone::Input;
+use crate::ctx::{Ctx, Tap};
+use crate::error::{Error, Result};
+use crate::method::{Method, StepOutput};
+use crate::metrics::Accuracy;
+use crate::model::Model;
+use crate::weights::save_atomic;
+
+/// Training hyper-parameters. Every field has a default, so a config names only
+/// what it changes; an unknown field is an error naming it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Passes over the training split. Default 1.
+    pub epochs: usize,
+    /// Stop after this many optimiser steps (0 = no limit). Default 0.
+    pub max_steps: usize,
+    /// Examples per optimiser step. Default 32.
+    pub batch_size: i64,
+    /// Examples per evaluation batch. Default 128.
+    pub eval_batch_size: i64,
+    /// Peak learning rate. Default 1e-3.
+    pub lr: f64,
+    /// Decoupled (AdamW) or L2 (SGD) weight decay on matrices. Default 0.01.
+    pub weight_decay: f64,
+    /// Optimiser. Default AdamW (0.9, 0.999, 1e-8).
+    pub optimizer: OptimizerConfig,
+    /// Schedule after warm-up. Default cosine.
+    pub schedule: Schedule,
+    /// Fraction of steps spent in linear warm-up. Default 0.1.
+    pub warmup_ratio: f64,
+    /// Clip the global gradient norm to this (0 = off). Default 1.0.
+    pub grad_clip: f64,
+    /// Label smoothing of the cross-entropy. Default 0.
+    pub label_smoothing: f64,
+    /// Seed of shuffling, dropout and method initialisation. Default 0.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 1,
+            max_steps: 0,
+            batch_size: 32,
+            eval_batch_size: 128,
+            lr: 1e-3,
+            weight_decay: 0.01,
+            optimizer: OptimizerConfig::default(),
+            schedule: Schedule::Cosine,
+            warmup_ratio: 0.1,
+            grad_clip: 1.0,
+            label_smoothing: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Rejects values that cannot work, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, why: &str| Err(Error::Config(format!("train.{field} {why}")));
+        if self.batch_size < 1 || self.eval_batch_size < 1 {
+            return bad("batch_size", "must be at least 1");
+        }
+        if self.epochs == 0 && self.max_steps == 0 {
+            return bad("epochs", "must be at least 1 (or set max_steps)");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad("lr", "must be a positive number");
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return bad("warmup_ratio", "must be in [0, 1)");
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return bad("label_smoothing", "must be in [0, 1)");
+        }
+        Ok(())
+    }
+
+    /// Optimiser steps a run over `n` training examples takes.
+    pub fn total_steps(&self, n: i64) -> usize {
+        let per_epoch = ((n + self.batch_size - 1) / self.batch_size) as usize;
+        let all = per_epoch * self.epochs.max(1);
+        if self.max_steps > 0 { all.min(self.max_steps) } else { all }
+    }
+}
+
+/// Examples with integer labels, held in memory.
+#[derive(Debug)]
+pub struct Split {
+    /// Name (`train`, `test`, `ood:optdigits`, …).
+    pub name: String,
+    /// Inputs of every example.
+    pub input: Input,
+    /// Labels `[n]`, int64.
+    pub labels: Tensor,
+}
+
+impl Split {
+    /// Number of examples.
+    pub fn len(&self) -> i64 {
+        self.labels.size()[0]
+    }
+
+    /// Whether the split is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Freezes the backbone (the head stays trainable), then lets each method, in
+/// order, add its parameters and choose what else trains.
+pub fn prepare(model: &Model, methods: &mut [Box<dyn Method>], seed: u64) -> Result<()> {
+    tch::manual_seed(seed as i64);
+    model.freeze_backbone();
+    for m in methods.iter_mut() {
+        m.prepare(model)?;
+    }
+    Ok(())
+}
+
+/// Every parameter that trains: the model's, then each method's (named
+/// `method/param`), sorted within each group.
+pub fn trainable(model: &Model, methods: &[Box<dyn Method>]) -> Vec<(String, Tensor)> {
+    let mut all = model.trainable();
+    for m in methods {
+        if let Some(vs) = m.var_store() {
+            let mut own: Vec<_> = vs
+                .variables()
+                .into_iter()
+                .filter(|(_, t)| t.requires_grad())
+                .map(|(n, t)| (format!("{}/{n}", m.name()), t))
+                .collect();
+            own.sort_by(|a, b| a.0.cmp(&b.0));
+            all.extend(own);
+        }
+    }
+    all
+}
+
+/// Whether the backbone's output cannot change during training, so pooled
+/// features can be computed once and the head trained on them.
+pub fn features_cacheable(model: &Model, methods: &[Box<dyn Method>]) -> bool {
+    model.backbone_frozen()
+        && methods.iter().all(|m| !m.alters_forward() && m.taps().iter().all(|t| *t == Tap::Pooled))
+}
+
+/// Runs the frozen backbone over `split` once and returns its pooled features
+/// as a split of `Input::Features` (kept on the model's device).
+pub fn cache_features(model: &Model, split: &Split, batch_size: i64, label: &str) -> Split {
+    let n = split.len();
+    let bar = progress_bar(n as u64, &format!("{label}: features of {}", split.name));
+    let cx = Ctx::plain(false);
+    let chunks: Vec<Tensor> = tch::no_grad(|| {
+        batches(n, batch_size)
+            .map(|idx| {
+                let f = model.features(&cx, &split.input.select(&idx, model.device()));
+                bar.inc(idx.size()[0] as u64);
+                f
+            })
+            .collect()
+    });
+    bar.finish_and_clear();
+    Split { name: split.name.clone(), input: Input::Features(Tensor::cat(&chunks, 0)), labels: split.labels.shallow_clone() }
+}
+
+/// What a training run did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TrainReport {
+    /// Optimiser steps taken.
+    pub steps: usize,
+    /// Examples processed (with repeats over epochs).
+    pub samples: u64,
+    /// Wall time of the training loop, seconds.
+    pub seconds: f64,
+    /// Mean task loss over the last epoch.
+    pub final_loss: f64,
+    /// Validation top-1 after each epoch, if a validation split was given.
+    pub val_top1: Vec<f64>,
+}
+
+impl TrainReport {
+    /// Training throughput.
+    pub fn samples_per_s(&self) -> f64 {
+        if self.seconds > 0.0 { self.samples as f64 / self.seconds } else { 0.0 }
+    }
+}
+
+/// Options of [`train`] that are not hyper-parameters.
+#[derive(Clone, Debug, Default)]
+pub struct TrainOptions {
+    /// Shown on the progress bar.
+    pub label: String,
+    /// If set, the trainable parameters are saved here (atomically) after each epoch.
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// Trains the trainable parameters of `model` and `methods` on `train`
+/// (call [`prepare`] first). The same seed on CPU repeats the run exactly.
+pub fn train(
+    model: &Model,
+    methods: &[Box<dyn Method>],
+    train: &Split,
+    val: Option<&Split>,
+    cfg: &TrainConfig,
+    opts: &TrainOptions,
+) -> Result<TrainReport> {
+    cfg.validate()?;
+    let params = trainable(model, methods);
+    if params.is_empty() {
+        return Err(Error::Config("nothing to train: every parameter is frozen".into()));
+    }
+    let mut opt = Optimizer::new(cfg.optimizer.clone(), params.iter().map(|(_, t)| t.shallow_clone()).collect(), cfg.weight_decay);
+    let total = cfg.total_steps(train.len());
+    let warmup = (cfg.warmup_ratio * total as f64).round() as usize;
+    let taps: Vec<Tap> = methods.iter().flat_map(|m| m.taps()).collect();
+    let device = model.device();
+    let bar = progress_bar(total as u64, &opts.label);
+    tch::manual_seed(cfg.seed as i64);
+    let mut report = TrainReport::default();
+    let start = Instant::now();
+    'epochs: for _epoch in 0..cfg.epochs.max(1) {
+        let order = Tensor::randperm(train.len(), (Kind::Int64, Device::Cpu));
+        let (mut loss_sum, mut loss_n) = (0.0, 0usize);
+        for idx in batches(train.len(), cfg.batch_size).map(|b| order.index_select(0, &b)) {
+            if report.steps >= total {
+                break 'epochs;
+            }
+            let input = train.input.select(&idx, device);
+            let labels = train.labels.index_select(0, &idx).to_device(device);
+            let cx = Ctx::new(true, methods, taps.clone());
+            let logits = model.forward(&cx, &input);
+            let task = logits.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, cfg.label_smoothing);
+            let step = StepOutput { logits, labels, taps: cx.take_taps() };
+            let loss = methods.iter().filter_map(|m| m.extra_loss(&step)).fold(task.shallow_clone(), |a, b| a + b);
+            opt.zero_grad();
+            loss.backward();
+            if cfg.grad_clip > 0.0 {
+                opt.clip_grad_norm(cfg.grad_clip);
+            }
+            opt.step(cfg.lr * cfg.schedule.factor(report.steps, total, warmup));
+            let task_loss = task.double_value(&[]);
+            if !task_loss.is_finite() {
+                bar.abandon();
+                return Err(Error::Config(format!("training diverged (loss {task_loss}) at step {}; lower train.lr", report.steps)));
+            }
+            loss_sum += task_loss;
+            loss_n += 1;
+            report.steps += 1;
+            report.samples += idx.size()[0] as u64;
+            bar.inc(1);
+            bar.set_message(format!(
+                "loss {:.4}  {:.0} samples/s",
+                loss_sum / loss_n as f64,
+                report.samples as f64 / start.elapsed().as_secs_f64()
+            ));
+        }
+        report.final_loss = loss_sum / loss_n.max(1) as f64;
+        if let Some(val) = val {
+            report.val_top1.push(evaluate(model, methods, val, cfg.eval_batch_size).top1());
+        }
+        if let Some(path) = &opts.checkpoint {
+            save_atomic(&trainable(model, methods), path)?;
+        }
+    }
+    report.seconds = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    Ok(report)
+}
+
+/// Logits of every example of `input`, in order, without gradients.
+pub fn predict(model: &Model, methods: &[Box<dyn Method>], input: &Input, batch_size: i64) -> Tensor {
+    let cx = Ctx::new(false, methods, Vec::new());
+    tch::no_grad(|| {
+        let chunks: Vec<Tensor> = batches(input.len(), batch_size)
+            .map(|idx| model.forward(&cx, &input.select(&idx, model.device())).to_device(Device::Cpu))
+            .collect();
+        Tensor::cat(&chunks, 0)
+    })
+}
+
+/// Top-1 / top-5 accuracy on `split`.
+pub fn evaluate(model: &Model, methods: &[Box<dyn Method>], split: &Split, batch_size: i64) -> Accuracy {
+    Accuracy::from_logits(&predict(model, methods, &split.input, batch_size), &split.labels)
+}
+
+/// Consecutive index batches `[0, b), [b, 2b), …` over `n` examples.
+pub fn batches(n: i64, batch_size: i64) -> impl Iterator<Item = Tensor> {
+    (0..n).step_by(batch_size.max(1) as usize).map(move |s| Tensor::arange_start(s, (s + batch_size).min(n), (Kind::Int64, Device::Cpu)))
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress_bar(len: u64, label: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>24} [{bar:30}] {pos}/{len} {elapsed_precise}<{eta_precise} {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(label.to_string());
+    bar
+}

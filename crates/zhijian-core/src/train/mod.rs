@@ -1,0 +1,12 @@
+//! Training: optimisers, schedules and the engine.
+
+pub mod engine;
+pub mod optim;
+pub mod schedule;
+
+pub use engine::{
+    batches, cache_features, evaluate, features_cacheable, predict, prepare, progress_bar, train, trainable, Split,
+    TrainConfig, TrainOptions, TrainReport,
+};
+pub use optim::{Optimizer, OptimizerConfig};
+pub use schedule::Schedule;
