@@ -1,1 +1,8 @@
-//! Pre-trained backbones with upstream key names and hook sites.
+//! Pre-trained backbones written with zhijian's hookable layers, one file per
+//! family, parameter names equal to the upstream checkpoint keys.
+
+pub mod bert;
+pub mod pretrained;
+
+pub use bert::{Bert, BertConfig, Pooling};
+pub use pretrained::load_pretrained;

@@ -135,3 +135,18 @@ impl Embedding {
 pub fn dropout(cx: &Ctx, x: &Tensor, p: f64) -> Tensor {
     if cx.is_train() && p > 0.0 { x.dropout(p, true) } else { x.shallow_clone() }
 }
+
+/// Multi-head scaled dot-product attention over already projected `q`, `k`, `v`,
+/// shared by every transformer backbone (fused kernel where LibTorch has one).
+///
+/// # Shapes
+/// `q`, `k`, `v`: `[batch, tokens, heads·head_dim]`; `keep`: optional boolean
+/// `[batch, 1, 1, tokens]`, true where a key may be attended → `[batch, tokens, heads·head_dim]`.
+pub fn attention(cx: &Ctx, q: &Tensor, k: &Tensor, v: &Tensor, keep: Option<&Tensor>, heads: i64, dropout_p: f64) -> Tensor {
+    let (b, t, d) = q.size3().expect("attention input must be [batch, tokens, dim]");
+    let split = |x: &Tensor| x.view([b, -1, heads, d / heads]).transpose(1, 2);
+    let p = if cx.is_train() { dropout_p } else { 0.0 };
+    Tensor::scaled_dot_product_attention(&split(q), &split(k), &split(v), keep, p, false, None, false)
+        .transpose(1, 2)
+        .reshape([b, t, d])
+}

@@ -1,0 +1,238 @@
+//! BERT-family text encoders (Devlin et al. 2019, <https://arxiv.org/abs/1810.04805>)
+//! with Hugging Face `BertModel` key names (`embeddings.word_embeddings`,
+//! `encoder.layer.N.attention.self.query`, …), so `model.safetensors` files load as they are.
+//!
+//! Presets: [`BertConfig::minilm_l6`] (sentence-transformers/all-MiniLM-L6-v2) and
+//! [`BertConfig::bert_base`]. Pooling is mean over real tokens, as
+//! sentence-transformers does, or the `[CLS]` token.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::nn;
+use tch::{Kind, Tensor};
+use zhijian_core::layers::{attention, dropout, Embedding, LayerNorm, Linear, Role, Site};
+use zhijian_core::{Backbone, Ctx, Error, Input, ParamGroup, Result, Tap};
+
+/// How token states become one feature vector.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Mean over real (unmasked) tokens, as sentence-transformers does.
+    #[default]
+    Mean,
+    /// The first (`[CLS]`) token.
+    Cls,
+}
+
+/// Architecture hyper-parameters, mirroring Hugging Face's `config.json`
+/// (unknown upstream keys are ignored so real files parse).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BertConfig {
+    /// Vocabulary size.
+    pub vocab_size: i64,
+    /// Width of token states.
+    pub hidden_size: i64,
+    /// Number of transformer layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads per layer.
+    pub num_attention_heads: i64,
+    /// Width of the feed-forward layer.
+    pub intermediate_size: i64,
+    /// Longest sequence the position table covers.
+    pub max_position_embeddings: i64,
+    /// Number of token types (segments).
+    pub type_vocab_size: i64,
+    /// Dropout on hidden states during training.
+    pub hidden_dropout_prob: f64,
+    /// Dropout on attention probabilities during training.
+    pub attention_probs_dropout_prob: f64,
+    /// LayerNorm epsilon.
+    pub layer_norm_eps: f64,
+    /// Feature pooling (not in upstream `config.json`; sentence-transformers keeps it apart).
+    #[serde(default)]
+    pub pooling: Pooling,
+}
+
+impl BertConfig {
+    /// all-MiniLM-L6-v2: 6 layers, hidden 384, 12 heads, 22.7 M parameters, mean pooling.
+    pub fn minilm_l6() -> Self {
+        BertConfig {
+            vocab_size: 30522,
+            hidden_size: 384,
+            num_hidden_layers: 6,
+            num_attention_heads: 12,
+            intermediate_size: 1536,
+            max_position_embeddings: 512,
+            type_vocab_size: 2,
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            layer_norm_eps: 1e-12,
+            pooling: Pooling::Mean,
+        }
+    }
+
+    /// BERT-base: 12 layers, hidden 768, 12 heads, `[CLS]` pooling.
+    pub fn bert_base() -> Self {
+        BertConfig {
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            intermediate_size: 3072,
+            pooling: Pooling::Cls,
+            ..Self::minilm_l6()
+        }
+    }
+
+    /// Reads a Hugging Face `config.json`.
+    pub fn from_json(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
+        serde_json::from_str(&text).map_err(|e| Error::CorruptFile { path: path.into(), reason: e.to_string() })
+    }
+
+    /// Rejects inconsistent sizes.
+    pub fn validate(&self) -> Result<()> {
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(Error::Config(format!(
+                "bert: hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        Ok(())
+    }
+}
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    up: Linear,
+    down: Linear,
+    out_norm: LayerNorm,
+}
+
+impl Layer {
+    fn new(p: nn::Path, c: &BertConfig) -> Layer {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let attn = &p / "attention";
+        let this = &attn / "self";
+        Layer {
+            query: Linear::new(&this / "query", h, h, true, Role::Query),
+            key: Linear::new(&this / "key", h, h, true, Role::Key),
+            value: Linear::new(&this / "value", h, h, true, Role::Value),
+            attn_out: Linear::new(&attn / "output" / "dense", h, h, true, Role::AttnOut),
+            attn_norm: LayerNorm::new(&attn / "output" / "LayerNorm", h, c.layer_norm_eps),
+            up: Linear::new(&p / "intermediate" / "dense", h, i, true, Role::MlpUp),
+            down: Linear::new(&p / "output" / "dense", i, h, true, Role::MlpDown),
+            out_norm: LayerNorm::new(&p / "output" / "LayerNorm", h, c.layer_norm_eps),
+        }
+    }
+
+    fn linears(&self) -> [&Linear; 6] {
+        [&self.query, &self.key, &self.value, &self.attn_out, &self.up, &self.down]
+    }
+
+    fn forward(&self, cx: &Ctx, x: &Tensor, keep: &Tensor, c: &BertConfig) -> Tensor {
+        let (q, k, v) = (self.query.forward(cx, x), self.key.forward(cx, x), self.value.forward(cx, x));
+        let a = attention(cx, &q, &k, &v, Some(keep), c.num_attention_heads, c.attention_probs_dropout_prob);
+        let a = dropout(cx, &self.attn_out.forward(cx, &a), c.hidden_dropout_prob);
+        let x = self.attn_norm.forward(&(a + x));
+        // Hugging Face's "gelu" is the exact erf form, not the tanh approximation.
+        let f = self.down.forward(cx, &self.up.forward(cx, &x).gelu("none"));
+        self.out_norm.forward(&(dropout(cx, &f, c.hidden_dropout_prob) + x))
+    }
+}
+
+/// A BERT encoder without pooler or head (the pooler is unused by mean pooling;
+/// its checkpoint keys are reported as unexpected, not loaded).
+pub struct Bert {
+    config: BertConfig,
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    norm: LayerNorm,
+    layers: Vec<Layer>,
+}
+
+impl Bert {
+    /// Creates the encoder's variables under `p` (random init; load weights after).
+    pub fn new(p: nn::Path, config: &BertConfig) -> Result<Bert> {
+        config.validate()?;
+        let e = &p / "embeddings";
+        let h = config.hidden_size;
+        Ok(Bert {
+            word: Embedding::new(&e / "word_embeddings", config.vocab_size, h),
+            position: Embedding::new(&e / "position_embeddings", config.max_position_embeddings, h),
+            token_type: Embedding::new(&e / "token_type_embeddings", config.type_vocab_size, h),
+            norm: LayerNorm::new(&e / "LayerNorm", h, config.layer_norm_eps),
+            layers: (0..config.num_hidden_layers).map(|i| Layer::new(&p / "encoder" / "layer" / i, config)).collect(),
+            config: config.clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// Token states after the last layer.
+    ///
+    /// # Shapes
+    /// `ids`, `mask`: `[batch, seq]` int64 → `[batch, seq, hidden]`.
+    pub fn encode(&self, cx: &Ctx, ids: &Tensor, mask: &Tensor) -> Tensor {
+        let seq = ids.size()[1];
+        let positions = Tensor::arange(seq, (Kind::Int64, ids.device())).unsqueeze(0);
+        let x = self.word.forward(ids) + self.position.forward(&positions) + self.token_type.forward(&ids.zeros_like());
+        let mut x = dropout(cx, &self.norm.forward(&x), self.config.hidden_dropout_prob);
+        let keep = mask.gt(0).view([mask.size()[0], 1, 1, seq]);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(cx, &x, &keep, &self.config);
+            cx.tap(Tap::Block(i), &x);
+        }
+        x
+    }
+}
+
+impl Backbone for Bert {
+    fn arch(&self) -> &str {
+        "bert"
+    }
+
+    fn hidden_size(&self) -> i64 {
+        self.config.hidden_size
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn sites(&self) -> Vec<Site> {
+        self.layers.iter().flat_map(|l| l.linears().map(|x| x.site().clone())).collect()
+    }
+
+    fn group(&self, param: &str) -> ParamGroup {
+        if param.starts_with("embeddings.") {
+            return ParamGroup::Stem;
+        }
+        param
+            .strip_prefix("encoder.layer.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|i| i.parse().ok())
+            .map_or(ParamGroup::Neck, ParamGroup::Block)
+    }
+
+    fn forward(&self, cx: &Ctx, input: &Input) -> Tensor {
+        let Input::Tokens { ids, mask } = input else {
+            panic!("bert takes Input::Tokens; the data config must produce tokens")
+        };
+        let states = self.encode(cx, ids, mask);
+        match self.config.pooling {
+            Pooling::Cls => states.select(1, 0),
+            Pooling::Mean => {
+                let m = mask.unsqueeze(-1).to_kind(states.kind());
+                (states * &m).sum_dim_intlist(1, false, None) / m.sum_dim_intlist(1, false, None).clamp_min(1e-9)
+            }
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Integration tests of the backbones (one binary: each links LibTorch).
