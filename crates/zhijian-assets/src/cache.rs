@@ -123,8 +123,21 @@ pub(crate) fn write_stamp(path: &Path, entry: &FileEntry) -> Result<(), AssetErr
     let ctx = || format!("writing {}", target.display());
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(AssetError::io(ctx()))?;
     tmp.write_all(stamp.render().as_bytes()).map_err(AssetError::io(ctx()))?;
+    make_readable(tmp.path());
     tmp.persist(&target).map_err(|e| AssetError::io(ctx())(e.error))?;
     Ok(())
+}
+
+/// Temporary files are created 0600; cached assets and stamps are ordinary readable files.
+pub(crate) fn make_readable(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // Best effort: a cache that stays private still works.
+        let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o644));
+    }
+    #[cfg(not(unix))]
+    let _ = path;
 }
 
 #[derive(Debug, PartialEq, Eq)]

