@@ -1,1 +1,3 @@
 //! Integration tests of the backbones (one binary: each links LibTorch).
+
+mod bert;
