@@ -1,1 +1,28 @@
-//! Architect-stage reuse methods: linear probe, full fine-tuning, LoRA, ...
+//! Architect-stage methods: what is added to, or unfrozen in, a pre-trained
+//! backbone. One method per file; [`register`] adds them all to a [`Registry`].
+//!
+//! Each method is usable on its own, without the registry or TOML:
+//! `Lora::new(LoraConfig { rank: 4, ..Default::default() })`.
+
+pub mod full_finetune;
+pub mod linear_probe;
+pub mod lora;
+
+pub use full_finetune::{FullFinetune, FullFinetuneConfig};
+pub use linear_probe::{LinearProbe, LinearProbeConfig};
+pub use lora::{Lora, LoraConfig};
+
+use zhijian_core::{parse_config, Registry, Stage};
+
+/// Registers every Architect method.
+pub fn register(r: &mut Registry) {
+    r.register("linear_probe", Stage::Architect, "train only a linear head on frozen, cached features", |c| {
+        Ok(Box::new(LinearProbe::new(parse_config("linear_probe", c)?)))
+    });
+    r.register("full_finetune", Stage::Architect, "train every backbone parameter and the head", |c| {
+        Ok(Box::new(FullFinetune::new(parse_config("full_finetune", c)?)))
+    });
+    r.register("lora", Stage::Architect, "low-rank updates B·A on chosen linear layers (Hu et al. 2021)", |c| {
+        Ok(Box::new(Lora::new(parse_config("lora", c)?)))
+    });
+}

@@ -14,6 +14,7 @@ pub mod method;
 pub mod metrics;
 pub mod model;
 pub mod registry;
+pub mod targets;
 pub mod train;
 pub mod weights;
 

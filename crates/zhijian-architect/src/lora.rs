@@ -1,0 +1,240 @@
+//! LoRA: low-rank adaptation (Hu et al. 2021, <https://arxiv.org/abs/2106.09685>).
+//!
+//! At each target linear layer with frozen weight `W` (`[out, in]`), the output
+//! becomes `W x + (α / r) · B A dropout(x)` with `A: [r, in]` (Kaiming-uniform,
+//! as PEFT) and `B: [out, r]` (zeros), so the model is unchanged at initialisation.
+//!
+//! - trains: every `A`, `B` and the head; frozen: the whole backbone.
+//! - merges: `W ← W + (α / r) B A` folds the update into the backbone, so
+//!   inference costs nothing extra; `unmerge` subtracts it again.
+//! - artifact: the adapter alone (`A`, `B` per site, named `<site>.lora_A` / `.lora_B`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tch::nn::{Init, VarStore};
+use tch::Tensor;
+use zhijian_core::targets::select_sites;
+use zhijian_core::{config_table, Error, Method, Model, Result, Role};
+
+/// Configuration of LoRA.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Rank `r` of the update. Default 8.
+    pub rank: i64,
+    /// Scale numerator: the update is multiplied by `alpha / rank`. Default 16.
+    pub alpha: f64,
+    /// Dropout on the adapter's input during training. Default 0.
+    pub dropout: f64,
+    /// Sites to adapt: exact paths, dot-suffixes (`query`) or `re:<regex>`.
+    /// Empty (the default) means the attention query and value projections (or
+    /// the fused `qkv`) of every block, as in the paper.
+    pub targets: Vec<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig { rank: 8, alpha: 16.0, dropout: 0.0, targets: Vec::new() }
+    }
+}
+
+struct Pair {
+    a: Tensor,
+    b: Tensor,
+}
+
+/// The LoRA method.
+pub struct Lora {
+    config: LoraConfig,
+    vs: Option<VarStore>,
+    pairs: BTreeMap<String, Pair>,
+    merged: bool,
+}
+
+impl Lora {
+    /// LoRA with `config` (parameters are created by `prepare`).
+    pub fn new(config: LoraConfig) -> Self {
+        Lora { config, vs: None, pairs: BTreeMap::new(), merged: false }
+    }
+
+    fn scale(&self) -> f64 {
+        self.config.alpha / self.config.rank as f64
+    }
+
+    /// Paths of the adapted sites.
+    pub fn sites(&self) -> impl Iterator<Item = &str> {
+        self.pairs.keys().map(String::as_str)
+    }
+
+    /// `W ← W + sign · (α / r) B A` on every adapted site's weight.
+    fn fold(&mut self, model: &Model, sign: f64) -> Result<()> {
+        let weights = model.vs.variables();
+        tch::no_grad(|| {
+            for (site, pair) in &self.pairs {
+                let name = format!("{site}.weight");
+                let mut w = weights.get(&name).ok_or_else(|| Error::MissingWeights {
+                    path: "<model>".into(),
+                    names: vec![name.clone()],
+                })?.shallow_clone();
+                let delta = pair.b.matmul(&pair.a) * (sign * self.scale());
+                let _ = w.g_add_(&delta.to_kind(w.kind()));
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Method for Lora {
+    fn name(&self) -> &'static str {
+        "lora"
+    }
+
+    fn config(&self) -> toml::Table {
+        config_table(&self.config)
+    }
+
+    fn prepare(&mut self, model: &Model) -> Result<()> {
+        let c = &self.config;
+        if c.rank < 1 {
+            return Err(Error::MethodConfig { method: "lora".into(), message: format!("rank must be ≥ 1, got {}", c.rank) });
+        }
+        if !(0.0..1.0).contains(&c.dropout) {
+            return Err(Error::MethodConfig { method: "lora".into(), message: format!("dropout must be in [0, 1), got {}", c.dropout) });
+        }
+        let all = model.sites();
+        let sites = if c.targets.is_empty() {
+            let s: Vec<_> = all.iter().filter(|s| matches!(s.role, Role::Query | Role::Value | Role::Qkv)).cloned().collect();
+            if s.is_empty() {
+                return Err(Error::NoMatchingSites {
+                    pattern: "<default: attention query/value>".into(),
+                    sites: all.iter().map(|s| s.path.clone()).collect(),
+                });
+            }
+            s
+        } else {
+            select_sites(&c.targets, &all)?
+        };
+        let vs = VarStore::new(model.device());
+        for site in &sites {
+            let p = site.path.split('.').fold(vs.root(), |p, part| p / part);
+            let bound = 1.0 / (site.in_features as f64).sqrt();
+            let a = p.var("lora_A", &[c.rank, site.in_features], Init::Uniform { lo: -bound, up: bound });
+            let b = p.zeros("lora_B", &[site.out_features, c.rank]);
+            self.pairs.insert(site.path.clone(), Pair { a, b });
+        }
+        self.vs = Some(vs);
+        Ok(())
+    }
+
+    fn linear(&self, site: &str, x: &Tensor, out: Tensor, train: bool) -> Tensor {
+        match self.pairs.get(site) {
+            Some(pair) if !self.merged => {
+                let x = if train && self.config.dropout > 0.0 { x.dropout(self.config.dropout, true) } else { x.shallow_clone() };
+                out + x.linear::<Tensor>(&pair.a, None).linear::<Tensor>(&pair.b, None) * self.scale()
+            }
+            _ => out,
+        }
+    }
+
+    fn alters_forward(&self) -> bool {
+        true
+    }
+
+    fn var_store(&self) -> Option<&VarStore> {
+        self.vs.as_ref()
+    }
+
+    fn var_store_mut(&mut self) -> Option<&mut VarStore> {
+        self.vs.as_mut()
+    }
+
+    fn can_merge(&self) -> bool {
+        true
+    }
+
+    fn merge(&mut self, model: &Model) -> Result<()> {
+        if !self.merged {
+            self.fold(model, 1.0)?;
+            self.merged = true;
+        }
+        Ok(())
+    }
+
+    fn unmerge(&mut self, model: &Model) -> Result<()> {
+        if self.merged {
+            self.fold(model, -1.0)?;
+            self.merged = false;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+    use zhijian_core::layers::Linear;
+    use zhijian_core::{Backbone, Ctx, Input, ParamGroup, Site};
+
+    /// A one-layer backbone: `features = L x` with L the `proj` site.
+    struct OneLayer(Linear);
+    impl Backbone for OneLayer {
+        fn arch(&self) -> &str {
+            "one_layer"
+        }
+        fn hidden_size(&self) -> i64 {
+            3
+        }
+        fn num_blocks(&self) -> usize {
+            1
+        }
+        fn sites(&self) -> Vec<Site> {
+            vec![self.0.site().clone()]
+        }
+        fn group(&self, _: &str) -> ParamGroup {
+            ParamGroup::Block(0)
+        }
+        fn forward(&self, cx: &Ctx, input: &Input) -> Tensor {
+            let Input::Features(x) = input else { unreachable!() };
+            self.0.forward(cx, x)
+        }
+    }
+
+    /// The hook adds exactly (α/r)·B·A·x, and merging folds the same matrix into W.
+    #[test]
+    fn update_is_scaled_low_rank_product() {
+        let model = Model::new(Device::Cpu, 2, |p| Box::new(OneLayer(Linear::new(p / "proj", 4, 3, true, Role::Query))));
+        let mut lora = Lora::new(LoraConfig { rank: 2, alpha: 6.0, ..Default::default() });
+        lora.prepare(&model).unwrap();
+        let pair = &lora.pairs["proj"];
+        tch::no_grad(|| pair.b.shallow_clone().copy_(&Tensor::randn([3, 2], (Kind::Float, Device::Cpu))));
+        let x = Tensor::randn([5, 4], (Kind::Float, Device::Cpu));
+        let base = Tensor::randn([5, 3], (Kind::Float, Device::Cpu));
+        let got = lora.linear("proj", &x, base.shallow_clone(), false);
+        let want = &base + x.matmul(&pair.a.tr()).matmul(&pair.b.tr()) * 3.0;
+        assert!(got.allclose(&want, 1e-5, 1e-6, false));
+        assert!(lora.linear("other", &x, base.shallow_clone(), false).equal(&base));
+
+        let w0 = model.vs.variables()["proj.weight"].copy();
+        let delta = pair.b.matmul(&pair.a) * 3.0;
+        lora.merge(&model).unwrap();
+        let w1 = model.vs.variables()["proj.weight"].copy();
+        assert!(w1.allclose(&(&w0 + &delta), 1e-5, 1e-6, false));
+        // While merged the hook adds nothing (the update is in W already).
+        assert!(lora.linear("proj", &x, base.shallow_clone(), false).equal(&base));
+        lora.unmerge(&model).unwrap();
+        assert!(model.vs.variables()["proj.weight"].allclose(&w0, 1e-5, 1e-6, false));
+    }
+
+    #[test]
+    fn bad_rank_and_unmatched_target_are_errors() {
+        let model = Model::new(Device::Cpu, 2, |p| Box::new(OneLayer(Linear::new(p / "proj", 4, 3, true, Role::Other))));
+        assert!(Lora::new(LoraConfig { rank: 0, ..Default::default() }).prepare(&model).is_err());
+        // Default targets need a query/value site; this backbone has none.
+        let err = Lora::new(LoraConfig::default()).prepare(&model).err().unwrap();
+        assert!(err.to_string().contains("proj"), "{err}");
+        let err = Lora::new(LoraConfig { targets: vec!["value".into()], ..Default::default() }).prepare(&model).err().unwrap();
+        assert!(matches!(err, Error::NoMatchingSites { .. }));
+    }
+}
