@@ -260,9 +260,11 @@ fn demo(args: &[String]) -> Result<()> {
     fetch_assets(DEMO_ASSETS)?;
     let mut cmd = cargo();
     cmd.current_dir(repo_root())
-        .args(["run", "--release", "-p", "zhijian-cli", "--", "compare", "configs/demo.toml"])
+        // The dev profile optimises dependencies (LibTorch does the compute), so
+        // the demo reuses the test build instead of compiling everything again.
+        .args(["run", "-p", "zhijian-cli", "--", "compare", "configs/demo.toml"])
         .args(args);
-    step(&format!("cargo run --release -p zhijian-cli -- compare configs/demo.toml {}", args.join(" ")));
+    step(&format!("cargo run -p zhijian-cli -- compare configs/demo.toml {}", args.join(" ")));
     let status = spawn(&mut cmd, "cargo", "running the demo")?;
     exit_like(status)
 }

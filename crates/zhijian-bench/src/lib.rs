@@ -1,1 +1,20 @@
-//! The unified comparison protocol: experiments, runs, records, reports.
+//! The unified comparison protocol: an [`Experiment`] (backbone, data, budget,
+//! strategies, seeds) runs every strategy under the same splits and budget, and
+//! each run appends a [`Record`] to a JSONL file atomically; reruns skip runs
+//! already recorded. [`table::markdown`] renders the comparison.
+
+pub mod experiment;
+pub mod record;
+pub mod runner;
+pub mod table;
+
+pub use experiment::{BackboneConfig, DataConfig, DeviceChoice, Experiment, Strategy};
+pub use record::{append_record, read_records, Record};
+pub use runner::{compare, CompareOptions};
+
+/// A registry with every method zhijian ships.
+pub fn registry() -> zhijian_core::Registry {
+    let mut r = zhijian_core::Registry::new();
+    zhijian_architect::register(&mut r);
+    r
+}

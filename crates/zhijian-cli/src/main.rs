@@ -1,2 +1,107 @@
-//! The `zhijian` command.
-fn main() {}
+//! The `zhijian` command: compare reuse strategies on real pre-trained models.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use zhijian_bench::{read_records, table, CompareOptions, DeviceChoice, Experiment};
+
+#[derive(Parser)]
+#[command(name = "zhijian", version, about = "Reuse pre-trained models: compare reuse strategies under one protocol.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train and evaluate every strategy of an experiment file; print the table.
+    ///
+    /// Each finished run is appended to the records file at once (atomically);
+    /// runs already recorded there are skipped, so an interrupted comparison resumes.
+    Compare {
+        /// Experiment file, e.g. configs/demo.toml.
+        config: PathBuf,
+        /// Train on the full training split (lift the data's `train_limit`).
+        #[arg(long)]
+        full: bool,
+        /// Records file (JSONL); default: the experiment's `records`.
+        #[arg(long)]
+        records: Option<PathBuf>,
+        /// Device: cpu, cuda or auto; default: the experiment's `device`.
+        #[arg(long, value_parser = parse_device)]
+        device: Option<DeviceChoice>,
+    },
+    /// Print the comparison table of a records file.
+    Report {
+        /// Records file (JSONL) written by `compare`.
+        records: PathBuf,
+        /// Only this experiment's records.
+        #[arg(long)]
+        experiment: Option<String>,
+    },
+    /// List the registered reuse methods.
+    Methods,
+    /// Download and verify assets (weights, data sets) into the cache.
+    Fetch {
+        /// Asset names (see `datasets/`); none with --all.
+        names: Vec<String>,
+        /// Fetch every asset.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    match s {
+        "cpu" => Ok(DeviceChoice::Cpu),
+        "cuda" => Ok(DeviceChoice::Cuda),
+        "auto" => Ok(DeviceChoice::Auto),
+        other => Err(format!("unknown device `{other}`; use cpu, cuda or auto")),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Compare { config, full, records, device } => {
+            let registry = zhijian_bench::registry();
+            let exp = Experiment::load(&config, &registry)?;
+            let records = zhijian_bench::compare(&exp, &registry, &CompareOptions { full, records, device, artifacts: None })?;
+            println!("\n## {}\n\n{}", exp.name, table::markdown(&records));
+        }
+        Command::Report { records, experiment } => {
+            let all = read_records(&records)?;
+            let chosen: Vec<_> = all.into_iter().filter(|r| experiment.as_ref().is_none_or(|e| &r.experiment == e)).collect();
+            anyhow::ensure!(!chosen.is_empty(), "no records in {}", records.display());
+            println!("{}", table::markdown(&chosen));
+        }
+        Command::Methods => {
+            for e in zhijian_bench::registry().entries() {
+                println!("{:<16} {:<10} {}", e.name, format!("{:?}", e.stage).to_lowercase(), e.summary);
+            }
+        }
+        Command::Fetch { names, all } => {
+            let names: Vec<String> = if all {
+                zhijian_assets::manifests()?.into_iter().map(|m| m.name).collect()
+            } else {
+                anyhow::ensure!(!names.is_empty(), "name assets to fetch, or pass --all");
+                names
+            };
+            for name in names {
+                let paths = zhijian_assets::fetch(&name, |msg| eprintln!("{name}: {msg}"))?;
+                println!("{name}: {} file(s) verified", paths.len());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -150,6 +150,33 @@ pub fn trainable(model: &Model, methods: &[Box<dyn Method>]) -> Vec<(String, Ten
     all
 }
 
+/// Loads an artifact written from [`trainable`] back into `model` and `methods`
+/// (after [`prepare`]): the inverse of saving the trainable parameters. Every
+/// tensor of the file must land somewhere with the right shape.
+pub fn restore(model: &Model, methods: &[Box<dyn Method>], path: &std::path::Path) -> Result<usize> {
+    let mut targets: std::collections::HashMap<String, Tensor> = model.vs.variables();
+    for m in methods {
+        if let Some(vs) = m.var_store() {
+            targets.extend(vs.variables().into_iter().map(|(n, t)| (format!("{}/{n}", m.name()), t)));
+        }
+    }
+    let tensors = crate::weights::read_safetensors(path)?;
+    let unknown: Vec<String> = tensors.iter().filter(|(n, _)| !targets.contains_key(n)).map(|(n, _)| n.clone()).collect();
+    if !unknown.is_empty() {
+        return Err(Error::CorruptFile { path: path.into(), reason: format!("tensors the model does not have: {}", unknown.join(", ")) });
+    }
+    tch::no_grad(|| {
+        for (name, value) in &tensors {
+            let mut t = targets[name].shallow_clone();
+            if t.size() != value.size() {
+                return Err(Error::ShapeMismatch { name: name.clone(), expected: t.size(), got: value.size() });
+            }
+            t.copy_(&value.to_device(t.device()));
+        }
+        Ok(tensors.len())
+    })
+}
+
 /// Whether the backbone's output cannot change during training, so pooled
 /// features can be computed once and the head trained on them.
 pub fn features_cacheable(model: &Model, methods: &[Box<dyn Method>]) -> bool {

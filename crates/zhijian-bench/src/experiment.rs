@@ -1,0 +1,183 @@
+//! The experiment file: backbone + data + budget + strategies + seeds.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use zhijian_backbones::Pooling;
+use zhijian_core::{Error, Registry, Result, TrainConfig};
+
+/// One comparison, as written in `configs/*.toml`. Paths are relative to the file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    /// Name of the comparison (keys records and artifacts).
+    pub name: String,
+    /// Seeds; every strategy runs once per seed. Default `[0]`.
+    #[serde(default = "default_seeds")]
+    pub seeds: Vec<u64>,
+    /// JSONL file the records append to. Default `results/<name>.jsonl` beside the config's folder.
+    #[serde(default)]
+    pub records: Option<PathBuf>,
+    /// `cpu`, `cuda` or `auto` (CUDA when available). Default `auto`.
+    #[serde(default)]
+    pub device: DeviceChoice,
+    /// The pre-trained backbone.
+    pub backbone: BackboneConfig,
+    /// The data set and its splits.
+    pub data: DataConfig,
+    /// The training budget shared by every strategy.
+    #[serde(default)]
+    pub train: TrainConfig,
+    /// The strategies compared (`[[strategy]]` tables).
+    #[serde(rename = "strategy")]
+    pub strategies: Vec<Strategy>,
+}
+
+fn default_seeds() -> Vec<u64> {
+    vec![0]
+}
+
+/// Where runs execute.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceChoice {
+    /// CUDA device 0 when LibTorch sees one, else CPU.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// CUDA device 0 (an error if none).
+    Cuda,
+}
+
+impl DeviceChoice {
+    /// The tch device, failing clearly when CUDA was asked for and is absent.
+    pub fn resolve(self) -> Result<tch::Device> {
+        match self {
+            DeviceChoice::Cpu => Ok(tch::Device::Cpu),
+            DeviceChoice::Auto => Ok(tch::Device::cuda_if_available()),
+            DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(tch::Device::Cuda(0)),
+            DeviceChoice::Cuda => Err(Error::Config("device = \"cuda\" but LibTorch sees no CUDA device".into())),
+        }
+    }
+}
+
+/// The backbone families the runner can build. A closed set.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BackboneConfig {
+    /// A BERT-family encoder from an asset holding `model.safetensors`,
+    /// `config.json` and `tokenizer.json` (e.g. `all-minilm-l6-v2`).
+    Bert {
+        /// Asset name (see `datasets/`).
+        weights: String,
+        /// Pooling; default mean (sentence-transformers).
+        #[serde(default)]
+        pooling: Pooling,
+    },
+}
+
+/// The data sets the runner can load. A closed set.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DataConfig {
+    /// Rotten Tomatoes review snippets, fresh vs rotten (asset `rotten-tomatoes`).
+    RottenTomatoes {
+        /// Longest token sequence kept (incl. `[CLS]`/`[SEP]`). Default 64.
+        #[serde(default = "default_max_len")]
+        max_len: usize,
+        /// Train / validation / test fractions of the stratified split. Default 0.8 / 0.1 / 0.1.
+        #[serde(default = "default_fractions")]
+        fractions: [f64; 3],
+        /// Seed of the split (fixed across runs, so every strategy and seed sees
+        /// the same test set). Default 0.
+        #[serde(default)]
+        split_seed: u64,
+        /// Train on a stratified subset of this many examples (`--full` lifts it).
+        #[serde(default)]
+        train_limit: Option<usize>,
+    },
+}
+
+fn default_max_len() -> usize {
+    64
+}
+fn default_fractions() -> [f64; 3] {
+    [0.8, 0.1, 0.1]
+}
+
+/// One strategy: a list of methods from any stage, plus budget overrides.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Strategy {
+    /// Name in tables and records.
+    pub name: String,
+    /// Method entries, e.g. `{ method = "lora", rank = 8 }`.
+    pub methods: Vec<toml::Table>,
+    /// Fields of `[train]` this strategy changes (e.g. a higher `lr` for a
+    /// probe); the rest of the budget is shared.
+    #[serde(default)]
+    pub train: toml::Table,
+}
+
+impl Strategy {
+    /// The experiment's budget with this strategy's overrides.
+    pub fn train_config(&self, base: &TrainConfig) -> Result<TrainConfig> {
+        let mut table = zhijian_core::config_table(base);
+        for (k, v) in &self.train {
+            table.insert(k.clone(), v.clone());
+        }
+        let config: TrainConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Config(format!("strategy `{}` train: {}", self.name, e.message())))?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl Experiment {
+    /// Reads and checks an experiment file: unknown fields, unknown methods and
+    /// bad method configs are reported before anything runs.
+    pub fn load(path: &Path, registry: &Registry) -> Result<Experiment> {
+        let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
+        let mut exp: Experiment =
+            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {}", path.display(), e)))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        exp.records = Some(match exp.records.take() {
+            Some(p) if p.is_relative() => base.join(p),
+            Some(p) => p,
+            None => base.join("..").join("results").join(format!("{}.jsonl", exp.name)),
+        });
+        exp.check(registry)?;
+        Ok(exp)
+    }
+
+    /// Validates strategies: names unique, methods known and configs parse.
+    pub fn check(&self, registry: &Registry) -> Result<()> {
+        if self.strategies.is_empty() {
+            return Err(Error::Config("no [[strategy]] to compare".into()));
+        }
+        if self.seeds.is_empty() {
+            return Err(Error::Config("seeds is empty".into()));
+        }
+        self.train.validate()?;
+        for (i, s) in self.strategies.iter().enumerate() {
+            if self.strategies[..i].iter().any(|o| o.name == s.name) {
+                return Err(Error::Config(format!("strategy name `{}` used twice", s.name)));
+            }
+            if s.methods.is_empty() {
+                return Err(Error::Config(format!("strategy `{}` has no methods", s.name)));
+            }
+            for m in &s.methods {
+                registry.build(m)?;
+            }
+            s.train_config(&self.train)?;
+        }
+        Ok(())
+    }
+
+    /// The records file.
+    pub fn records_path(&self) -> PathBuf {
+        self.records.clone().unwrap_or_else(|| PathBuf::from(format!("results/{}.jsonl", self.name)))
+    }
+}

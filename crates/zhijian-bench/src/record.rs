@@ -1,0 +1,155 @@
+//! Run records: one JSON object per line, appended atomically.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use zhijian_core::weights::tmp_sibling;
+use zhijian_core::{Error, Result};
+
+/// Everything measured in one run of one strategy with one seed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Experiment name.
+    pub experiment: String,
+    /// Strategy name.
+    pub strategy: String,
+    /// Seed of the run.
+    pub seed: u64,
+    /// Hash of everything that defines the run (backbone, data, budget, methods,
+    /// seed): a rerun skips runs whose key is already recorded.
+    pub key: String,
+    /// The method entries as configured.
+    pub methods: serde_json::Value,
+    /// The effective training budget.
+    pub train: serde_json::Value,
+    /// Backbone description.
+    pub backbone: String,
+    /// Data description (sizes of each split).
+    pub data: String,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// `git describe` of the code that ran.
+    pub git_rev: String,
+    /// Seconds since the Unix epoch when the run finished.
+    pub finished_at: u64,
+    /// Parameters that trained (model and methods).
+    pub trainable_params: i64,
+    /// All parameters (model and methods).
+    pub total_params: i64,
+    /// Seconds spent computing cached features (0 if the backbone ran each step).
+    pub feature_seconds: f64,
+    /// Seconds of the training loop.
+    pub train_seconds: f64,
+    /// Training examples per second of the training loop.
+    pub train_samples_per_s: f64,
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Mean training loss over the last epoch.
+    pub final_loss: f64,
+    /// Validation top-1 after each epoch.
+    pub val_top1: Vec<f64>,
+    /// Test top-1.
+    pub test_top1: f64,
+    /// Test examples.
+    pub test_n: i64,
+    /// Peak resident memory of the run in bytes (CPU).
+    pub peak_rss_bytes: Option<u64>,
+    /// Size of the saved artifact (trainable parameters only) in bytes.
+    pub artifact_bytes: u64,
+}
+
+/// Reads every record of a JSONL file (none if it does not exist). A line that
+/// does not parse is an error naming the line, never silently dropped.
+pub fn read_records(path: &Path) -> Result<Vec<Record>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::Io { path: path.into(), source: e }),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| Error::CorruptFile { path: path.into(), reason: format!("line {}: {e}", i + 1) })
+        })
+        .collect()
+}
+
+/// Appends `record` by writing the whole file anew beside it and renaming it
+/// over the old one: a crash at any moment leaves either the old or the new
+/// file, never a torn line, and finished records are never lost.
+pub fn append_record(path: &Path, record: &Record) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+    }
+    let mut content = match std::fs::read(path) {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(Error::Io { path: path.into(), source: e }),
+    };
+    if !content.is_empty() && !content.ends_with(b"\n") {
+        content.push(b'\n');
+    }
+    let line = serde_json::to_string(record).map_err(|e| Error::Config(e.to_string()))?;
+    content.extend_from_slice(line.as_bytes());
+    content.push(b'\n');
+    let tmp = tmp_sibling(path);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&content)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(Error::io(path))
+}
+
+#[cfg(test)]
+pub(crate) fn sample(strategy: &str, seed: u64, top1: f64) -> Record {
+    Record {
+        experiment: "e".into(),
+        strategy: strategy.into(),
+        seed,
+        key: format!("{strategy}-{seed}"),
+        methods: serde_json::json!([]),
+        train: serde_json::json!({}),
+        backbone: "b".into(),
+        data: "d".into(),
+        device: "cpu".into(),
+        git_rev: "x".into(),
+        finished_at: 0,
+        trainable_params: 10,
+        total_params: 100,
+        feature_seconds: 0.0,
+        train_seconds: 2.0,
+        train_samples_per_s: 50.0,
+        steps: 3,
+        final_loss: 0.5,
+        val_top1: vec![top1],
+        test_top1: top1,
+        test_n: 10,
+        peak_rss_bytes: Some(1 << 30),
+        artifact_bytes: 4096,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_keeps_every_record_and_reports_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/records.jsonl");
+        append_record(&path, &sample("a", 0, 0.5)).unwrap();
+        append_record(&path, &sample("b", 1, 0.7)).unwrap();
+        let got = read_records(&path).unwrap();
+        assert_eq!(got, vec![sample("a", 0, 0.5), sample("b", 1, 0.7)]);
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+        std::fs::write(&path, "{\"not\": \"a record\"}\n").unwrap();
+        let err = read_records(&path).unwrap_err();
+        assert!(err.to_string().contains("line 1"), "{err}");
+    }
+}

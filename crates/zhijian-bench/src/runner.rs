@@ -1,0 +1,212 @@
+//! Runs an experiment: every strategy × seed under the same splits and budget.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use tch::{Device, Tensor};
+use zhijian_backbones::{load_pretrained, Bert, BertConfig};
+use zhijian_core::metrics::{peak_rss_bytes, reset_peak_rss};
+use zhijian_core::train::{self, cache_features, features_cacheable, TrainOptions};
+use zhijian_core::{Error, Method, Model, Registry, Result, Split};
+
+use crate::experiment::{BackboneConfig, DataConfig, DeviceChoice, Experiment};
+use crate::record::{append_record, read_records, Record};
+
+/// Options of a comparison that are not part of the experiment file.
+#[derive(Clone, Debug, Default)]
+pub struct CompareOptions {
+    /// Lift the data config's `train_limit` (train on the full training split).
+    pub full: bool,
+    /// Override the experiment's records file.
+    pub records: Option<PathBuf>,
+    /// Override the experiment's device.
+    pub device: Option<DeviceChoice>,
+    /// Folder for saved artifacts; default `artifacts/` beside the records file.
+    pub artifacts: Option<PathBuf>,
+}
+
+/// The loaded splits of an experiment.
+pub struct Data {
+    /// Training split.
+    pub train: Split,
+    /// Validation split.
+    pub val: Split,
+    /// In-distribution test split.
+    pub test: Split,
+    /// Class names, by label index.
+    pub classes: Vec<String>,
+}
+
+impl Data {
+    fn describe(&self, name: &str) -> String {
+        format!("{name} ({} classes; train {} / val {} / test {})", self.classes.len(), self.train.len(), self.val.len(), self.test.len())
+    }
+}
+
+/// Loads the experiment's data, tokenised for its backbone.
+pub fn load_data(exp: &Experiment, full: bool) -> Result<Data> {
+    let BackboneConfig::Bert { weights, .. } = &exp.backbone;
+    match &exp.data {
+        DataConfig::RottenTomatoes { max_len, fractions, split_seed, train_limit } => {
+            let csv = asset("rotten-tomatoes", "rotten_tomatoes_corpus_full.csv.bz2")?;
+            let dataset = zhijian_data::rotten_tomatoes(&csv)?;
+            let tokenizer = zhijian_data::TextTokenizer::from_file(&asset(weights, "tokenizer.json")?, *max_len)?;
+            let limit = if full { None } else { *train_limit };
+            let cache = zhijian_assets::cache_dir().join("tokenized");
+            let s = zhijian_data::TextTask { fractions: *fractions, seed: *split_seed, train_limit: limit }
+                .splits(&dataset, &tokenizer, Some(&cache))?;
+            Ok(Data { train: s.train, val: s.val, test: s.test, classes: s.classes })
+        }
+    }
+}
+
+fn asset(name: &str, file: &str) -> Result<PathBuf> {
+    zhijian_assets::locate(name, file).map_err(|e| Error::Data(e.to_string()))
+}
+
+/// Builds the experiment's backbone with a fresh head and loads its weights.
+pub fn build_model(exp: &Experiment, num_classes: i64, device: Device) -> Result<(Model, String)> {
+    match &exp.backbone {
+        BackboneConfig::Bert { weights, pooling } => {
+            let config = BertConfig { pooling: *pooling, ..BertConfig::from_json(&asset(weights, "config.json")?)? };
+            config.validate()?;
+            let model = Model::new(device, num_classes, |p| Box::new(Bert::new(p, &config).expect("validated")));
+            load_pretrained(&model, &asset(weights, "model.safetensors")?)?;
+            Ok((model, format!("bert `{weights}` ({} layers, hidden {})", config.num_hidden_layers, config.hidden_size)))
+        }
+    }
+}
+
+fn run_key(exp: &Experiment, strategy: &serde_json::Value, train: &serde_json::Value, seed: u64, full: bool) -> String {
+    let canonical = serde_json::json!({
+        "backbone": serde_json::to_value(&exp.backbone).unwrap_or_default(),
+        "data": serde_json::to_value(&exp.data).unwrap_or_default(),
+        "full": full, "methods": strategy, "train": train, "seed": seed,
+    });
+    hex::encode(&Sha256::digest(canonical.to_string().as_bytes())[..8])
+}
+
+fn git_rev() -> String {
+    std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn numel(ts: &[(String, Tensor)]) -> i64 {
+    ts.iter().map(|(_, t)| t.numel() as i64).sum()
+}
+
+/// Features of every split, computed once per comparison by the frozen backbone.
+struct FeatureCache {
+    train: Split,
+    val: Split,
+    test: Split,
+}
+
+/// Runs every strategy × seed not yet recorded, appending a record after each
+/// run. Returns this experiment's records (earlier ones included), in order.
+pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> Result<Vec<Record>> {
+    let device = opts.device.unwrap_or(exp.device).resolve()?;
+    let records_path = opts.records.clone().unwrap_or_else(|| exp.records_path());
+    let artifacts = opts.artifacts.clone().unwrap_or_else(|| {
+        records_path.parent().unwrap_or(Path::new(".")).join("artifacts").join(&exp.name)
+    });
+    let existing = read_records(&records_path)?;
+    let done: HashSet<String> = existing.iter().map(|r| r.key.clone()).collect();
+    let data = load_data(exp, opts.full)?;
+    let data_desc = data.describe(&format!("{:?}", exp.data).split_whitespace().next().unwrap_or("data").to_lowercase());
+    eprintln!("data: {data_desc}");
+    let mut features: Option<FeatureCache> = None;
+    let mut keys = Vec::new();
+    let rev = git_rev();
+    for &seed in &exp.seeds {
+        for strategy in &exp.strategies {
+            let cfg = strategy.train_config(&exp.train)?;
+            let cfg = zhijian_core::TrainConfig { seed, ..cfg };
+            let methods_json = serde_json::to_value(&strategy.methods).unwrap_or_default();
+            let train_json = serde_json::to_value(&cfg).unwrap_or_default();
+            let key = run_key(exp, &methods_json, &train_json, seed, opts.full);
+            keys.push(key.clone());
+            if done.contains(&key) {
+                eprintln!("{} seed {seed}: already recorded in {}, skipped", strategy.name, records_path.display());
+                continue;
+            }
+            let label = format!("{} seed {seed}", strategy.name);
+            reset_peak_rss();
+            let (model, backbone_desc) = build_model(exp, data.classes.len() as i64, device)?;
+            let mut methods: Vec<Box<dyn Method>> =
+                strategy.methods.iter().map(|m| registry.build(m)).collect::<Result<_>>()?;
+            train::prepare(&model, &mut methods, seed)?;
+            let trainable = train::trainable(&model, &methods);
+            let method_params: i64 = methods
+                .iter()
+                .filter_map(|m| m.var_store())
+                .map(|vs| vs.variables().values().map(|t| t.numel() as i64).sum::<i64>())
+                .sum();
+            let mut feature_seconds = 0.0;
+            let (train_split, val_split, test_split) = if features_cacheable(&model, &methods) {
+                if features.is_none() {
+                    let t = Instant::now();
+                    let b = cfg.eval_batch_size;
+                    features = Some(FeatureCache {
+                        train: cache_features(&model, &data.train, b, &label),
+                        val: cache_features(&model, &data.val, b, &label),
+                        test: cache_features(&model, &data.test, b, &label),
+                    });
+                    feature_seconds = t.elapsed().as_secs_f64();
+                }
+                let f = features.as_ref().expect("just filled");
+                (&f.train, &f.val, &f.test)
+            } else {
+                (&data.train, &data.val, &data.test)
+            };
+            let report = train::train(&model, &methods, train_split, Some(val_split), &cfg, &TrainOptions { label: label.clone(), checkpoint: None })?;
+            let test = train::evaluate(&model, &methods, test_split, cfg.eval_batch_size);
+            let peak = peak_rss_bytes();
+            let artifact = artifacts.join(format!("{}-seed{seed}.safetensors", strategy.name));
+            let artifact_bytes = zhijian_core::save_atomic(&trainable, &artifact)?;
+            let record = Record {
+                experiment: exp.name.clone(),
+                strategy: strategy.name.clone(),
+                seed,
+                key,
+                methods: methods_json,
+                train: train_json,
+                backbone: backbone_desc,
+                data: data_desc.clone(),
+                device: format!("{device:?}").to_lowercase(),
+                git_rev: rev.clone(),
+                finished_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                trainable_params: numel(&trainable),
+                total_params: model.num_params() + method_params,
+                feature_seconds,
+                train_seconds: report.seconds,
+                train_samples_per_s: report.samples_per_s(),
+                steps: report.steps,
+                final_loss: report.final_loss,
+                val_top1: report.val_top1.clone(),
+                test_top1: test.top1(),
+                test_n: test.n,
+                peak_rss_bytes: peak,
+                artifact_bytes,
+            };
+            append_record(&records_path, &record)?;
+            eprintln!(
+                "{label}: test top-1 {:.2}% in {:.1} s ({} steps), record appended to {}",
+                100.0 * record.test_top1,
+                feature_seconds + report.seconds,
+                report.steps,
+                records_path.display()
+            );
+        }
+    }
+    let all = read_records(&records_path)?;
+    Ok(keys.iter().filter_map(|k| all.iter().rev().find(|r| &r.key == k).cloned()).collect())
+}

@@ -1,0 +1,86 @@
+//! The comparison table: one row per strategy, mean ± std over seeds.
+
+use crate::record::Record;
+
+fn mean_std(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = if xs.len() > 1 { xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (mean, var.sqrt())
+}
+
+fn pm(xs: &[f64], scale: f64, digits: usize) -> String {
+    let (m, s) = mean_std(xs);
+    if xs.len() > 1 { format!("{:.digits$} ± {:.digits$}", m * scale, s * scale) } else { format!("{:.digits$}", m * scale) }
+}
+
+/// Human-readable count: 22.7M, 4.6k.
+pub fn human_count(n: i64) -> String {
+    match n {
+        n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}k", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+/// Human-readable bytes: 1.2 GiB, 35.0 KiB.
+pub fn human_bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[u]) }
+}
+
+/// A markdown table of `records`, one row per strategy in first-seen order.
+pub fn markdown(records: &[Record]) -> String {
+    let mut order: Vec<&str> = Vec::new();
+    for r in records {
+        if !order.contains(&r.strategy.as_str()) {
+            order.push(&r.strategy);
+        }
+    }
+    let mut out = String::from(
+        "| strategy | seeds | trainable / total params | test top-1 (%) | train time (s) | samples/s | peak RSS | artifact |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    for name in order {
+        let runs: Vec<&Record> = records.iter().filter(|r| r.strategy == name).collect();
+        let col = |f: &dyn Fn(&Record) -> f64| runs.iter().map(|r| f(r)).collect::<Vec<f64>>();
+        let first = runs[0];
+        let peak = runs.iter().filter_map(|r| r.peak_rss_bytes).max();
+        out.push_str(&format!(
+            "| {name} | {} | {} / {} ({:.2}%) | {} | {} | {} | {} | {} |\n",
+            runs.len(),
+            human_count(first.trainable_params),
+            human_count(first.total_params),
+            100.0 * first.trainable_params as f64 / first.total_params.max(1) as f64,
+            pm(&col(&|r| r.test_top1), 100.0, 2),
+            pm(&col(&|r| r.feature_seconds + r.train_seconds), 1.0, 1),
+            pm(&col(&|r| r.train_samples_per_s), 1.0, 0),
+            peak.map_or("n/a".into(), human_bytes),
+            human_bytes(first.artifact_bytes),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::sample;
+
+    #[test]
+    fn rows_aggregate_seeds() {
+        let t = markdown(&[sample("lora", 0, 0.80), sample("probe", 0, 0.70), sample("lora", 1, 0.84)]);
+        let rows: Vec<&str> = t.lines().skip(2).collect();
+        assert_eq!(rows.len(), 2);
+        assert!(rows[0].starts_with("| lora | 2 | 10 / 100 (10.00%) | 82.00 ± 2.83 |"), "{}", rows[0]);
+        assert!(rows[1].starts_with("| probe | 1 |"), "{}", rows[1]);
+        assert_eq!(human_bytes(4096), "4.0 KiB");
+        assert_eq!(human_count(22_700_000), "22.7M");
+    }
+}

@@ -1,0 +1,178 @@
+//! The conformance table: the same checks over every registered method, on a
+//! tiny random-init BERT (no download). Methods that promise an unchanged output
+//! at initialisation keep it; after a training step only trainable parameters
+//! moved; merged ≈ unmerged; saved artifacts and configs round-trip.
+
+use std::collections::HashMap;
+
+use tch::{Device, Kind, Tensor};
+use zhijian::backbones::{Bert, BertConfig};
+use zhijian::core::train::{self, predict, restore, trainable, Split, TrainConfig, TrainOptions};
+use zhijian::core::{Input, Method, Model, Registry};
+
+fn registry() -> Registry {
+    zhijian::bench::registry()
+}
+
+fn tiny_model(seed: i64) -> Model {
+    tch::manual_seed(seed);
+    let config = BertConfig {
+        vocab_size: 50,
+        hidden_size: 16,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 32,
+        max_position_embeddings: 16,
+        ..BertConfig::minilm_l6()
+    };
+    Model::new(Device::Cpu, 3, |p| Box::new(Bert::new(p, &config).unwrap()))
+}
+
+fn batch() -> Split {
+    tch::manual_seed(7);
+    let ids = Tensor::randint_low(1, 50, [12, 10], (Kind::Int64, Device::Cpu));
+    let mask = Tensor::ones([12, 10], (Kind::Int64, Device::Cpu));
+    let _ = mask.narrow(1, 6, 4).narrow(0, 0, 4).fill_(0);
+    Split { name: "toy".into(), input: Input::Tokens { ids, mask }, labels: Tensor::randint(3, [12], (Kind::Int64, Device::Cpu)) }
+}
+
+/// Every parameter of the model and the methods, by name, copied.
+fn snapshot(model: &Model, methods: &[Box<dyn Method>]) -> HashMap<String, Tensor> {
+    let mut all: HashMap<String, Tensor> = model.vs.variables().into_iter().map(|(n, t)| (n, t.copy())).collect();
+    for m in methods {
+        if let Some(vs) = m.var_store() {
+            all.extend(vs.variables().into_iter().map(|(n, t)| (format!("{}/{n}", m.name()), t.copy())));
+        }
+    }
+    all
+}
+
+fn logits(model: &Model, methods: &[Box<dyn Method>], data: &Split) -> Tensor {
+    predict(model, methods, &data.input, 64)
+}
+
+fn prepared(name: &str, seed: i64) -> (Model, Vec<Box<dyn Method>>) {
+    let model = tiny_model(seed);
+    let mut methods = vec![registry().build_default(name).unwrap()];
+    train::prepare(&model, &mut methods, 0).unwrap();
+    (model, methods)
+}
+
+/// Makes zero-initialised method parameters non-zero, so merge checks see a real update.
+fn perturb(methods: &[Box<dyn Method>]) {
+    tch::no_grad(|| {
+        for m in methods {
+            for (_, mut t) in m.var_store().map(|vs| vs.variables()).unwrap_or_default() {
+                let _ = t.g_add_(&(t.randn_like() * 0.1));
+            }
+        }
+    });
+}
+
+#[test]
+fn every_method_passes_the_conformance_checks() {
+    let names = registry().names();
+    assert!(names.len() >= 3, "{names:?}");
+    let data = batch();
+    for name in &names {
+        // 1. Unchanged output at initialisation where promised.
+        let plain = logits(&tiny_model(1), &[], &data);
+        let (model, methods) = prepared(name, 1);
+        if methods[0].identity_at_init() {
+            let d = (logits(&model, &methods, &data) - &plain).abs().max().double_value(&[]);
+            assert!(d < 1e-6, "{name}: output changed at init by {d}");
+        }
+
+        // 2. After a step only trainable parameters moved, and some did.
+        let before = snapshot(&model, &methods);
+        let trains: Vec<String> = trainable(&model, &methods).into_iter().map(|(n, _)| n).collect();
+        let cfg = TrainConfig { max_steps: 1, batch_size: 12, lr: 1e-2, warmup_ratio: 0.0, ..Default::default() };
+        train::train(&model, &methods, &data, None, &cfg, &TrainOptions::default()).unwrap();
+        let after = snapshot(&model, &methods);
+        let mut moved = 0;
+        for (n, t) in &before {
+            let changed = !t.equal(&after[n]);
+            assert!(!changed || trains.contains(n), "{name}: frozen parameter {n} changed");
+            moved += changed as usize;
+        }
+        assert!(moved > 0, "{name}: nothing changed after a training step");
+
+        // 3. Merged ≈ unmerged, and unmerge restores the weights.
+        if methods[0].can_merge() {
+            let (model, mut methods) = prepared(name, 1);
+            perturb(&methods);
+            let weights = snapshot(&model, &[]);
+            let unmerged = logits(&model, &methods, &data);
+            methods[0].merge(&model).unwrap();
+            let merged = logits(&model, &methods, &data);
+            let d = (&merged - &unmerged).abs().max().double_value(&[]);
+            assert!(d < 1e-4, "{name}: merged differs from unmerged by {d}");
+            methods[0].unmerge(&model).unwrap();
+            for (n, t) in snapshot(&model, &[]) {
+                assert!(t.allclose(&weights[&n], 1e-5, 1e-6, false), "{name}: unmerge did not restore {n}");
+            }
+        }
+
+        // 4. Saving the trainable parameters and restoring them into a fresh
+        //    model (different random init) gives the same outputs.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("artifact.safetensors");
+        perturb(&methods);
+        zhijian::core::save_atomic(&trainable(&model, &methods), &path).unwrap();
+        let frozen_part = logits(&model, &methods, &data);
+        let (fresh, fresh_methods) = prepared(name, 1);
+        restore(&fresh, &fresh_methods, &path).unwrap();
+        let d = (logits(&fresh, &fresh_methods, &data) - frozen_part).abs().max().double_value(&[]);
+        assert!(d < 1e-6, "{name}: save → restore changed outputs by {d}");
+
+        // 5. Config round-trip.
+        let mut spec = methods[0].config();
+        spec.insert("method".into(), toml::Value::String(name.clone()));
+        assert_eq!(registry().build(&spec).unwrap().config(), methods[0].config(), "{name}: config round-trip");
+    }
+}
+
+#[test]
+fn bad_method_entries_name_the_problem() {
+    let r = registry();
+    let spec = |s: &str| -> toml::Table { toml::from_str(s).unwrap() };
+    let err = r.build(&spec("method = \"lorra\"")).err().unwrap().to_string();
+    assert!(err.contains("unknown method `lorra`") && err.contains("lora") && err.contains("linear_probe"), "{err}");
+    let err = r.build(&spec("method = \"lora\"\nrnak = 4")).err().unwrap().to_string();
+    assert!(err.contains("rnak"), "{err}");
+}
+
+#[test]
+fn linear_probe_caches_features_and_lora_does_not() {
+    let (model, methods) = prepared("linear_probe", 0);
+    assert!(train::features_cacheable(&model, &methods));
+    let (model, methods) = prepared("lora", 0);
+    assert!(!train::features_cacheable(&model, &methods));
+    let (model, methods) = prepared("full_finetune", 0);
+    assert!(!train::features_cacheable(&model, &methods));
+    // Training the head on cached features gives the same step as through the backbone.
+    let data = batch();
+    let cfg = TrainConfig { max_steps: 2, batch_size: 6, lr: 1e-2, ..Default::default() };
+    let (direct, m1) = prepared("linear_probe", 3);
+    train::train(&direct, &m1, &data, None, &cfg, &TrainOptions::default()).unwrap();
+    let (cached, m2) = prepared("linear_probe", 3);
+    let features = train::cache_features(&cached, &data, 64, "test");
+    train::train(&cached, &m2, &features, None, &cfg, &TrainOptions::default()).unwrap();
+    let (a, b) = (&direct.vs.variables()["head.weight"], &cached.vs.variables()["head.weight"]);
+    assert!(a.allclose(b, 1e-5, 1e-6, false));
+}
+
+#[test]
+fn training_repeats_exactly_with_the_same_seed() {
+    let data = batch();
+    let run = |seed: u64| {
+        let (model, methods) = prepared("lora", 5);
+        perturb(&methods);
+        let cfg = TrainConfig { max_steps: 3, batch_size: 4, lr: 1e-2, seed, ..Default::default() };
+        train::train(&model, &methods, &data, None, &cfg, &TrainOptions::default()).unwrap();
+        snapshot(&model, &methods)
+    };
+    let (a, b, c) = (run(1), run(1), run(2));
+    assert!(a.iter().all(|(n, t)| t.equal(&b[n])), "same seed, different parameters");
+    assert!(a.iter().any(|(n, t)| !t.equal(&c[n])), "different seeds, identical parameters");
+}
