@@ -38,6 +38,7 @@ fn write(dir: &Path, text: &str) -> std::path::PathBuf {
 
 #[test]
 fn compare_records_and_resumes() {
+    let _rng = crate::rng_lock();
     let dir = tempfile::tempdir().unwrap();
     let registry = zhijian::bench::registry();
     let exp = Experiment::load(&write(dir.path(), TINY), &registry).unwrap();
@@ -66,6 +67,7 @@ fn compare_records_and_resumes() {
 
 #[test]
 fn bad_configs_fail_before_training_and_name_the_problem() {
+    let _rng = crate::rng_lock();
     let dir = tempfile::tempdir().unwrap();
     let registry = zhijian::bench::registry();
     let load = |text: String| Experiment::load(&write(dir.path(), &text), &registry).err().unwrap().to_string();

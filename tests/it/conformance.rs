@@ -15,8 +15,14 @@ fn registry() -> Registry {
 }
 
 fn tiny_model(seed: i64) -> Model {
+    tiny_model_with_dropout(seed, 0.1)
+}
+
+fn tiny_model_with_dropout(seed: i64, dropout: f64) -> Model {
     tch::manual_seed(seed);
     let config = BertConfig {
+        hidden_dropout_prob: dropout,
+        attention_probs_dropout_prob: dropout,
         vocab_size: 50,
         hidden_size: 16,
         num_hidden_layers: 2,
@@ -58,11 +64,14 @@ fn prepared(name: &str, seed: i64) -> (Model, Vec<Box<dyn Method>>) {
     (model, methods)
 }
 
-/// Makes zero-initialised method parameters non-zero, so merge checks see a real update.
+/// Makes zero-initialised method parameters non-zero, so merge checks see a
+/// real update. In name order: a `HashMap`'s order would change the draws.
 fn perturb(methods: &[Box<dyn Method>]) {
     tch::no_grad(|| {
         for m in methods {
-            for (_, mut t) in m.var_store().map(|vs| vs.variables()).unwrap_or_default() {
+            let mut params: Vec<_> = m.var_store().map(|vs| vs.variables()).unwrap_or_default().into_iter().collect();
+            params.sort_by(|a, b| a.0.cmp(&b.0));
+            for (_, mut t) in params {
                 let _ = t.g_add_(&(t.randn_like() * 0.1));
             }
         }
@@ -71,6 +80,7 @@ fn perturb(methods: &[Box<dyn Method>]) {
 
 #[test]
 fn every_method_passes_the_conformance_checks() {
+    let _rng = crate::rng_lock();
     let names = registry().names();
     assert!(names.len() >= 3, "{names:?}");
     let data = batch();
@@ -134,6 +144,7 @@ fn every_method_passes_the_conformance_checks() {
 
 #[test]
 fn bad_method_entries_name_the_problem() {
+    let _rng = crate::rng_lock();
     let r = registry();
     let spec = |s: &str| -> toml::Table { toml::from_str(s).unwrap() };
     let err = r.build(&spec("method = \"lorra\"")).err().unwrap().to_string();
@@ -144,18 +155,26 @@ fn bad_method_entries_name_the_problem() {
 
 #[test]
 fn linear_probe_caches_features_and_lora_does_not() {
+    let _rng = crate::rng_lock();
     let (model, methods) = prepared("linear_probe", 0);
     assert!(train::features_cacheable(&model, &methods));
     let (model, methods) = prepared("lora", 0);
     assert!(!train::features_cacheable(&model, &methods));
     let (model, methods) = prepared("full_finetune", 0);
     assert!(!train::features_cacheable(&model, &methods));
-    // Training the head on cached features gives the same step as through the backbone.
+    // Without dropout (cached features are computed in evaluation mode), training
+    // the head on cached features takes the same steps as through the backbone.
     let data = batch();
     let cfg = TrainConfig { max_steps: 2, batch_size: 6, lr: 1e-2, ..Default::default() };
-    let (direct, m1) = prepared("linear_probe", 3);
+    let probe = |seed| {
+        let model = tiny_model_with_dropout(seed, 0.0);
+        let mut methods = vec![registry().build_default("linear_probe").unwrap()];
+        train::prepare(&model, &mut methods, 0).unwrap();
+        (model, methods)
+    };
+    let (direct, m1) = probe(3);
     train::train(&direct, &m1, &data, None, &cfg, &TrainOptions::default()).unwrap();
-    let (cached, m2) = prepared("linear_probe", 3);
+    let (cached, m2) = probe(3);
     let features = train::cache_features(&cached, &data, 64, "test");
     train::train(&cached, &m2, &features, None, &cfg, &TrainOptions::default()).unwrap();
     let (a, b) = (&direct.vs.variables()["head.weight"], &cached.vs.variables()["head.weight"]);
@@ -164,6 +183,7 @@ fn linear_probe_caches_features_and_lora_does_not() {
 
 #[test]
 fn training_repeats_exactly_with_the_same_seed() {
+    let _rng = crate::rng_lock();
     let data = batch();
     let run = |seed: u64| {
         let (model, methods) = prepared("lora", 5);
@@ -175,4 +195,19 @@ fn training_repeats_exactly_with_the_same_seed() {
     let (a, b, c) = (run(1), run(1), run(2));
     assert!(a.iter().all(|(n, t)| t.equal(&b[n])), "same seed, different parameters");
     assert!(a.iter().any(|(n, t)| !t.equal(&c[n])), "different seeds, identical parameters");
+}
+
+#[test]
+fn predict_keeps_example_order_whatever_the_batching() {
+    let _rng = crate::rng_lock();
+    let model = tiny_model(4);
+    let data = batch();
+    let all = logits(&model, &[], &data);
+    let Input::Tokens { ids, mask } = &data.input else { unreachable!() };
+    for i in [0i64, 5, 11] {
+        let one = Input::Tokens { ids: ids.narrow(0, i, 1), mask: mask.narrow(0, i, 1) };
+        let row = predict(&model, &[], &one, 1);
+        assert!(row.allclose(&all.narrow(0, i, 1), 1e-5, 1e-6, false), "row {i} moved");
+    }
+    assert!(predict(&model, &[], &data.input, 5).allclose(&all, 1e-5, 1e-6, false));
 }

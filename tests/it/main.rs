@@ -2,3 +2,11 @@
 
 mod compare;
 mod conformance;
+
+/// LibTorch's default random generator is global to the process and the test
+/// harness runs tests on parallel threads; tests whose results depend on the
+/// random stream (initialisation, dropout, shuffling) hold this lock.
+pub fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -99,6 +99,15 @@ pub enum DataConfig {
     },
 }
 
+impl DataConfig {
+    /// The data set's name in records and tables.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DataConfig::RottenTomatoes { .. } => "rotten_tomatoes",
+        }
+    }
+}
+
 fn default_max_len() -> usize {
     64
 }

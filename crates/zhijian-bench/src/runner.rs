@@ -55,8 +55,8 @@ pub fn load_data(exp: &Experiment, full: bool) -> Result<Data> {
             let tokenizer = zhijian_data::TextTokenizer::from_file(&asset(weights, "tokenizer.json")?, *max_len)?;
             let limit = if full { None } else { *train_limit };
             let cache = zhijian_assets::cache_dir().join("tokenized");
-            let s = zhijian_data::TextTask { fractions: *fractions, seed: *split_seed, train_limit: limit }
-                .splits(&dataset, &tokenizer, Some(&cache))?;
+            let s = zhijian_data::TextTask { fractions: *fractions, seed: *split_seed, train_limit: limit, cache_dir: Some(cache) }
+                .build(&dataset, &tokenizer)?;
             Ok(Data { train: s.train, val: s.val, test: s.test, classes: s.classes })
         }
     }
@@ -121,7 +121,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
     let existing = read_records(&records_path)?;
     let done: HashSet<String> = existing.iter().map(|r| r.key.clone()).collect();
     let data = load_data(exp, opts.full)?;
-    let data_desc = data.describe(&format!("{:?}", exp.data).split_whitespace().next().unwrap_or("data").to_lowercase());
+    let data_desc = data.describe(exp.data.name());
     eprintln!("data: {data_desc}");
     let mut features: Option<FeatureCache> = None;
     let mut keys = Vec::new();

@@ -1,13 +1,36 @@
-//! Deterministic stratified splits.
+//! Deterministic, stratified train / validation / test splits.
+//!
+//! The shuffles use a self-contained SplitMix64 generator, so a seed gives the
+//! same split on every platform and with every version of every dependency
+//! (the `rand` crate does not promise stable streams across versions).
+
+use std::collections::BTreeMap;
 
 use zhijian_core::{Error, Result};
 
-/// SplitMix64: a tiny PRNG whose stream is fixed by its definition, so splits
-/// never change with a dependency's version.
-struct SplitMix64(u64);
+/// Row indices of the three parts of a split, each sorted ascending.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SplitIndices {
+    /// Training rows.
+    pub train: Vec<usize>,
+    /// Validation rows.
+    pub val: Vec<usize>,
+    /// Test rows.
+    pub test: Vec<usize>,
+}
+
+/// SplitMix64 (Steele, Lea & Flood 2014): tiny, fast, and good enough for shuffling.
+#[derive(Clone, Debug)]
+pub struct SplitMix64(u64);
 
 impl SplitMix64 {
-    fn next(&mut self) -> u64 {
+    /// A generator started from `seed`.
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -15,71 +38,102 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
-    /// Fisher–Yates shuffle.
-    fn shuffle<T>(&mut self, xs: &mut [T]) {
-        for i in (1..xs.len()).rev() {
-            let j = (self.next() % (i as u64 + 1)) as usize;
-            xs.swap(i, j);
+    /// A uniform integer in `0..n` (`n > 0`), by Lemire's multiply-shift with
+    /// rejection, so no value is favoured.
+    pub fn below(&mut self, n: u64) -> u64 {
+        assert!(n > 0, "SplitMix64::below(0)");
+        let threshold = n.wrapping_neg() % n;
+        loop {
+            let m = (self.next_u64() as u128) * (n as u128);
+            if (m as u64) >= threshold {
+                return (m >> 64) as u64;
+            }
+        }
+    }
+
+    /// Shuffles `items` in place (Fisher–Yates).
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            items.swap(i, j);
         }
     }
 }
 
-/// Indices of the train, validation and test examples.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SplitIndices {
-    /// Training examples.
-    pub train: Vec<usize>,
-    /// Validation examples.
-    pub val: Vec<usize>,
-    /// Test examples.
-    pub test: Vec<usize>,
+/// Splits `total` into parts proportional to `weights` that sum to exactly
+/// `total`: floors first, then the leftover units go to the largest fractional
+/// parts (ties to the earlier part), so each part is within 1 of its exact share.
+fn apportion(total: usize, weights: &[f64]) -> Vec<usize> {
+    let sum: f64 = weights.iter().sum();
+    let exact: Vec<f64> = weights.iter().map(|w| total as f64 * w / sum).collect();
+    let mut parts: Vec<usize> = exact.iter().map(|x| x.floor() as usize).collect();
+    let mut order: Vec<usize> = (0..weights.len()).collect();
+    // Stable sort keeps ties in part order, so the result is deterministic.
+    order.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())));
+    let left = total - parts.iter().sum::<usize>();
+    for &i in order.iter().take(left) {
+        parts[i] += 1;
+    }
+    parts
 }
 
-fn by_class(labels: &[i64], among: impl Iterator<Item = usize>) -> std::collections::BTreeMap<i64, Vec<usize>> {
-    let mut classes = std::collections::BTreeMap::<i64, Vec<usize>>::new();
-    for i in among {
+/// Rows of each class, classes in ascending label order, rows in input order.
+fn by_class(indices: impl IntoIterator<Item = usize>, labels: &[i64]) -> BTreeMap<i64, Vec<usize>> {
+    let mut classes: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+    for i in indices {
         classes.entry(labels[i]).or_default().push(i);
     }
     classes
 }
 
-/// Splits `0..labels.len()` into train / validation / test with the given
-/// fractions (summing to 1), class by class, so each split keeps the class
-/// proportions. The same seed always gives the same split.
+/// Splits rows `0..labels.len()` into train / validation / test with the given
+/// `fractions` (non-negative, summing to 1), separately within each class.
+///
+/// Each class's rows are shuffled with a generator seeded from `seed` and cut
+/// into counts apportioned so they add up to the class size, each within 1 of
+/// `fraction × class size`. The same labels and seed always give the same split.
 pub fn stratified_split(labels: &[i64], fractions: [f64; 3], seed: u64) -> Result<SplitIndices> {
-    if fractions.iter().any(|f| *f < 0.0) || (fractions.iter().sum::<f64>() - 1.0).abs() > 1e-6 {
-        return Err(Error::Config(format!("split fractions must be ≥ 0 and sum to 1, got {fractions:?}")));
+    if fractions.iter().any(|f| !f.is_finite() || *f < 0.0) || (fractions.iter().sum::<f64>() - 1.0).abs() > 1e-6 {
+        return Err(Error::Config(format!("split fractions must be non-negative and sum to 1, got {fractions:?}")));
     }
-    let mut rng = SplitMix64(seed);
+    let mut rng = SplitMix64::new(seed);
     let mut out = SplitIndices::default();
-    for (_, mut idx) in by_class(labels, 0..labels.len()) {
-        rng.shuffle(&mut idx);
-        let n = idx.len() as f64;
-        let n_train = (fractions[0] * n).round() as usize;
-        let n_val = ((fractions[1] * n).round() as usize).min(idx.len() - n_train);
-        out.train.extend_from_slice(&idx[..n_train]);
-        out.val.extend_from_slice(&idx[n_train..n_train + n_val]);
-        out.test.extend_from_slice(&idx[n_train + n_val..]);
+    for (_, mut rows) in by_class(0..labels.len(), labels) {
+        rng.shuffle(&mut rows);
+        let counts = apportion(rows.len(), &fractions);
+        let (train, rest) = rows.split_at(counts[0]);
+        let (val, test) = rest.split_at(counts[1]);
+        out.train.extend_from_slice(train);
+        out.val.extend_from_slice(val);
+        out.test.extend_from_slice(test);
     }
-    for part in [&mut out.train, &mut out.val, &mut out.test] {
-        rng.shuffle(part);
-    }
+    out.train.sort_unstable();
+    out.val.sort_unstable();
+    out.test.sort_unstable();
     Ok(out)
 }
 
-/// A stratified subset of `n` of `indices` (all of them if `n` is larger).
+/// A subset of `n` of `indices` (rows of `labels`) keeping the class proportions:
+/// each class gets its share of `n` apportioned as in [`stratified_split`] (so
+/// within 1 of exact), drawn at random with `seed`. A class too rare for even
+/// one slot can be left out entirely. With `n ≥ indices.len()` every index is kept.
+/// The result is sorted ascending.
 pub fn subsample_stratified(indices: &[usize], labels: &[i64], n: usize, seed: u64) -> Vec<usize> {
     if n >= indices.len() {
-        return indices.to_vec();
+        let mut all = indices.to_vec();
+        all.sort_unstable();
+        return all;
     }
-    let mut rng = SplitMix64(seed ^ 0x5EED);
-    let frac = n as f64 / indices.len() as f64;
+    let classes = by_class(indices.iter().copied(), labels);
+    let sizes: Vec<f64> = classes.values().map(|rows| rows.len() as f64).collect();
+    let quotas = apportion(n, &sizes);
+    let mut rng = SplitMix64::new(seed);
     let mut out = Vec::with_capacity(n);
-    for (_, mut idx) in by_class(labels, indices.iter().copied()) {
-        rng.shuffle(&mut idx);
-        out.extend_from_slice(&idx[..((frac * idx.len() as f64).round() as usize).min(idx.len())]);
+    for ((_, mut rows), quota) in classes.into_iter().zip(quotas) {
+        rng.shuffle(&mut rows);
+        out.extend_from_slice(&rows[..quota]);
     }
-    rng.shuffle(&mut out);
+    out.sort_unstable();
     out
 }
 
@@ -87,33 +141,101 @@ pub fn subsample_stratified(indices: &[usize], labels: &[i64], n: usize, seed: u
 mod tests {
     use super::*;
 
+    /// 3 classes of 101, 37 and 12 rows, in a scrambled order.
     fn labels() -> Vec<i64> {
-        (0..1000).map(|i| if i % 10 < 3 { 0 } else { 1 }).collect()
+        let mut l: Vec<i64> = [(0, 101), (1, 37), (2, 12)].iter().flat_map(|&(c, n)| vec![c; n]).collect();
+        SplitMix64::new(0).shuffle(&mut l);
+        l
+    }
+
+    fn count(rows: &[usize], labels: &[i64], class: i64) -> usize {
+        rows.iter().filter(|&&i| labels[i] == class).count()
     }
 
     #[test]
-    fn disjoint_complete_stratified_and_seeded() {
-        let l = labels();
-        let s = stratified_split(&l, [0.8, 0.1, 0.1], 0).unwrap();
-        let mut all: Vec<usize> = [s.train.clone(), s.val.clone(), s.test.clone()].concat();
-        all.sort();
-        assert_eq!(all, (0..1000).collect::<Vec<_>>());
-        let zeros = |ix: &[usize]| ix.iter().filter(|&&i| l[i] == 0).count();
-        assert_eq!((s.train.len(), s.val.len(), s.test.len()), (800, 100, 100));
-        assert_eq!((zeros(&s.train), zeros(&s.val), zeros(&s.test)), (240, 30, 30));
-        assert_eq!(stratified_split(&l, [0.8, 0.1, 0.1], 0).unwrap(), s);
-        assert_ne!(stratified_split(&l, [0.8, 0.1, 0.1], 1).unwrap(), s);
-        assert!(stratified_split(&l, [0.8, 0.1, 0.2], 0).is_err());
+    fn parts_are_disjoint_cover_everything_and_are_stratified() {
+        let labels = labels();
+        let fr = [0.7, 0.15, 0.15];
+        let s = stratified_split(&labels, fr, 7).unwrap();
+        let mut all: Vec<usize> = s.train.iter().chain(&s.val).chain(&s.test).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..labels.len()).collect::<Vec<_>>(), "disjoint and covering");
+        for class in 0..3 {
+            let n = count(&(0..labels.len()).collect::<Vec<_>>(), &labels, class) as f64;
+            for (part, f) in [&s.train, &s.val, &s.test].into_iter().zip(fr) {
+                let got = count(part, &labels, class) as f64;
+                assert!((got - n * f).abs() <= 1.0, "class {class}: {got} vs {}", n * f);
+            }
+        }
     }
 
     #[test]
-    fn subsample_keeps_proportions() {
-        let l = labels();
-        let s = stratified_split(&l, [0.8, 0.1, 0.1], 0).unwrap();
-        let sub = subsample_stratified(&s.train, &l, 200, 3);
-        assert_eq!(sub.len(), 200);
-        assert_eq!(sub.iter().filter(|&&i| l[i] == 0).count(), 60);
+    fn same_seed_same_split_other_seed_other_split() {
+        let labels = labels();
+        let a = stratified_split(&labels, [0.8, 0.1, 0.1], 1).unwrap();
+        let b = stratified_split(&labels, [0.8, 0.1, 0.1], 1).unwrap();
+        let c = stratified_split(&labels, [0.8, 0.1, 0.1], 2).unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a.test, c.test);
+    }
+
+    #[test]
+    fn zero_fraction_and_bad_fractions() {
+        let labels = labels();
+        let s = stratified_split(&labels, [0.9, 0.0, 0.1], 3).unwrap();
+        assert!(s.val.is_empty());
+        assert_eq!(s.train.len() + s.test.len(), labels.len());
+        assert!(stratified_split(&labels, [0.9, 0.2, 0.1], 3).is_err());
+        assert!(stratified_split(&labels, [1.1, -0.1, 0.0], 3).is_err());
+    }
+
+    #[test]
+    fn apportion_sums_exactly_and_stays_within_one() {
+        for total in [0, 1, 2, 7, 10, 99, 1001] {
+            for w in [[0.8, 0.1, 0.1], [1.0 / 3.0; 3], [0.5, 0.5, 0.0]] {
+                let p = apportion(total, &w);
+                assert_eq!(p.iter().sum::<usize>(), total);
+                for (x, wi) in p.iter().zip(w) {
+                    assert!((*x as f64 - total as f64 * wi).abs() < 1.0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn subsample_keeps_proportions_and_is_a_subset() {
+        let labels = labels();
+        let s = stratified_split(&labels, [0.8, 0.1, 0.1], 5).unwrap();
+        let n = 40;
+        let sub = subsample_stratified(&s.train, &labels, n, 9);
+        assert_eq!(sub.len(), n);
         assert!(sub.iter().all(|i| s.train.contains(i)));
-        assert_eq!(subsample_stratified(&s.train, &l, 200, 3), sub);
+        let mut dedup = sub.clone();
+        dedup.dedup();
+        assert_eq!(dedup.len(), n);
+        for class in 0..3 {
+            let share = count(&s.train, &labels, class) as f64 / s.train.len() as f64;
+            let got = count(&sub, &labels, class) as f64;
+            assert!((got - share * n as f64).abs() <= 1.0, "class {class}");
+        }
+        assert_eq!(sub, subsample_stratified(&s.train, &labels, n, 9));
+        assert_ne!(sub, subsample_stratified(&s.train, &labels, n, 10));
+        assert_eq!(subsample_stratified(&s.train, &labels, 10_000, 9), s.train);
+    }
+
+    #[test]
+    fn shuffle_is_a_permutation_and_roughly_uniform() {
+        let mut rng = SplitMix64::new(42);
+        let mut first = [0usize; 4];
+        for _ in 0..4000 {
+            let mut v = [0, 1, 2, 3];
+            rng.shuffle(&mut v);
+            let mut s = v;
+            s.sort_unstable();
+            assert_eq!(s, [0, 1, 2, 3]);
+            first[v[0]] += 1;
+        }
+        // Each value leads ~1000 times; a broken shuffle (e.g. off-by-one range) skews this.
+        assert!(first.iter().all(|&c| (850..1150).contains(&c)), "{first:?}");
     }
 }

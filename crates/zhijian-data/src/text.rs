@@ -1,20 +1,21 @@
-//! Labelled text from CSV or JSONL files, with column mapping.
+//! Labelled text read from CSV or JSON Lines files, optionally compressed.
 
 use std::collections::BTreeSet;
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use zhijian_core::{Error, Result};
 
-/// Texts with integer labels; `classes[label]` names each label.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Texts with integer labels; label `i` names `classes[i]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TextDataset {
-    /// The texts.
+    /// One text per example.
     pub texts: Vec<String>,
-    /// Label index of each text.
+    /// One label per example, an index into `classes`.
     pub labels: Vec<i64>,
-    /// Class names.
+    /// Class names; a label is a position in this list.
     pub classes: Vec<String>,
 }
 
@@ -29,76 +30,32 @@ impl TextDataset {
         self.texts.is_empty()
     }
 
-    /// Drops exact repeats of a text (after the first), so no text can land in
-    /// both the training and the test split. Returns how many were dropped.
-    pub fn dedup(&mut self) -> usize {
-        let mut seen = std::collections::HashSet::new();
-        let before = self.texts.len();
-        let keep: Vec<bool> = self.texts.iter().map(|t| seen.insert(t.clone())).collect();
-        let mut k = keep.iter();
-        self.texts.retain(|_| *k.next().expect("same length"));
-        let mut k = keep.iter();
-        self.labels.retain(|_| *k.next().expect("same length"));
-        before - self.texts.len()
+    /// Examples per class, in the order of `classes`.
+    pub fn class_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.classes.len()];
+        for &l in &self.labels {
+            counts[l as usize] += 1;
+        }
+        counts
     }
-}
 
-/// Where labelled text comes from. A closed set.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum TextSource {
-    /// A CSV file with a header row (`.csv`, `.csv.gz`, `.csv.bz2`).
-    Csv {
-        /// The file.
-        path: PathBuf,
-        /// Column holding the text.
-        text_column: String,
-        /// Column holding the label.
-        label_column: String,
-        /// Keep only these labels, in this order; default: every label, sorted.
-        #[serde(default)]
-        classes: Option<Vec<String>>,
-    },
-    /// One JSON object per line (`.jsonl`, `.jsonl.gz`, `.jsonl.bz2`).
-    Jsonl {
-        /// The file.
-        path: PathBuf,
-        /// Field holding the text.
-        text_column: String,
-        /// Field holding the label (string or number).
-        label_column: String,
-        /// Keep only these labels, in this order; default: every label, sorted.
-        #[serde(default)]
-        classes: Option<Vec<String>>,
-    },
-}
-
-/// Opens a file, decompressing `.gz` / `.bz2` by extension.
-pub fn open_maybe_compressed(path: &Path) -> Result<Box<dyn Read>> {
-    let file = std::fs::File::open(path).map_err(Error::io(path))?;
-    Ok(match path.extension().and_then(|e| e.to_str()) {
-        Some("gz") => Box::new(flate2::read::GzDecoder::new(file)),
-        Some("bz2") => Box::new(bzip2::read::BzDecoder::new(file)),
-        _ => Box::new(file),
-    })
-}
-
-impl TextSource {
-    /// Reads the texts and labels.
-    pub fn load(&self) -> Result<TextDataset> {
-        let (path, rows, classes) = match self {
-            TextSource::Csv { path, text_column, label_column, classes } => {
-                (path, read_csv(path, text_column, label_column)?, classes)
+    /// Builds a data set from `(text, label name)` rows.
+    ///
+    /// With `classes`, rows whose label is not listed are dropped and label `i`
+    /// is `classes[i]`; without, the classes are the sorted distinct labels.
+    /// `origin` names the source in the error raised when nothing is left.
+    pub fn from_rows(rows: Vec<(String, String)>, classes: Option<Vec<String>>, origin: &str) -> Result<TextDataset> {
+        let classes = match classes {
+            Some(c) => {
+                let distinct: BTreeSet<&String> = c.iter().collect();
+                if distinct.len() != c.len() || c.is_empty() {
+                    return Err(Error::Config(format!("{origin}: `classes` must be non-empty and distinct, got {c:?}")));
+                }
+                c
             }
-            TextSource::Jsonl { path, text_column, label_column, classes } => {
-                (path, read_jsonl(path, text_column, label_column)?, classes)
-            }
-        };
-        let classes: Vec<String> = match classes {
-            Some(c) => c.clone(),
             None => rows.iter().map(|(_, l)| l.clone()).collect::<BTreeSet<_>>().into_iter().collect(),
         };
-        let mut data = TextDataset { classes, ..Default::default() };
+        let mut data = TextDataset { classes, ..TextDataset::default() };
         for (text, label) in rows {
             if let Some(i) = data.classes.iter().position(|c| *c == label) {
                 data.texts.push(text);
@@ -106,47 +63,131 @@ impl TextSource {
             }
         }
         if data.is_empty() {
-            return Err(Error::Data(format!("{}: no rows with a label in {:?}", path.display(), data.classes)));
+            return Err(Error::Data(format!("{origin}: no examples (classes {:?})", data.classes)));
         }
         Ok(data)
     }
 }
 
-fn read_csv(path: &Path, text: &str, label: &str) -> Result<Vec<(String, String)>> {
-    let mut reader = csv::Reader::from_reader(open_maybe_compressed(path)?);
-    let bad = |e: csv::Error| Error::CorruptFile { path: path.into(), reason: e.to_string() };
-    let header = reader.headers().map_err(bad)?.clone();
-    let column = |name: &str| {
-        header.iter().position(|h| h == name).ok_or_else(|| {
-            Error::Data(format!("{}: no column `{name}`; columns are: {}", path.display(), header.iter().collect::<Vec<_>>().join(", ")))
-        })
-    };
-    let (t, l) = (column(text)?, column(label)?);
-    reader
-        .records()
-        .map(|r| {
-            let r = r.map_err(bad)?;
-            Ok((r.get(t).unwrap_or("").trim().to_string(), r.get(l).unwrap_or("").trim().to_string()))
-        })
-        .collect()
+/// Where a text data set comes from. A closed set: one variant per file format.
+///
+/// `.bz2` / `.gz` files are decompressed on the fly, chosen by extension.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TextSource {
+    /// A CSV file with a header row.
+    Csv {
+        /// The file (`.csv`, `.csv.bz2`, `.csv.gz`).
+        path: PathBuf,
+        /// Header of the text column.
+        text_column: String,
+        /// Header of the label column.
+        label_column: String,
+        /// Classes to keep, in label order; absent means every distinct label, sorted.
+        #[serde(default)]
+        classes: Option<Vec<String>>,
+    },
+    /// One JSON object per line.
+    Jsonl {
+        /// The file (`.jsonl`, `.jsonl.bz2`, `.jsonl.gz`).
+        path: PathBuf,
+        /// Key of the text field (a string).
+        text_column: String,
+        /// Key of the label field (a string, number or boolean).
+        label_column: String,
+        /// Classes to keep, in label order; absent means every distinct label, sorted.
+        #[serde(default)]
+        classes: Option<Vec<String>>,
+    },
 }
 
-fn read_jsonl(path: &Path, text: &str, label: &str) -> Result<Vec<(String, String)>> {
+impl TextSource {
+    /// Reads the file into a data set.
+    pub fn load(&self) -> Result<TextDataset> {
+        let (path, text_col, label_col, classes, rows) = match self {
+            TextSource::Csv { path, text_column, label_column, classes } => {
+                (path, text_column, label_column, classes, read_csv(path, text_column, label_column)?)
+            }
+            TextSource::Jsonl { path, text_column, label_column, classes } => {
+                (path, text_column, label_column, classes, read_jsonl(path, text_column, label_column)?)
+            }
+        };
+        let origin = format!("{} (text `{text_col}`, label `{label_col}`)", path.display());
+        TextDataset::from_rows(rows, classes.clone(), &origin)
+    }
+}
+
+/// Opens `path`, decompressing `.bz2` and `.gz` by extension.
+pub fn open_maybe_compressed(path: &Path) -> Result<Box<dyn Read>> {
+    let file = File::open(path).map_err(Error::io(path))?;
+    let file = BufReader::new(file);
+    // Multi-stream decoders: both formats allow concatenated streams (pbzip2,
+    // `cat a.gz b.gz`), and the single-stream ones silently stop after the first.
+    Ok(match path.extension().and_then(|e| e.to_str()) {
+        Some("bz2") => Box::new(bzip2::read::MultiBzDecoder::new(file)),
+        Some("gz") => Box::new(flate2::read::MultiGzDecoder::new(file)),
+        _ => Box::new(file),
+    })
+}
+
+/// Reads `(text, label)` pairs from a CSV file with a header row.
+pub fn read_csv(path: &Path, text_column: &str, label_column: &str) -> Result<Vec<(String, String)>> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(open_maybe_compressed(path)?);
+    let bad = |e: csv::Error| Error::Data(format!("{}: {e}", path.display()));
+    let headers = reader.headers().map_err(bad)?.clone();
+    let column = |name: &str| {
+        headers.iter().position(|h| h == name).ok_or_else(|| {
+            Error::Data(format!(
+                "{}: no column `{name}`; columns are: {}",
+                path.display(),
+                headers.iter().collect::<Vec<_>>().join(", ")
+            ))
+        })
+    };
+    let (ti, li) = (column(text_column)?, column(label_column)?);
+    let mut rows = Vec::new();
+    for record in reader.records() {
+        let record = record.map_err(bad)?;
+        // The csv reader already rejects ragged rows, so both fields exist.
+        rows.push((record[ti].to_string(), record[li].to_string()));
+    }
+    Ok(rows)
+}
+
+/// Reads `(text, label)` pairs from a JSON Lines file; blank lines are skipped.
+pub fn read_jsonl(path: &Path, text_column: &str, label_column: &str) -> Result<Vec<(String, String)>> {
     let reader = BufReader::new(open_maybe_compressed(path)?);
     let mut rows = Vec::new();
     for (i, line) in reader.lines().enumerate() {
+        let line_no = i + 1;
         let line = line.map_err(Error::io(path))?;
         if line.trim().is_empty() {
             continue;
         }
-        let at = |why: String| Error::Data(format!("{} line {}: {why}", path.display(), i + 1));
-        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| at(e.to_string()))?;
-        let field = |name: &str| match v.get(name) {
-            Some(serde_json::Value::String(s)) => Ok(s.trim().to_string()),
-            Some(other) if !other.is_null() => Ok(other.to_string()),
-            _ => Err(at(format!("no field `{name}`"))),
+        let at = || format!("{} line {line_no}", path.display());
+        let value: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| Error::Data(format!("{}: not JSON: {e}", at())))?;
+        let object = value.as_object().ok_or_else(|| Error::Data(format!("{}: not a JSON object", at())))?;
+        let field = |name: &str| {
+            object.get(name).ok_or_else(|| {
+                Error::Data(format!(
+                    "{}: no field `{name}`; fields are: {}",
+                    at(),
+                    object.keys().cloned().collect::<Vec<_>>().join(", ")
+                ))
+            })
         };
-        rows.push((field(text)?, field(label)?));
+        let text = match field(text_column)? {
+            serde_json::Value::String(s) => s.clone(),
+            other => return Err(Error::Data(format!("{}: `{text_column}` is not a string: {other}", at()))),
+        };
+        // Labels are compared as strings, so `1` and `"1"` name the same class.
+        let label = match field(label_column)? {
+            serde_json::Value::String(s) => s.clone(),
+            v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)) => v.to_string(),
+            other => return Err(Error::Data(format!("{}: `{label_column}` is not a string or number: {other}", at()))),
+        };
+        rows.push((text, label));
     }
     Ok(rows)
 }
@@ -156,45 +197,116 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    #[test]
-    fn csv_and_jsonl_with_column_mapping() {
-        let dir = tempfile::tempdir().unwrap();
-        let csv = dir.path().join("a.csv.gz");
-        let mut gz = flate2::write::GzEncoder::new(std::fs::File::create(&csv).unwrap(), Default::default());
-        gz.write_all(b"label,body\npos, good \nneg,bad\nmeh,so-so\npos,great\n").unwrap();
-        gz.finish().unwrap();
-        let src = TextSource::Csv {
-            path: csv.clone(),
-            text_column: "body".into(),
-            label_column: "label".into(),
-            classes: Some(vec!["neg".into(), "pos".into()]),
+    fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
+        let path = dir.join(name);
+        let file = File::create(&path).unwrap();
+        let mut w: Box<dyn Write> = if name.ends_with(".bz2") {
+            Box::new(bzip2::write::BzEncoder::new(file, bzip2::Compression::default()))
+        } else if name.ends_with(".gz") {
+            Box::new(flate2::write::GzEncoder::new(file, flate2::Compression::default()))
+        } else {
+            Box::new(file)
         };
-        let d = src.load().unwrap();
-        assert_eq!(d.texts, ["good", "bad", "great"]);
-        assert_eq!(d.labels, [1, 0, 1]);
+        w.write_all(content.as_bytes()).unwrap();
+        drop(w);
+        path
+    }
 
-        let jsonl = dir.path().join("b.jsonl");
-        std::fs::write(&jsonl, "{\"t\": \"x\", \"y\": 1}\n\n{\"t\": \"z\", \"y\": 0}\n").unwrap();
-        let src = TextSource::Jsonl { path: jsonl.clone(), text_column: "t".into(), label_column: "y".into(), classes: None };
-        let d = src.load().unwrap();
-        assert_eq!((d.texts, d.labels, d.classes), (vec!["x".to_string(), "z".into()], vec![1, 0], vec!["0".to_string(), "1".into()]));
+    const CSV: &str = "id,label,text\n1,pos,\"good, really\"\n2,neg,bad\n3,meh,so-so\n4,pos,great\n";
+    const JSONL: &str = "{\"t\": \"good\", \"y\": \"pos\"}\n\n{\"t\": \"bad\", \"y\": \"neg\", \"extra\": 1}\n{\"t\": \"so-so\", \"y\": 2}\n";
 
-        std::fs::write(&jsonl, "{\"t\": \"x\", \"y\": 1}\nnot json\n").unwrap();
-        let err = src.load().unwrap_err().to_string();
-        assert!(err.contains("line 2"), "{err}");
-        let src = TextSource::Csv { path: csv, text_column: "text".into(), label_column: "label".into(), classes: None };
-        let err = src.load().unwrap_err().to_string();
-        assert!(err.contains("no column `text`") && err.contains("body"), "{err}");
+    fn csv_source(path: PathBuf, classes: Option<Vec<String>>) -> TextSource {
+        TextSource::Csv { path, text_column: "text".into(), label_column: "label".into(), classes }
     }
 
     #[test]
-    fn dedup_keeps_first_occurrences() {
-        let mut d = TextDataset {
-            texts: vec!["a".into(), "b".into(), "a".into()],
-            labels: vec![0, 1, 0],
-            classes: vec!["x".into(), "y".into()],
-        };
-        assert_eq!(d.dedup(), 1);
-        assert_eq!((d.texts.as_slice(), d.labels.as_slice()), (&["a".to_string(), "b".into()][..], &[0i64, 1][..]));
+    fn csv_plain_bz2_gz_agree_and_classes_sorted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut loaded = Vec::new();
+        for name in ["a.csv", "a.csv.bz2", "a.csv.gz"] {
+            loaded.push(csv_source(write(dir.path(), name, CSV), None).load().unwrap());
+        }
+        assert_eq!(loaded[0], loaded[1]);
+        assert_eq!(loaded[0], loaded[2]);
+        let d = &loaded[0];
+        assert_eq!(d.classes, ["meh", "neg", "pos"]);
+        assert_eq!(d.texts, ["good, really", "bad", "so-so", "great"]);
+        assert_eq!(d.labels, [2, 1, 0, 2]);
+        assert_eq!(d.class_counts(), [1, 1, 2]);
+    }
+
+    #[test]
+    fn given_classes_filter_and_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "a.csv", CSV);
+        let d = csv_source(path, Some(vec!["pos".into(), "neg".into()])).load().unwrap();
+        assert_eq!(d.classes, ["pos", "neg"]);
+        assert_eq!(d.texts, ["good, really", "bad", "great"]);
+        assert_eq!(d.labels, [0, 1, 0]);
+    }
+
+    #[test]
+    fn empty_result_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "a.csv", CSV);
+        let err = csv_source(path, Some(vec!["nope".into()])).load().unwrap_err().to_string();
+        assert!(err.contains("no examples"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let err = csv_source("/nonexistent/zz.csv".into(), None).load().unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/zz.csv"), "{err}");
+    }
+
+    #[test]
+    fn missing_column_lists_the_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "a.csv", CSV);
+        let src = TextSource::Csv { path, text_column: "review".into(), label_column: "label".into(), classes: None };
+        let err = src.load().unwrap_err().to_string();
+        assert!(err.contains("`review`") && err.contains("id, label, text"), "{err}");
+    }
+
+    #[test]
+    fn jsonl_reads_strings_and_numbers_and_gz() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a.jsonl", "a.jsonl.gz", "a.jsonl.bz2"] {
+            let path = write(dir.path(), name, JSONL);
+            let src = TextSource::Jsonl { path, text_column: "t".into(), label_column: "y".into(), classes: None };
+            let d = src.load().unwrap();
+            assert_eq!(d.classes, ["2", "neg", "pos"]);
+            assert_eq!(d.texts, ["good", "bad", "so-so"]);
+            assert_eq!(d.labels, [2, 1, 0]);
+        }
+    }
+
+    #[test]
+    fn jsonl_bad_line_names_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "a.jsonl", "{\"t\": \"a\", \"y\": \"b\"}\n{\"t\": oops}\n");
+        let src = TextSource::Jsonl { path, text_column: "t".into(), label_column: "y".into(), classes: None };
+        let err = src.load().unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+        let path = write(dir.path(), "b.jsonl", "{\"t\": \"a\", \"y\": \"b\"}\n\n{\"text\": \"a\", \"y\": \"b\"}\n");
+        let src = TextSource::Jsonl { path, text_column: "t".into(), label_column: "y".into(), classes: None };
+        let err = src.load().unwrap_err().to_string();
+        assert!(err.contains("line 3") && err.contains("`t`") && err.contains("text, y"), "{err}");
+    }
+
+    #[test]
+    fn config_parses_and_rejects_unknown_fields() {
+        let src: TextSource = serde_json::from_str(
+            r#"{"kind": "jsonl", "path": "x.jsonl", "text_column": "t", "label_column": "y"}"#,
+        )
+        .unwrap();
+        assert_eq!(src, TextSource::Jsonl { path: "x.jsonl".into(), text_column: "t".into(), label_column: "y".into(), classes: None });
+        let err = serde_json::from_str::<TextSource>(
+            r#"{"kind": "csv", "path": "x.csv", "text_column": "t", "label_colum": "y"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("label_colum"), "{err}");
+        assert!(serde_json::from_str::<TextSource>(r#"{"kind": "parquet", "path": "x"}"#).is_err());
     }
 }

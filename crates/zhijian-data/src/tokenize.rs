@@ -1,129 +1,299 @@
-//! Tokenisation with a Hugging Face `tokenizer.json`, cached on disk.
+//! Tokenisation with a Hugging Face `tokenizer.json`, padded into tensors and
+//! cached on disk.
 
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use tch::{Kind, Tensor};
-use tokenizers::{Tokenizer, TruncationParams};
+use tokenizers::{PostProcessor, Tokenizer, TruncationParams};
 use zhijian_core::{Error, Result};
 
-/// Token ids and attention mask of a list of texts.
+/// Token ids and attention masks of a batch of texts.
 #[derive(Debug)]
 pub struct TokenizedText {
-    /// Ids `[n, len]` int64, padded with the pad id.
+    /// Token ids `[n, len]`, int64, right-padded with the tokenizer's pad id.
     pub ids: Tensor,
-    /// 1 for real tokens, 0 for padding, `[n, len]` int64.
+    /// `[n, len]`, int64: 1 for real tokens, 0 for padding.
     pub mask: Tensor,
 }
 
-/// A tokenizer that truncates to `max_len` tokens (special tokens included).
+impl TokenizedText {
+    /// Number of texts.
+    pub fn len(&self) -> i64 {
+        self.ids.size()[0]
+    }
+
+    /// Whether there are no texts.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Real (non-padding) tokens of each text.
+    ///
+    /// # Shapes
+    /// `[n]`, int64.
+    pub fn lengths(&self) -> Tensor {
+        self.mask.sum_dim_intlist(1, false, Kind::Int64)
+    }
+}
+
+/// A `tokenizer.json` tokenizer that truncates to `max_len` tokens.
 pub struct TextTokenizer {
     tokenizer: Tokenizer,
-    fingerprint: Vec<u8>,
     max_len: usize,
     pad_id: i64,
+    /// sha256 of the tokenizer.json bytes: part of every cache key.
+    fingerprint: [u8; 32],
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("max_len", &self.max_len)
+            .field("pad_id", &self.pad_id)
+            .field("fingerprint", &hex::encode(self.fingerprint))
+            .finish()
+    }
 }
 
 impl TextTokenizer {
-    /// Loads `tokenizer.json`.
-    pub fn from_file(path: &Path, max_len: usize) -> Result<TextTokenizer> {
-        let bytes = std::fs::read(path).map_err(Error::io(path))?;
-        let mut tokenizer = Tokenizer::from_bytes(&bytes)
-            .map_err(|e| Error::CorruptFile { path: path.into(), reason: e.to_string() })?;
-        tokenizer
-            .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
-            .map_err(|e| Error::Config(format!("tokenizer truncation: {e}")))?;
+    /// Loads `tokenizer_json`. Encodings are truncated to `max_len` tokens,
+    /// special tokens included; the file's own truncation and padding settings
+    /// are replaced (padding happens when building tensors).
+    pub fn from_file(tokenizer_json: &Path, max_len: usize) -> Result<TextTokenizer> {
+        let bytes = fs::read(tokenizer_json).map_err(Error::io(tokenizer_json))?;
+        let corrupt = |reason: String| Error::CorruptFile { path: tokenizer_json.to_path_buf(), reason };
+        let mut tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        // The file's padding section (if any) is the authority on the pad id;
+        // otherwise look for the usual pad tokens, and fall back to BERT's 0.
+        let pad_id = match tokenizer.get_padding() {
+            Some(p) => p.pad_id,
+            None => ["[PAD]", "<pad>"].iter().find_map(|t| tokenizer.token_to_id(t)).unwrap_or(0),
+        };
         tokenizer.with_padding(None);
-        let pad_id = tokenizer.token_to_id("[PAD]").or_else(|| tokenizer.token_to_id("<pad>")).unwrap_or(0) as i64;
-        Ok(TextTokenizer { tokenizer, fingerprint: Sha256::digest(&bytes).to_vec(), max_len, pad_id })
+        // Fewer slots than the special tokens need makes the tokenizer refuse,
+        // or worse, underflow; say so in our own words.
+        let specials = tokenizer.get_post_processor().map_or(0, |p| p.added_tokens(false));
+        if max_len <= specials {
+            return Err(Error::Config(format!(
+                "max_len {max_len} leaves no room for text next to {specials} special tokens"
+            )));
+        }
+        tokenizer
+            .with_truncation(Some(TruncationParams { max_length: max_len, ..TruncationParams::default() }))
+            .map_err(|e| Error::Config(format!("truncation to {max_len}: {e}")))?;
+        Ok(TextTokenizer { tokenizer, max_len, pad_id: pad_id as i64, fingerprint: Sha256::digest(&bytes).into() })
     }
 
-    /// Tokenises `texts` (in parallel).
+    /// The most tokens an encoding keeps, special tokens included.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// The id used for padding.
+    pub fn pad_id(&self) -> i64 {
+        self.pad_id
+    }
+
+    /// Token ids of one text (with special tokens, truncated), for inspection.
+    pub fn ids(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.tokenizer.encode(text, true).map_err(|e| Error::Data(format!("tokenising: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Tokenises `texts` (in parallel) and pads them to the longest encoding.
     ///
     /// # Shapes
-    /// → ids and mask `[texts.len(), L]`, L the longest encoding (≤ max_len).
+    /// `texts` (n of them) → `ids`, `mask`: `[n, len]` int64, where `len` is the
+    /// longest encoding (at most `max_len`; 0 when `texts` is empty).
     pub fn encode(&self, texts: &[String]) -> Result<TokenizedText> {
         let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let encodings =
-            self.tokenizer.encode_batch(inputs, true).map_err(|e| Error::Data(format!("tokenisation failed: {e}")))?;
-        let len = encodings.iter().map(|e| e.get_ids().len()).max().unwrap_or(0).max(1);
-        let mut ids = vec![self.pad_id; texts.len() * len];
-        let mut mask = vec![0i64; texts.len() * len];
-        for (row, e) in encodings.iter().enumerate() {
-            for (col, &id) in e.get_ids().iter().enumerate() {
+            self.tokenizer.encode_batch(inputs, true).map_err(|e| Error::Data(format!("tokenising: {e}")))?;
+        let n = encodings.len();
+        let len = encodings.iter().map(|e| e.get_ids().len()).max().unwrap_or(0);
+        let mut ids = vec![self.pad_id; n * len];
+        let mut mask = vec![0i64; n * len];
+        for (row, enc) in encodings.iter().enumerate() {
+            for (col, &id) in enc.get_ids().iter().enumerate() {
                 ids[row * len + col] = id as i64;
                 mask[row * len + col] = 1;
             }
         }
-        let shape = [texts.len() as i64, len as i64];
-        Ok(TokenizedText { ids: Tensor::from_slice(&ids).reshape(shape), mask: Tensor::from_slice(&mask).reshape(shape) })
+        let shape = [n as i64, len as i64];
+        Ok(TokenizedText { ids: Tensor::from_slice(&ids).view(shape), mask: Tensor::from_slice(&mask).view(shape) })
     }
 
-    /// [`Self::encode`], memoised in `cache_dir` under a hash of the tokenizer,
-    /// `max_len` and every text. An unreadable cache file is recomputed.
-    pub fn encode_cached(&self, texts: &[String], cache_dir: &Path) -> Result<TokenizedText> {
-        let path = self.cache_path(texts, cache_dir);
-        if let Ok(tensors) = Tensor::read_safetensors(&path) {
-            let mut map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
-            if let (Some(ids), Some(mask)) = (map.remove("ids"), map.remove("mask")) {
-                if ids.size().first() == Some(&(texts.len() as i64)) && ids.kind() == Kind::Int64 {
-                    return Ok(TokenizedText { ids, mask });
-                }
-            }
-        }
-        let tokens = self.encode(texts)?;
-        zhijian_core::save_atomic(&[("ids".into(), tokens.ids.shallow_clone()), ("mask".into(), tokens.mask.shallow_clone())], &path)?;
-        Ok(tokens)
-    }
-
-    fn cache_path(&self, texts: &[String], cache_dir: &Path) -> PathBuf {
+    /// The cache file [`Self::encode_cached`] uses for `texts` in `cache_dir`.
+    pub fn cache_path(&self, texts: &[String], cache_dir: &Path) -> PathBuf {
         let mut h = Sha256::new();
-        h.update(&self.fingerprint);
-        h.update(self.max_len.to_le_bytes());
+        // Length-prefix everything so no two different inputs hash the same bytes.
+        h.update(b"zhijian-data/tokens/v1\0");
+        h.update(self.fingerprint);
+        h.update((self.max_len as u64).to_le_bytes());
+        h.update((texts.len() as u64).to_le_bytes());
         for t in texts {
             h.update((t.len() as u64).to_le_bytes());
             h.update(t.as_bytes());
         }
-        cache_dir.join(format!("{}.safetensors", hex::encode(&h.finalize()[..12])))
+        cache_dir.join(format!("tokens-{}.safetensors", hex::encode(h.finalize())))
+    }
+
+    /// [`Self::encode`], remembered in `cache_dir` under a key covering the
+    /// tokenizer file, `max_len` and every text. A cache file that cannot be
+    /// read or does not match is ignored and rewritten.
+    ///
+    /// # Shapes
+    /// As [`Self::encode`].
+    pub fn encode_cached(&self, texts: &[String], cache_dir: &Path) -> Result<TokenizedText> {
+        let path = self.cache_path(texts, cache_dir);
+        if path.exists() {
+            match read_cache(&path, texts.len()) {
+                Some(t) => return Ok(t),
+                None => eprintln!("zhijian-data: ignoring unreadable token cache {}", path.display()),
+            }
+        }
+        let tokens = self.encode(texts)?;
+        fs::create_dir_all(cache_dir).map_err(Error::io(cache_dir))?;
+        // Write beside the target, then rename: readers never see a half-written
+        // file, and a crash leaves at worst a stray temp file.
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        Tensor::write_safetensors(&[("ids", &tokens.ids), ("mask", &tokens.mask)], &tmp)?;
+        fs::rename(&tmp, &path).map_err(Error::io(&path))?;
+        Ok(tokens)
     }
 }
 
+/// The cached tensors, if the file parses and has the expected shape and types.
+fn read_cache(path: &Path, n: usize) -> Option<TokenizedText> {
+    let mut tensors = Tensor::read_safetensors(path).ok()?;
+    let mut take = |name: &str| {
+        let i = tensors.iter().position(|(k, _)| k == name)?;
+        Some(tensors.swap_remove(i).1)
+    };
+    let (ids, mask) = (take("ids")?, take("mask")?);
+    let ok = ids.kind() == Kind::Int64
+        && mask.kind() == Kind::Int64
+        && ids.dim() == 2
+        && ids.size() == mask.size()
+        && ids.size()[0] == n as i64;
+    ok.then_some(TokenizedText { ids, mask })
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const WORD_LEVEL: &str = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
-        "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
-        "model":{"type":"WordLevel","vocab":{"[PAD]":0,"[UNK]":1,"a":2,"good":3,"movie":4},"unk_token":"[UNK]"}}"#;
+    /// A word-level tokenizer with BERT-style `[CLS] … [SEP]` framing and a
+    /// non-zero pad id, so padding with the wrong id shows.
+    pub(crate) fn tiny_tokenizer(dir: &Path) -> PathBuf {
+        let json = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": [],
+            "normalizer": {"type": "Lowercase"},
+            "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": {"type": "BertProcessing", "sep": ["[SEP]", 3], "cls": ["[CLS]", 2]},
+            "decoder": null,
+            "model": {
+                "type": "WordLevel",
+                "vocab": {"[UNK]": 0, "[PAD]": 1, "[CLS]": 2, "[SEP]": 3, "good": 4, "bad": 5, "film": 6, "very": 7, "!": 8},
+                "unk_token": "[UNK]"
+            }
+        });
+        let path = dir.join("tokenizer.json");
+        fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+        path
+    }
 
-    #[test]
-    fn pads_truncates_and_caches() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokenizer.json");
-        std::fs::write(&path, WORD_LEVEL).unwrap();
-        let tok = TextTokenizer::from_file(&path, 3).unwrap();
-        let texts = vec!["a good movie indeed".to_string(), "good".into()];
-        let t = tok.encode(&texts).unwrap();
-        assert_eq!(Vec::<i64>::try_from(t.ids.flatten(0, -1)).unwrap(), [2, 3, 4, 3, 0, 0]);
-        assert_eq!(Vec::<i64>::try_from(t.mask.flatten(0, -1)).unwrap(), [1, 1, 1, 1, 0, 0]);
+    fn texts(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
 
-        let cache = dir.path().join("cache");
-        let first = tok.encode_cached(&texts, &cache).unwrap();
-        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
-        let again = tok.encode_cached(&texts, &cache).unwrap();
-        assert!(first.ids.equal(&again.ids) && first.mask.equal(&again.mask));
-        // A corrupt cache entry is recomputed, not trusted.
-        let entry = std::fs::read_dir(&cache).unwrap().next().unwrap().unwrap().path();
-        std::fs::write(&entry, b"garbage").unwrap();
-        assert!(tok.encode_cached(&texts, &cache).unwrap().ids.equal(&t.ids));
+    fn rows(t: &Tensor) -> Vec<Vec<i64>> {
+        Vec::<Vec<i64>>::try_from(t).unwrap()
     }
 
     #[test]
-    fn corrupt_tokenizer_names_the_file() {
+    fn encodes_pads_and_masks() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokenizer.json");
-        std::fs::write(&path, "{ not json").unwrap();
-        let err = TextTokenizer::from_file(&path, 8).err().unwrap().to_string();
-        assert!(err.contains("tokenizer.json"), "{err}");
+        let tok = TextTokenizer::from_file(&tiny_tokenizer(dir.path()), 16).unwrap();
+        assert_eq!(tok.pad_id(), 1);
+        let t = tok.encode(&texts(&["Good film!", "bad", "very odd film"])).unwrap();
+        assert_eq!(t.ids.kind(), Kind::Int64);
+        assert_eq!(t.mask.kind(), Kind::Int64);
+        assert_eq!(rows(&t.ids), [vec![2, 4, 6, 8, 3], vec![2, 5, 3, 1, 1], vec![2, 7, 0, 6, 3]]);
+        assert_eq!(rows(&t.mask), [vec![1, 1, 1, 1, 1], vec![1, 1, 1, 0, 0], vec![1, 1, 1, 1, 1]]);
+        assert_eq!(Vec::<i64>::try_from(t.lengths()).unwrap(), [5, 3, 5]);
+    }
+
+    #[test]
+    fn truncates_to_max_len_including_specials() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = TextTokenizer::from_file(&tiny_tokenizer(dir.path()), 4).unwrap();
+        let t = tok.encode(&texts(&["very very good film !", "bad"])).unwrap();
+        assert_eq!(rows(&t.ids), [vec![2, 7, 7, 3], vec![2, 5, 3, 1]]);
+        assert!(TextTokenizer::from_file(&tiny_tokenizer(dir.path()), 2).is_err());
+    }
+
+    #[test]
+    fn empty_batch_has_zero_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = TextTokenizer::from_file(&tiny_tokenizer(dir.path()), 8).unwrap();
+        let t = tok.encode(&[]).unwrap();
+        assert_eq!(t.ids.size(), [0, 0]);
+    }
+
+    #[test]
+    fn cache_round_trips_keys_on_inputs_and_survives_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let tok = TextTokenizer::from_file(&tiny_tokenizer(dir.path()), 8).unwrap();
+        let a = texts(&["good film", "bad film !"]);
+        let fresh = tok.encode_cached(&a, &cache).unwrap();
+        let path = tok.cache_path(&a, &cache);
+        assert!(path.exists());
+        // Served from the file: prove it by planting different content under the key.
+        let planted = Tensor::from_slice(&[9i64, 9, 9, 9]).view([2, 2]);
+        Tensor::write_safetensors(&[("ids", &planted), ("mask", &planted)], &path).unwrap();
+        assert_eq!(rows(&tok.encode_cached(&a, &cache).unwrap().ids), [vec![9, 9], vec![9, 9]]);
+        // Garbage in the file: ignored, recomputed, rewritten.
+        fs::write(&path, b"not safetensors").unwrap();
+        let again = tok.encode_cached(&a, &cache).unwrap();
+        assert_eq!(rows(&again.ids), rows(&fresh.ids));
+        assert_eq!(rows(&read_cache(&path, 2).unwrap().ids), rows(&fresh.ids));
+        // Keys differ with texts, order and max_len.
+        let b = texts(&["bad film !", "good film"]);
+        assert_ne!(tok.cache_path(&b, &cache), path);
+        let tok4 = TextTokenizer::from_file(&tiny_tokenizer(dir.path()), 4).unwrap();
+        assert_ne!(tok4.cache_path(&a, &cache), path);
+        // No temp files left behind.
+        let names: Vec<_> = fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn missing_tokenizer_names_the_path() {
+        let err = TextTokenizer::from_file(Path::new("/nonexistent/tokenizer.json"), 8).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/tokenizer.json"), "{err}");
+    }
+
+    #[test]
+    fn real_minilm_tokenizer_if_present() {
+        let Some(home) = std::env::var_os("HOME") else { return };
+        let path = Path::new(&home).join(".cache/zhijian/assets/all-minilm-l6-v2/tokenizer.json");
+        if !path.exists() {
+            eprintln!("skipping: {} not present", path.display());
+            return;
+        }
+        let tok = TextTokenizer::from_file(&path, 128).unwrap();
+        assert_eq!(tok.pad_id(), 0);
+        assert_eq!(tok.ids("Hello world!").unwrap(), [101, 7592, 2088, 999, 102]);
+        let t = tok.encode(&texts(&["Hello world!", "Hi"])).unwrap();
+        assert_eq!(rows(&t.ids), [vec![101, 7592, 2088, 999, 102], vec![101, 7632, 102, 0, 0]]);
+        let long = "word ".repeat(500);
+        assert_eq!(tok.ids(&long).unwrap().len(), 128);
     }
 }

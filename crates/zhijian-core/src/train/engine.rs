@@ -185,22 +185,35 @@ pub fn features_cacheable(model: &Model, methods: &[Box<dyn Method>]) -> bool {
 }
 
 /// Runs the frozen backbone over `split` once and returns its pooled features
-/// as a split of `Input::Features` (kept on the model's device).
+/// as a split of `Input::Features` (held on the CPU; batches move to the model's device).
 pub fn cache_features(model: &Model, split: &Split, batch_size: i64, label: &str) -> Split {
-    let n = split.len();
-    let bar = progress_bar(n as u64, &format!("{label}: features of {}", split.name));
+    let bar = progress_bar(split.len() as u64, &format!("{label}: features of {}", split.name));
     let cx = Ctx::plain(false);
-    let chunks: Vec<Tensor> = tch::no_grad(|| {
-        batches(n, batch_size)
-            .map(|idx| {
-                let f = model.features(&cx, &split.input.select(&idx, model.device()));
-                bar.inc(idx.size()[0] as u64);
-                f
-            })
-            .collect()
+    let features = tch::no_grad(|| {
+        in_length_order(&split.input, batch_size, model.device(), |batch| {
+            bar.inc(batch.len() as u64);
+            model.features(&cx, batch)
+        })
     });
     bar.finish_and_clear();
-    Split { name: split.name.clone(), input: Input::Features(Tensor::cat(&chunks, 0)), labels: split.labels.shallow_clone() }
+    Split { name: split.name.clone(), input: Input::Features(features), labels: split.labels.shallow_clone() }
+}
+
+/// Applies `f` to batches of `input` and concatenates the results in the
+/// original order. Token inputs are batched shortest first, so each batch is
+/// padded only to its own longest text: inference on short reviews then costs
+/// about half as much as with random batches.
+fn in_length_order(input: &Input, batch_size: i64, device: Device, mut f: impl FnMut(&Input) -> Tensor) -> Tensor {
+    let n = input.len();
+    let order = match input {
+        Input::Tokens { mask, .. } => mask.sum_dim_intlist(1, false, Kind::Int64).argsort(0, false),
+        _ => Tensor::arange(n, (Kind::Int64, Device::Cpu)),
+    };
+    let chunks: Vec<Tensor> = batches(n, batch_size)
+        .map(|b| f(&input.select(&order.index_select(0, &b), device)).to_device(Device::Cpu))
+        .collect();
+    // Row k of the concatenation belongs to example order[k]; undo the permutation.
+    Tensor::cat(&chunks, 0).index_select(0, &order.argsort(0, false))
 }
 
 /// What a training run did.
@@ -310,12 +323,7 @@ pub fn train(
 /// Logits of every example of `input`, in order, without gradients.
 pub fn predict(model: &Model, methods: &[Box<dyn Method>], input: &Input, batch_size: i64) -> Tensor {
     let cx = Ctx::new(false, methods, Vec::new());
-    tch::no_grad(|| {
-        let chunks: Vec<Tensor> = batches(input.len(), batch_size)
-            .map(|idx| model.forward(&cx, &input.select(&idx, model.device())).to_device(Device::Cpu))
-            .collect();
-        Tensor::cat(&chunks, 0)
-    })
+    tch::no_grad(|| in_length_order(input, batch_size, model.device(), |batch| model.forward(&cx, batch)))
 }
 
 /// Top-1 / top-5 accuracy on `split`.
