@@ -211,3 +211,25 @@ fn predict_keeps_example_order_whatever_the_batching() {
     }
     assert!(predict(&model, &[], &data.input, 5).allclose(&all, 1e-5, 1e-6, false));
 }
+
+#[test]
+fn checkpoint_after_each_epoch_restores_the_trained_state() {
+    let _rng = crate::rng_lock();
+    let data = batch();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ckpt/lora.safetensors");
+    let (model, methods) = prepared("lora", 2);
+    let cfg = TrainConfig { epochs: 2, batch_size: 6, lr: 1e-2, ..Default::default() };
+    let opts = TrainOptions { label: "ckpt".into(), checkpoint: Some(path.clone()) };
+    let report = train::train(&model, &methods, &data, Some(&data), &cfg, &opts).unwrap();
+    assert_eq!((report.steps, report.val_top1.len()), (4, 2));
+    // Only the checkpoint is in its folder: the temporary file was renamed over it.
+    assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+    // Same frozen backbone (seed 2), fresh LoRA and head: the checkpoint brings the training back.
+    let (fresh, fresh_methods) = prepared("lora", 2);
+    assert!(logits(&fresh, &fresh_methods, &data).ne_tensor(&logits(&model, &methods, &data)).any().int64_value(&[]) == 1);
+    let restored = restore(&fresh, &fresh_methods, &path).unwrap();
+    assert_eq!(restored, trainable(&model, &methods).len());
+    let d = (logits(&fresh, &fresh_methods, &data) - logits(&model, &methods, &data)).abs().max().double_value(&[]);
+    assert!(d < 1e-6, "restored checkpoint differs by {d}");
+}

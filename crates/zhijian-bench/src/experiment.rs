@@ -155,7 +155,11 @@ impl Experiment {
         exp.records = Some(match exp.records.take() {
             Some(p) if p.is_relative() => base.join(p),
             Some(p) => p,
-            None => base.join("..").join("results").join(format!("{}.jsonl", exp.name)),
+            // `configs/x.toml` → `results/<name>.jsonl`: beside the config's folder.
+            None => {
+                let beside = if base.file_name().is_some() { base.parent().unwrap_or(Path::new("")) } else { base };
+                beside.join("results").join(format!("{}.jsonl", exp.name))
+            }
         });
         exp.check(registry)?;
         Ok(exp)

@@ -37,10 +37,15 @@ pub struct Record {
     pub trainable_params: i64,
     /// All parameters (model and methods).
     pub total_params: i64,
-    /// Seconds spent computing cached features (0 if the backbone ran each step).
+    /// Whether the head trained on features computed once by the frozen backbone.
+    pub cached_features: bool,
+    /// Seconds spent computing those features in this run (0 when the backbone
+    /// ran each step, or when an earlier strategy of the comparison computed them).
     pub feature_seconds: f64,
-    /// Seconds of the training loop.
+    /// Seconds of the training loop (without validation).
     pub train_seconds: f64,
+    /// Seconds of the per-epoch validation passes.
+    pub eval_seconds: f64,
     /// Training examples per second of the training loop.
     pub train_samples_per_s: f64,
     /// Optimiser steps.
@@ -121,8 +126,10 @@ pub(crate) fn sample(strategy: &str, seed: u64, top1: f64) -> Record {
         finished_at: 0,
         trainable_params: 10,
         total_params: 100,
+        cached_features: false,
         feature_seconds: 0.0,
         train_seconds: 2.0,
+        eval_seconds: 0.5,
         train_samples_per_s: 50.0,
         steps: 3,
         final_loss: 0.5,

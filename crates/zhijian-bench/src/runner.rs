@@ -151,7 +151,8 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
                 .map(|vs| vs.variables().values().map(|t| t.numel() as i64).sum::<i64>())
                 .sum();
             let mut feature_seconds = 0.0;
-            let (train_split, val_split, test_split) = if features_cacheable(&model, &methods) {
+            let cached = features_cacheable(&model, &methods);
+            let (train_split, val_split, test_split) = if cached {
                 if features.is_none() {
                     let t = Instant::now();
                     let b = cfg.eval_batch_size;
@@ -186,8 +187,10 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
                 finished_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
                 trainable_params: numel(&trainable),
                 total_params: model.num_params() + method_params,
+                cached_features: cached,
                 feature_seconds,
                 train_seconds: report.seconds,
+                eval_seconds: report.eval_seconds,
                 train_samples_per_s: report.samples_per_s(),
                 steps: report.steps,
                 final_loss: report.final_loss,

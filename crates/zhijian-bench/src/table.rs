@@ -36,6 +36,8 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 /// A markdown table of `records`, one row per strategy in first-seen order.
+/// Train time includes computing cached features; a samples/s figure marked †
+/// is the head's throughput on those features, not comparable to whole-model rates.
 pub fn markdown(records: &[Record]) -> String {
     let mut order: Vec<&str> = Vec::new();
     for r in records {
@@ -60,10 +62,13 @@ pub fn markdown(records: &[Record]) -> String {
             100.0 * first.trainable_params as f64 / first.total_params.max(1) as f64,
             pm(&col(&|r| r.test_top1), 100.0, 2),
             pm(&col(&|r| r.feature_seconds + r.train_seconds), 1.0, 1),
-            pm(&col(&|r| r.train_samples_per_s), 1.0, 0),
+            pm(&col(&|r| r.train_samples_per_s), 1.0, 0) + if first.cached_features { " †" } else { "" },
             peak.map_or("n/a".into(), human_bytes),
             human_bytes(first.artifact_bytes),
         ));
+    }
+    if records.iter().any(|r| r.cached_features) {
+        out.push_str("\n† head trained on cached features of the frozen backbone: train time includes computing them; samples/s is the head's alone.\n");
     }
     out
 }
@@ -71,15 +76,17 @@ pub fn markdown(records: &[Record]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::sample;
+    use crate::record::{sample, Record};
 
     #[test]
     fn rows_aggregate_seeds() {
-        let t = markdown(&[sample("lora", 0, 0.80), sample("probe", 0, 0.70), sample("lora", 1, 0.84)]);
-        let rows: Vec<&str> = t.lines().skip(2).collect();
+        let probe = Record { cached_features: true, ..sample("probe", 0, 0.70) };
+        let t = markdown(&[sample("lora", 0, 0.80), probe, sample("lora", 1, 0.84)]);
+        let rows: Vec<&str> = t.lines().skip(2).take_while(|l| l.starts_with('|')).collect();
         assert_eq!(rows.len(), 2);
         assert!(rows[0].starts_with("| lora | 2 | 10 / 100 (10.00%) | 82.00 ± 2.83 |"), "{}", rows[0]);
-        assert!(rows[1].starts_with("| probe | 1 |"), "{}", rows[1]);
+        assert!(rows[1].starts_with("| probe | 1 |") && rows[1].contains("50 † |"), "{}", rows[1]);
+        assert!(t.contains("\n† head trained on cached features"));
         assert_eq!(human_bytes(4096), "4.0 KiB");
         assert_eq!(human_count(22_700_000), "22.7M");
     }

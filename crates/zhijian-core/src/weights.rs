@@ -64,8 +64,10 @@ pub fn load_into(vs: &VarStore, path: &Path, remap: impl Fn(&str) -> Option<Stri
     });
     let mismatched: Vec<&String> = report.mismatched.iter().map(|(n, ..)| n).collect();
     report.missing = params.into_keys().filter(|n| !mismatched.contains(&n)).collect();
+    // Sorted, so the first error reported does not depend on the file's key order.
     report.unexpected.sort();
     report.loaded.sort();
+    report.mismatched.sort();
     Ok(report)
 }
 

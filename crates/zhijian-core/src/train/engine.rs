@@ -223,8 +223,10 @@ pub struct TrainReport {
     pub steps: usize,
     /// Examples processed (with repeats over epochs).
     pub samples: u64,
-    /// Wall time of the training loop, seconds.
+    /// Wall time of the training loop, seconds, without per-epoch validation.
     pub seconds: f64,
+    /// Wall time of the per-epoch validation passes, seconds.
+    pub eval_seconds: f64,
     /// Mean task loss over the last epoch.
     pub final_loss: f64,
     /// Validation top-1 after each epoch, if a validation split was given.
@@ -304,18 +306,20 @@ pub fn train(
             bar.set_message(format!(
                 "loss {:.4}  {:.0} samples/s",
                 loss_sum / loss_n as f64,
-                report.samples as f64 / start.elapsed().as_secs_f64()
+                report.samples as f64 / (start.elapsed().as_secs_f64() - report.eval_seconds)
             ));
         }
         report.final_loss = loss_sum / loss_n.max(1) as f64;
         if let Some(val) = val {
+            let t = Instant::now();
             report.val_top1.push(evaluate(model, methods, val, cfg.eval_batch_size).top1());
+            report.eval_seconds += t.elapsed().as_secs_f64();
         }
         if let Some(path) = &opts.checkpoint {
             save_atomic(&trainable(model, methods), path)?;
         }
     }
-    report.seconds = start.elapsed().as_secs_f64();
+    report.seconds = start.elapsed().as_secs_f64() - report.eval_seconds;
     bar.finish_and_clear();
     Ok(report)
 }
