@@ -38,13 +38,16 @@ pub struct Record {
     /// All parameters (model and methods).
     pub total_params: i64,
     /// Whether the head trained on features computed once by the frozen backbone.
+    /// (Absent in records written before this field existed: false.)
+    #[serde(default)]
     pub cached_features: bool,
     /// Seconds spent computing those features in this run (0 when the backbone
     /// ran each step, or when an earlier strategy of the comparison computed them).
     pub feature_seconds: f64,
     /// Seconds of the training loop (without validation).
     pub train_seconds: f64,
-    /// Seconds of the per-epoch validation passes.
+    /// Seconds of the per-epoch validation passes. (Absent in older records: 0.)
+    #[serde(default)]
     pub eval_seconds: f64,
     /// Training examples per second of the training loop.
     pub train_samples_per_s: f64,

@@ -165,16 +165,16 @@ pub fn restore(model: &Model, methods: &[Box<dyn Method>], path: &std::path::Pat
     if !unknown.is_empty() {
         return Err(Error::CorruptFile { path: path.into(), reason: format!("tensors the model does not have: {}", unknown.join(", ")) });
     }
+    // Every shape is checked before anything is copied: a bad file changes nothing.
+    if let Some((name, value)) = tensors.iter().find(|(n, v)| targets[n].size() != v.size()) {
+        return Err(Error::ShapeMismatch { name: name.clone(), expected: targets[name].size(), got: value.size() });
+    }
     tch::no_grad(|| {
         for (name, value) in &tensors {
-            let mut t = targets[name].shallow_clone();
-            if t.size() != value.size() {
-                return Err(Error::ShapeMismatch { name: name.clone(), expected: t.size(), got: value.size() });
-            }
-            t.copy_(&value.to_device(t.device()));
+            targets[name].shallow_clone().copy_(&value.to_device(targets[name].device()));
         }
-        Ok(tensors.len())
-    })
+    });
+    Ok(tensors.len())
 }
 
 /// Whether the backbone's output cannot change during training, so pooled
