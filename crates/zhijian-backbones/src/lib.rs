@@ -3,6 +3,8 @@
 
 pub mod bert;
 pub mod pretrained;
+pub mod vit;
 
 pub use bert::{Bert, BertConfig, Pooling};
 pub use pretrained::load_pretrained;
+pub use vit::{Vit, VitConfig, VitPooling};

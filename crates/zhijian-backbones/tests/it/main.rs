@@ -1,3 +1,4 @@
 //! Integration tests of the backbones (one binary: each links LibTorch).
 
 mod bert;
+mod vit;
