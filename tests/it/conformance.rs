@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use tch::{Device, Kind, Tensor};
-use zhijian::backbones::{Bert, BertConfig};
+use zhijian::backbones::{Bert, BertConfig, Vit, VitConfig};
 use zhijian::core::train::{self, predict, restore, trainable, Split, TrainConfig, TrainOptions};
 use zhijian::core::{Input, Method, Model, Registry};
 
@@ -14,8 +14,37 @@ fn registry() -> Registry {
     zhijian::bench::registry()
 }
 
+/// The toy backbones every method is checked on: a text and a vision family.
+#[derive(Clone, Copy, Debug)]
+enum Toy {
+    Bert,
+    Vit,
+}
+
 fn tiny_model(seed: i64) -> Model {
     tiny_model_with_dropout(seed, 0.1)
+}
+
+fn toy_model(toy: Toy, seed: i64) -> Model {
+    match toy {
+        Toy::Bert => tiny_model(seed),
+        Toy::Vit => {
+            tch::manual_seed(seed);
+            let config = VitConfig { img_size: 16, patch_size: 4, embed_dim: 16, depth: 2, num_heads: 2, dropout: 0.1, ..VitConfig::tiny_patch4_32() };
+            Model::new(Device::Cpu, 3, |p| Box::new(Vit::new(p, &config).unwrap()))
+        }
+    }
+}
+
+fn toy_batch(toy: Toy) -> Split {
+    match toy {
+        Toy::Bert => batch(),
+        Toy::Vit => {
+            tch::manual_seed(7);
+            let images = Tensor::randn([12, 3, 16, 16], (Kind::Float, Device::Cpu));
+            Split { name: "toy".into(), input: Input::Images(images), labels: Tensor::randint(3, [12], (Kind::Int64, Device::Cpu)) }
+        }
+    }
 }
 
 fn tiny_model_with_dropout(seed: i64, dropout: f64) -> Model {
@@ -58,7 +87,11 @@ fn logits(model: &Model, methods: &[Box<dyn Method>], data: &Split) -> Tensor {
 }
 
 fn prepared(name: &str, seed: i64) -> (Model, Vec<Box<dyn Method>>) {
-    let model = tiny_model(seed);
+    prepared_on(Toy::Bert, name, seed)
+}
+
+fn prepared_on(toy: Toy, name: &str, seed: i64) -> (Model, Vec<Box<dyn Method>>) {
+    let model = toy_model(toy, seed);
     let mut methods = vec![registry().build_default(name).unwrap()];
     train::prepare(&model, &mut methods, 0).unwrap();
     (model, methods)
@@ -83,14 +116,15 @@ fn every_method_passes_the_conformance_checks() {
     let _rng = crate::rng_lock();
     let names = registry().names();
     assert!(names.len() >= 3, "{names:?}");
-    let data = batch();
-    for name in &names {
+    for (toy, name) in [Toy::Bert, Toy::Vit].into_iter().flat_map(|t| names.iter().map(move |n| (t, n))) {
+        let data = toy_batch(toy);
+        let at = format!("{name} on {toy:?}");
         // 1. Unchanged output at initialisation where promised.
-        let plain = logits(&tiny_model(1), &[], &data);
-        let (model, methods) = prepared(name, 1);
+        let plain = logits(&toy_model(toy, 1), &[], &data);
+        let (model, methods) = prepared_on(toy, name, 1);
         if methods[0].identity_at_init() {
             let d = (logits(&model, &methods, &data) - &plain).abs().max().double_value(&[]);
-            assert!(d < 1e-6, "{name}: output changed at init by {d}");
+            assert!(d < 1e-6, "{at}: output changed at init by {d}");
         }
 
         // 2. After a step only trainable parameters moved, and some did.
@@ -102,24 +136,24 @@ fn every_method_passes_the_conformance_checks() {
         let mut moved = 0;
         for (n, t) in &before {
             let changed = !t.equal(&after[n]);
-            assert!(!changed || trains.contains(n), "{name}: frozen parameter {n} changed");
+            assert!(!changed || trains.contains(n), "{at}: frozen parameter {n} changed");
             moved += changed as usize;
         }
-        assert!(moved > 0, "{name}: nothing changed after a training step");
+        assert!(moved > 0, "{at}: nothing changed after a training step");
 
         // 3. Merged ≈ unmerged, and unmerge restores the weights.
         if methods[0].can_merge() {
-            let (model, mut methods) = prepared(name, 1);
+            let (model, mut methods) = prepared_on(toy, name, 1);
             perturb(&methods);
             let weights = snapshot(&model, &[]);
             let unmerged = logits(&model, &methods, &data);
             methods[0].merge(&model).unwrap();
             let merged = logits(&model, &methods, &data);
             let d = (&merged - &unmerged).abs().max().double_value(&[]);
-            assert!(d < 1e-4, "{name}: merged differs from unmerged by {d}");
+            assert!(d < 1e-4, "{at}: merged differs from unmerged by {d}");
             methods[0].unmerge(&model).unwrap();
             for (n, t) in snapshot(&model, &[]) {
-                assert!(t.allclose(&weights[&n], 1e-5, 1e-6, false), "{name}: unmerge did not restore {n}");
+                assert!(t.allclose(&weights[&n], 1e-5, 1e-6, false), "{at}: unmerge did not restore {n}");
             }
         }
 
@@ -130,15 +164,15 @@ fn every_method_passes_the_conformance_checks() {
         perturb(&methods);
         zhijian::core::save_atomic(&trainable(&model, &methods), &path).unwrap();
         let frozen_part = logits(&model, &methods, &data);
-        let (fresh, fresh_methods) = prepared(name, 1);
+        let (fresh, fresh_methods) = prepared_on(toy, name, 1);
         restore(&fresh, &fresh_methods, &path).unwrap();
         let d = (logits(&fresh, &fresh_methods, &data) - frozen_part).abs().max().double_value(&[]);
-        assert!(d < 1e-6, "{name}: save → restore changed outputs by {d}");
+        assert!(d < 1e-6, "{at}: save → restore changed outputs by {d}");
 
         // 5. Config round-trip.
         let mut spec = methods[0].config();
-        spec.insert("method".into(), toml::Value::String(name.clone()));
-        assert_eq!(registry().build(&spec).unwrap().config(), methods[0].config(), "{name}: config round-trip");
+        spec.insert("method".into(), toml::Value::String(name.to_string()));
+        assert_eq!(registry().build(&spec).unwrap().config(), methods[0].config(), "{at}: config round-trip");
     }
 }
 
