@@ -3,8 +3,10 @@
 
 pub mod bert;
 pub mod pretrained;
+pub mod resnet;
 pub mod vit;
 
 pub use bert::{Bert, BertConfig, Pooling};
 pub use pretrained::load_pretrained;
+pub use resnet::{BlockKind, ResNet, ResNetConfig};
 pub use vit::{Vit, VitConfig, VitPooling};

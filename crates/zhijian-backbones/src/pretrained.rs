@@ -11,6 +11,7 @@ use zhijian_core::{LoadReport, Model, Result};
 /// checkpoint keys (an unused pooler, buffers) are reported, not loaded.
 pub fn load_pretrained(model: &Model, path: &Path) -> Result<LoadReport> {
     let report = load_into(&model.vs, path, |key| Some(key.to_string()))?;
-    report.require_complete(path, |name| name.starts_with("head."))?;
+    let head = format!("{}.", model.head.site().path);
+    report.require_complete(path, |name| name.starts_with(&head))?;
     Ok(report)
 }

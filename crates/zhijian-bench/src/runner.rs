@@ -172,7 +172,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             let test = train::evaluate(&model, &methods, test_split, cfg.eval_batch_size);
             let peak = peak_rss_bytes();
             let artifact = artifacts.join(format!("{}-seed{seed}.safetensors", strategy.name));
-            let artifact_bytes = zhijian_core::save_atomic(&trainable, &artifact)?;
+            let artifact_bytes = zhijian_core::save_atomic(&train::artifact(&model, &methods), &artifact)?;
             let record = Record {
                 experiment: exp.name.clone(),
                 strategy: strategy.name.clone(),

@@ -78,6 +78,11 @@ pub trait Backbone: Send {
     fn arch(&self) -> &str;
     /// Width of the pooled features.
     fn hidden_size(&self) -> i64;
+    /// Name of the classification head's variables in this family's checkpoints
+    /// (`head` in timm ViTs, `fc` in ResNets), so a shipped head loads as is.
+    fn head_name(&self) -> &str {
+        crate::model::HEAD
+    }
     /// Number of blocks (valid `Tap::Block` indices are `0..num_blocks`).
     fn num_blocks(&self) -> usize;
     /// Every hook site, in forward order.

@@ -150,3 +150,89 @@ pub fn attention(cx: &Ctx, q: &Tensor, k: &Tensor, v: &Tensor, keep: Option<&Ten
         .transpose(1, 2)
         .reshape([b, t, d])
 }
+
+/// Whether a checkpoint key names a buffer (running statistics), not a parameter:
+/// buffers never train and are not counted as parameters.
+pub fn is_buffer(name: &str) -> bool {
+    name.ends_with(".running_mean") || name.ends_with(".running_var") || name.ends_with(".num_batches_tracked")
+}
+
+/// A 2-d convolution with PyTorch's `[out, in/groups, kh, kw]` weight layout.
+#[derive(Debug)]
+pub struct Conv2d {
+    /// Weight `[out, in/groups, kh, kw]`.
+    pub ws: Tensor,
+    /// Bias `[out]`, if any.
+    pub bs: Option<Tensor>,
+    stride: i64,
+    padding: i64,
+    groups: i64,
+}
+
+impl Conv2d {
+    /// Creates `p.weight` (and `p.bias`) with PyTorch's default initialisation.
+    pub fn new(p: Path, c_in: i64, c_out: i64, kernel: i64, stride: i64, padding: i64, bias: bool) -> Conv2d {
+        let bound = 1.0 / ((c_in * kernel * kernel) as f64).sqrt();
+        let init = Init::Uniform { lo: -bound, up: bound };
+        Conv2d {
+            ws: p.var("weight", &[c_out, c_in, kernel, kernel], init),
+            bs: bias.then(|| p.var("bias", &[c_out], init)),
+            stride,
+            padding,
+            groups: 1,
+        }
+    }
+
+    /// # Shapes
+    /// `x`: `[batch, c_in, h, w]` → `[batch, c_out, h', w']`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.conv2d(&self.ws, self.bs.as_ref(), [self.stride; 2], [self.padding; 2], [1, 1], self.groups)
+    }
+}
+
+/// Batch normalisation over channels, with `running_mean`, `running_var` and
+/// `num_batches_tracked` buffers as PyTorch names them.
+#[derive(Debug)]
+pub struct BatchNorm2d {
+    /// Scale `[c]`.
+    pub ws: Tensor,
+    /// Shift `[c]`.
+    pub bs: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    batches_tracked: Tensor,
+    eps: f64,
+    momentum: f64,
+}
+
+impl BatchNorm2d {
+    /// Creates the parameters (ones / zeros) and buffers (zeros / ones / 0).
+    pub fn new(p: Path, c: i64, eps: f64, momentum: f64) -> BatchNorm2d {
+        BatchNorm2d {
+            ws: p.ones("weight", &[c]),
+            bs: p.zeros("bias", &[c]),
+            running_mean: p.zeros_no_train("running_mean", &[c]),
+            running_var: p.ones_no_train("running_var", &[c]),
+            batches_tracked: p.add("num_batches_tracked", Tensor::zeros([], (tch::Kind::Int64, p.device())), false),
+            eps,
+            momentum,
+        }
+    }
+
+    /// Uses batch statistics (and updates the running ones) only in a training
+    /// pass where this layer's own parameters train. A frozen layer keeps its
+    /// pre-trained statistics, so a frozen backbone computes the same features
+    /// in training and evaluation, and methods on it start from the model as shipped.
+    ///
+    /// # Shapes
+    /// `x`: `[batch, c, h, w]` → same.
+    pub fn forward(&self, cx: &Ctx, x: &Tensor) -> Tensor {
+        let train = cx.is_train() && self.ws.requires_grad();
+        if train {
+            tch::no_grad(|| {
+                let _ = self.batches_tracked.shallow_clone().g_add_scalar_(1);
+            });
+        }
+        x.batch_norm(Some(&self.ws), Some(&self.bs), Some(&self.running_mean), Some(&self.running_var), train, self.momentum, self.eps, false)
+    }
+}

@@ -5,9 +5,9 @@ use tch::{Device, Tensor};
 
 use crate::backbone::{Backbone, Input, ParamGroup};
 use crate::ctx::{Ctx, Tap};
-use crate::layers::{Linear, Role, Site};
+use crate::layers::{is_buffer, Linear, Role, Site};
 
-/// Name of the head's variables (`head.weight`, `head.bias`), as timm names it.
+/// Default name of the head's variables (`head.weight`, `head.bias`), as timm names it.
 pub const HEAD: &str = "head";
 
 /// A backbone plus a linear head over its pooled features.
@@ -33,7 +33,7 @@ impl Model {
     ) -> Model {
         let vs = VarStore::new(device);
         let backbone = build(vs.root());
-        let head = Linear::new(vs.root() / HEAD, backbone.hidden_size(), num_classes, true, Role::Head);
+        let head = Linear::new(vs.root() / backbone.head_name(), backbone.hidden_size(), num_classes, true, Role::Head);
         Model { vs, backbone, head }
     }
 
@@ -56,7 +56,12 @@ impl Model {
 
     /// The group of a parameter of `vs`.
     pub fn group(&self, param: &str) -> ParamGroup {
-        if param.starts_with("head.") { ParamGroup::Head } else { self.backbone.group(param) }
+        let head = &self.head.site().path;
+        if param.strip_prefix(head.as_str()).is_some_and(|rest| rest.starts_with('.')) {
+            ParamGroup::Head
+        } else {
+            self.backbone.group(param)
+        }
     }
 
     /// Pooled features; `Input::Features` passes through untouched.
@@ -85,14 +90,16 @@ impl Model {
     /// starting point before methods choose what else trains.
     pub fn freeze_backbone(&self) {
         for (name, t) in self.vs.variables() {
-            let _ = t.set_requires_grad(self.group(&name) == ParamGroup::Head);
+            if !is_buffer(&name) {
+                let _ = t.set_requires_grad(self.group(&name) == ParamGroup::Head);
+            }
         }
     }
 
-    /// Sets `requires_grad` on every backbone parameter `keep` selects.
+    /// Sets `requires_grad` on every backbone parameter `keep` selects (never on buffers).
     pub fn unfreeze_where(&self, keep: impl Fn(&str, ParamGroup) -> bool) {
         for (name, t) in self.vs.variables() {
-            if keep(&name, self.group(&name)) {
+            if !is_buffer(&name) && keep(&name, self.group(&name)) {
                 let _ = t.set_requires_grad(true);
             }
         }
@@ -110,8 +117,8 @@ impl Model {
         self.vs.variables().iter().all(|(n, t)| self.group(n) == ParamGroup::Head || !t.requires_grad())
     }
 
-    /// Number of elements over all parameters of `vs`.
+    /// Number of elements over all parameters of `vs` (buffers not counted).
     pub fn num_params(&self) -> i64 {
-        self.vs.variables().values().map(Tensor::numel).map(|n| n as i64).sum()
+        self.vs.variables().iter().filter(|(n, _)| !is_buffer(n)).map(|(_, t)| t.numel() as i64).sum()
     }
 }

@@ -1,4 +1,5 @@
 //! Integration tests of the backbones (one binary: each links LibTorch).
 
 mod bert;
+mod resnet;
 mod vit;

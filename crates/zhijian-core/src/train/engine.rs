@@ -150,7 +150,27 @@ pub fn trainable(model: &Model, methods: &[Box<dyn Method>]) -> Vec<(String, Ten
     all
 }
 
-/// Loads an artifact written from [`trainable`] back into `model` and `methods`
+/// What a run's artifact holds: every trainable tensor, plus the buffers
+/// (BatchNorm running statistics) of layers whose parameters train, since
+/// training changed those too.
+pub fn artifact(model: &Model, methods: &[Box<dyn Method>]) -> Vec<(String, Tensor)> {
+    let mut all = trainable(model, methods);
+    let params = model.vs.variables();
+    let mut buffers: Vec<(String, Tensor)> = params
+        .iter()
+        .filter(|(name, _)| crate::layers::is_buffer(name))
+        .filter(|(name, _)| {
+            let layer = &name[..name.rfind('.').unwrap_or(0)];
+            params.get(&format!("{layer}.weight")).is_some_and(Tensor::requires_grad)
+        })
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    buffers.sort_by(|a, b| a.0.cmp(&b.0));
+    all.extend(buffers);
+    all
+}
+
+/// Loads an artifact written from [`artifact`] back into `model` and `methods`
 /// (after [`prepare`]): the inverse of saving the trainable parameters. Every
 /// tensor of the file must land somewhere with the right shape.
 pub fn restore(model: &Model, methods: &[Box<dyn Method>], path: &std::path::Path) -> Result<usize> {
@@ -316,7 +336,7 @@ pub fn train(
             report.eval_seconds += t.elapsed().as_secs_f64();
         }
         if let Some(path) = &opts.checkpoint {
-            save_atomic(&trainable(model, methods), path)?;
+            save_atomic(&artifact(model, methods), path)?;
         }
     }
     report.seconds = start.elapsed().as_secs_f64() - report.eval_seconds;

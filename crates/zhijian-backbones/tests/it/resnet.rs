@@ -1,0 +1,90 @@
+//! ResNet parity with timm (golden file from `scripts/gen_resnet_golden.py`):
+//! basic and bottleneck blocks, evaluation mode with random BatchNorm
+//! statistics, and a training-mode pass (batch statistics, running-mean update).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use tch::{Device, Tensor};
+use zhijian_backbones::{load_pretrained, BlockKind, ResNet, ResNetConfig};
+use zhijian_core::{Ctx, Input, Model, ParamGroup, Tap};
+
+fn golden() -> HashMap<String, Tensor> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/resnet_tiny.safetensors");
+    Tensor::read_safetensors(path).unwrap().into_iter().collect()
+}
+
+fn tiny(block: BlockKind) -> ResNetConfig {
+    ResNetConfig { block, layers: vec![2, 1, 1, 1], channels: vec![8, 12, 16, 20], stem_width: 64, in_chans: 3 }
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a - b).abs().max().double_value(&[])
+}
+
+#[test]
+fn resnet_matches_timm_in_eval_and_train_mode() {
+    let g = golden();
+    let images = Input::Images(g["images"].shallow_clone());
+    let mut worst = 0.0f64;
+    for (block, name) in [(BlockKind::Basic, "basic"), (BlockKind::Bottleneck, "bottleneck")] {
+        let model = Model::new(Device::Cpu, 5, |p| Box::new(ResNet::new(p, &tiny(block)).unwrap()));
+        let weights: Vec<(String, Tensor)> = g
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(&format!("{name}.w.")).map(|n| (n.to_string(), v.shallow_clone())))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resnet.safetensors");
+        Tensor::write_safetensors(&weights, &path).unwrap();
+        let report = load_pretrained(&model, &path).unwrap();
+        assert!(report.missing.is_empty() && report.unexpected.is_empty(), "{report:?}");
+
+        let taps: Vec<Tap> = (0..4).map(Tap::Block).chain([Tap::Pooled]).collect();
+        let cx = Ctx::new(false, &[], taps);
+        let logits = tch::no_grad(|| model.forward(&cx, &images));
+        let got = cx.take_taps();
+        let mut pairs: Vec<(Tensor, String)> = (0..4).map(|i| (got[&Tap::Block(i)].shallow_clone(), format!("block.{i}"))).collect();
+        pairs.push((got[&Tap::Pooled].shallow_clone(), "pooled".into()));
+        pairs.push((logits, "logits".into()));
+        for (t, key) in &pairs {
+            let d = max_diff(t, &g[&format!("{name}.{key}")]);
+            assert!(d < 1e-4, "{name} {key}: max abs diff {d}");
+            worst = worst.max(d);
+        }
+
+        // Frozen BatchNorm keeps its statistics even in a training pass ...
+        model.freeze_backbone();
+        let frozen = tch::no_grad(|| model.forward(&Ctx::plain(true), &images));
+        assert!(max_diff(&frozen, &g[&format!("{name}.logits")]) < 1e-4);
+        // ... and uses batch statistics, updating the running ones, once it trains.
+        model.unfreeze_where(|_, _| true);
+        let trained = tch::no_grad(|| model.forward(&Ctx::plain(true), &images));
+        let d = max_diff(&trained, &g[&format!("{name}.train.logits")]);
+        assert!(d < 1e-4, "{name} train-mode logits: max abs diff {d}");
+        let mean = &model.vs.variables()["bn1.running_mean"];
+        assert!(max_diff(mean, &g[&format!("{name}.train.bn1.running_mean")]) < 1e-5);
+        assert_eq!(model.vs.variables()["bn1.num_batches_tracked"].int64_value(&[]), 1);
+        worst = worst.max(d);
+    }
+    println!("ResNet vs timm (basic / bottleneck, eval and train mode): max abs diff {worst:.2e}");
+}
+
+#[test]
+fn resnet_presets_count_like_torchvision_and_group_by_stage() {
+    // torchvision's parameter counts (buffers excluded), 1000-class head `fc`.
+    for (config, want) in [(ResNetConfig::resnet18(), 11_689_512), (ResNetConfig::resnet50(), 25_557_032)] {
+        let model = Model::new(Device::Cpu, 1000, |p| Box::new(ResNet::new(p, &config).unwrap()));
+        assert_eq!(model.num_params(), want);
+        assert!(model.vs.variables().contains_key("fc.weight"));
+    }
+    let model = Model::new(Device::Cpu, 3, |p| Box::new(ResNet::new(p, &tiny(BlockKind::Basic)).unwrap()));
+    assert_eq!(model.group("conv1.weight"), ParamGroup::Stem);
+    assert_eq!(model.group("layer3.0.bn2.weight"), ParamGroup::Block(2));
+    assert_eq!(model.group("fc.bias"), ParamGroup::Head);
+    // Buffers never train, even when everything else does.
+    model.unfreeze_where(|_, _| true);
+    assert!(!model.vs.variables()["layer1.0.bn1.running_var"].requires_grad());
+    let bad = ResNetConfig { layers: vec![2, 2], ..ResNetConfig::resnet18() };
+    assert!(ResNet::new(tch::nn::VarStore::new(Device::Cpu).root(), &bad).is_err());
+}
