@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use tch::Tensor;
 use zhijian_core::{Input, Result, Split};
 
+pub mod image;
 pub mod rotten_tomatoes;
 pub mod split;
 pub mod text;
