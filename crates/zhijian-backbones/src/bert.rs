@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn;
 use tch::{Kind, Tensor};
 use zhijian_core::layers::{attention, dropout, Embedding, LayerNorm, Linear, Role, Site};
-use zhijian_core::{Backbone, Ctx, Error, Input, ParamGroup, Result, Tap};
+use zhijian_core::{block_index, Backbone, Ctx, Error, Input, ParamGroup, Result, Tap};
 
 /// How token states become one feature vector.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,11 +215,7 @@ impl Backbone for Bert {
         if param.starts_with("embeddings.") {
             return ParamGroup::Stem;
         }
-        param
-            .strip_prefix("encoder.layer.")
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|i| i.parse().ok())
-            .map_or(ParamGroup::Neck, ParamGroup::Block)
+        block_index(param, "encoder.layer.").map_or(ParamGroup::Neck, ParamGroup::Block)
     }
 
     fn forward(&self, cx: &Ctx, input: &Input) -> Tensor {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn;
 use tch::Tensor;
 use zhijian_core::layers::{BatchNorm2d, Conv2d, Site};
-use zhijian_core::{Backbone, Ctx, Error, Input, ParamGroup, Result, Tap};
+use zhijian_core::{block_index, Backbone, Ctx, Error, Input, ParamGroup, Result, Tap};
 
 /// The residual block type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,11 +192,8 @@ impl Backbone for ResNet {
     }
 
     fn group(&self, param: &str) -> ParamGroup {
-        param
-            .strip_prefix("layer")
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|i| i.parse::<usize>().ok())
-            .map_or(ParamGroup::Stem, |i| ParamGroup::Block(i - 1))
+        // Stages are named from 1 (`layer1`), blocks from 0.
+        block_index(param, "layer").map_or(ParamGroup::Stem, |i| ParamGroup::Block(i.saturating_sub(1)))
     }
 
     fn forward(&self, cx: &Ctx, input: &Input) -> Tensor {

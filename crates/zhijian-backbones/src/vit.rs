@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 use zhijian_core::layers::{attention, dropout, LayerNorm, Linear, Role, Site};
-use zhijian_core::{Backbone, Ctx, Error, Input, ParamGroup, Result, Tap};
+use zhijian_core::{block_index, Backbone, Ctx, Error, Input, ParamGroup, Result, Tap};
 
 /// How token states become one feature vector.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -238,11 +238,7 @@ impl Backbone for Vit {
         if param.starts_with("patch_embed.") || param == "cls_token" || param == "pos_embed" {
             return ParamGroup::Stem;
         }
-        param
-            .strip_prefix("blocks.")
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|i| i.parse().ok())
-            .map_or(ParamGroup::Neck, ParamGroup::Block)
+        block_index(param, "blocks.").map_or(ParamGroup::Neck, ParamGroup::Block)
     }
 
     fn forward(&self, cx: &Ctx, input: &Input) -> Tensor {

@@ -69,6 +69,12 @@ pub enum ParamGroup {
     Head,
 }
 
+/// The block index of a parameter named `<prefix><i>.…`, e.g. 3 for
+/// `encoder.layer.3.output.dense.weight` with prefix `encoder.layer.`.
+pub fn block_index(param: &str, prefix: &str) -> Option<usize> {
+    param.strip_prefix(prefix)?.split('.').next()?.parse().ok()
+}
+
 /// A pre-trained feature extractor written with hookable layers.
 ///
 /// The classification head is not part of the backbone: [`crate::Model`] owns it,

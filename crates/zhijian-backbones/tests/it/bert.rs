@@ -7,12 +7,10 @@ use tch::{Device, Tensor};
 use zhijian_backbones::{load_pretrained, Bert, BertConfig};
 use zhijian_core::{Ctx, Error, Input, Model, Tap};
 
+use crate::{checkpoint, golden};
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-fn golden(name: &str) -> std::collections::HashMap<String, Tensor> {
-    Tensor::read_safetensors(fixture(name)).unwrap().into_iter().collect()
 }
 
 fn tiny_config() -> BertConfig {
@@ -61,12 +59,8 @@ fn compare(model: &Model, g: &std::collections::HashMap<String, Tensor>, blocks:
 fn tiny_random_bert_matches_transformers() {
     let g = golden("bert_tiny.safetensors");
     let model = bert_model(&tiny_config());
-    let named: Vec<(String, Tensor)> =
-        g.iter().filter_map(|(k, v)| k.strip_prefix("w.").map(|n| (n.to_string(), v.shallow_clone()))).collect();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.safetensors");
-    Tensor::write_safetensors(&named, &path).unwrap();
-    let report = load_pretrained(&model, &path).unwrap();
+    let report = load_pretrained(&model, &checkpoint(&g, "w.", dir.path())).unwrap();
     assert!(report.unexpected.is_empty(), "{:?}", report.unexpected);
     let d = compare(&model, &g, &[0, 1], 1e-5);
     println!("tiny BERT vs transformers: max abs diff {d:.2e}");
@@ -108,12 +102,7 @@ fn missing_and_misshaped_weights_are_named() {
         other => panic!("expected MissingWeights, got {other:?}"),
     }
     let wide = bert_model(&BertConfig { intermediate_size: 65, ..tiny_config() });
-    Tensor::write_safetensors(
-        &g.iter().filter_map(|(k, v)| k.strip_prefix("w.").map(|n| (n.to_string(), v.shallow_clone()))).collect::<Vec<_>>(),
-        &path,
-    )
-    .unwrap();
-    let err = load_pretrained(&wide, &path).unwrap_err();
+    let err = load_pretrained(&wide, &checkpoint(&g, "w.", dir.path())).unwrap_err();
     assert!(matches!(err, Error::ShapeMismatch { ref name, .. } if name.contains("intermediate.dense")), "{err}");
 }
 

@@ -2,17 +2,11 @@
 //! basic and bottleneck blocks, evaluation mode with random BatchNorm
 //! statistics, and a training-mode pass (batch statistics, running-mean update).
 
-use std::collections::HashMap;
-use std::path::Path;
-
 use tch::{Device, Tensor};
 use zhijian_backbones::{load_pretrained, BlockKind, ResNet, ResNetConfig};
 use zhijian_core::{Ctx, Input, Model, ParamGroup, Tap};
 
-fn golden() -> HashMap<String, Tensor> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/resnet_tiny.safetensors");
-    Tensor::read_safetensors(path).unwrap().into_iter().collect()
-}
+use crate::{checkpoint, golden};
 
 fn tiny(block: BlockKind) -> ResNetConfig {
     ResNetConfig { block, layers: vec![2, 1, 1, 1], channels: vec![8, 12, 16, 20], stem_width: 64, in_chans: 3 }
@@ -25,19 +19,13 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn resnet_matches_timm_in_eval_and_train_mode() {
-    let g = golden();
+    let g = golden("resnet_tiny.safetensors");
     let images = Input::Images(g["images"].shallow_clone());
     let mut worst = 0.0f64;
     for (block, name) in [(BlockKind::Basic, "basic"), (BlockKind::Bottleneck, "bottleneck")] {
         let model = Model::new(Device::Cpu, 5, |p| Box::new(ResNet::new(p, &tiny(block)).unwrap()));
-        let weights: Vec<(String, Tensor)> = g
-            .iter()
-            .filter_map(|(k, v)| k.strip_prefix(&format!("{name}.w.")).map(|n| (n.to_string(), v.shallow_clone())))
-            .collect();
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("resnet.safetensors");
-        Tensor::write_safetensors(&weights, &path).unwrap();
-        let report = load_pretrained(&model, &path).unwrap();
+        let report = load_pretrained(&model, &checkpoint(&g, &format!("{name}.w."), dir.path())).unwrap();
         assert!(report.missing.is_empty() && report.unexpected.is_empty(), "{report:?}");
 
         let taps: Vec<Tap> = (0..4).map(Tap::Block).chain([Tap::Pooled]).collect();

@@ -3,16 +3,12 @@
 //! input that needs the position embeddings resampled.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use tch::{Device, Tensor};
 use zhijian_backbones::{load_pretrained, Vit, VitConfig, VitPooling};
 use zhijian_core::{Ctx, Input, Model, ParamGroup, Tap};
 
-fn golden() -> HashMap<String, Tensor> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vit_tiny.safetensors");
-    Tensor::read_safetensors(path).unwrap().into_iter().collect()
-}
+use crate::{checkpoint, golden};
 
 fn config(pooling: VitPooling) -> VitConfig {
     VitConfig { img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 4, mlp_ratio: 2.0, pooling, ..VitConfig::tiny_patch4_32() }
@@ -20,14 +16,8 @@ fn config(pooling: VitPooling) -> VitConfig {
 
 fn loaded(pooling: VitPooling, prefix: &str, g: &HashMap<String, Tensor>) -> Model {
     let model = Model::new(Device::Cpu, 5, |p| Box::new(Vit::new(p, &config(pooling)).unwrap()));
-    let weights: Vec<(String, Tensor)> = g
-        .iter()
-        .filter_map(|(k, v)| k.strip_prefix(&format!("{prefix}.w.")).map(|n| (n.to_string(), v.shallow_clone())))
-        .collect();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("vit.safetensors");
-    Tensor::write_safetensors(&weights, &path).unwrap();
-    let report = load_pretrained(&model, &path).unwrap();
+    let report = load_pretrained(&model, &checkpoint(g, &format!("{prefix}.w."), dir.path())).unwrap();
     // Everything, the 5-class head included, comes from the timm checkpoint.
     assert!(report.missing.is_empty() && report.unexpected.is_empty(), "{report:?}");
     model
@@ -40,7 +30,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn vit_matches_timm_with_both_poolings_and_resampled_positions() {
-    let g = golden();
+    let g = golden("vit_tiny.safetensors");
     let mut worst = 0.0f64;
     for (pooling, prefix) in [(VitPooling::Token, "token"), (VitPooling::Avg, "avg")] {
         let model = loaded(pooling, prefix, &g);
