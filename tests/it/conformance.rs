@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use tch::{Device, Kind, Tensor};
 use zhijian::backbones::{Bert, BertConfig, Vit, VitConfig};
-use zhijian::core::train::{self, predict, restore, trainable, Split, TrainConfig, TrainOptions};
+use zhijian::core::train::{self, method_variables, predict, restore, trainable, Split, TrainConfig, TrainOptions};
 use zhijian::core::{Input, Method, Model, Registry};
 
 fn registry() -> Registry {
@@ -74,11 +74,7 @@ fn batch() -> Split {
 /// Every parameter of the model and the methods, by name, copied.
 fn snapshot(model: &Model, methods: &[Box<dyn Method>]) -> HashMap<String, Tensor> {
     let mut all: HashMap<String, Tensor> = model.vs.variables().into_iter().map(|(n, t)| (n, t.copy())).collect();
-    for m in methods {
-        if let Some(vs) = m.var_store() {
-            all.extend(vs.variables().into_iter().map(|(n, t)| (format!("{}/{n}", m.name()), t.copy())));
-        }
-    }
+    all.extend(method_variables(methods).into_iter().map(|(n, t)| (n, t.copy())));
     all
 }
 
@@ -98,15 +94,12 @@ fn prepared_on(toy: Toy, name: &str, seed: i64) -> (Model, Vec<Box<dyn Method>>)
 }
 
 /// Makes zero-initialised method parameters non-zero, so merge checks see a
-/// real update. In name order: a `HashMap`'s order would change the draws.
+/// real update. In name order ([`method_variables`] sorts): a `HashMap`'s
+/// order would change the draws.
 fn perturb(methods: &[Box<dyn Method>]) {
     tch::no_grad(|| {
-        for m in methods {
-            let mut params: Vec<_> = m.var_store().map(|vs| vs.variables()).unwrap_or_default().into_iter().collect();
-            params.sort_by(|a, b| a.0.cmp(&b.0));
-            for (_, mut t) in params {
-                let _ = t.g_add_(&(t.randn_like() * 0.1));
-            }
+        for (_, mut t) in method_variables(methods) {
+            let _ = t.g_add_(&(t.randn_like() * 0.1));
         }
     });
 }

@@ -145,11 +145,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
                 strategy.methods.iter().map(|m| registry.build(m)).collect::<Result<_>>()?;
             train::prepare(&model, &mut methods, seed)?;
             let trainable = train::trainable(&model, &methods);
-            let method_params: i64 = methods
-                .iter()
-                .filter_map(|m| m.var_store())
-                .map(|vs| vs.variables().values().map(|t| t.numel() as i64).sum::<i64>())
-                .sum();
+            let method_params = numel(&train::method_variables(&methods));
             let mut feature_seconds = 0.0;
             let cached = features_cacheable(&model, &methods);
             let (train_split, val_split, test_split) = if cached {

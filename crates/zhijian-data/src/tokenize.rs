@@ -155,12 +155,8 @@ impl TextTokenizer {
             }
         }
         let tokens = self.encode(texts)?;
-        fs::create_dir_all(cache_dir).map_err(Error::io(cache_dir))?;
-        // Write beside the target, then rename: readers never see a half-written
-        // file, and a crash leaves at worst a stray temp file.
-        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-        Tensor::write_safetensors(&[("ids", &tokens.ids), ("mask", &tokens.mask)], &tmp)?;
-        fs::rename(&tmp, &path).map_err(Error::io(&path))?;
+        // Atomic (temporary file, then rename): readers never see a half-written file.
+        zhijian_core::save_atomic(&[("ids".into(), tokens.ids.shallow_clone()), ("mask".into(), tokens.mask.shallow_clone())], &path)?;
         Ok(tokens)
     }
 }

@@ -131,22 +131,29 @@ pub fn prepare(model: &Model, methods: &mut [Box<dyn Method>], seed: u64) -> Res
     Ok(())
 }
 
+/// Every variable of every method, named `method/param` (the names artifacts
+/// use), sorted within each method.
+pub fn method_variables(methods: &[Box<dyn Method>]) -> Vec<(String, Tensor)> {
+    let mut all = Vec::new();
+    for m in methods {
+        let mut own: Vec<_> = m
+            .var_store()
+            .map(|vs| vs.variables())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(n, t)| (format!("{}/{n}", m.name()), t))
+            .collect();
+        own.sort_by(|a, b| a.0.cmp(&b.0));
+        all.extend(own);
+    }
+    all
+}
+
 /// Every parameter that trains: the model's, then each method's (named
 /// `method/param`), sorted within each group.
 pub fn trainable(model: &Model, methods: &[Box<dyn Method>]) -> Vec<(String, Tensor)> {
     let mut all = model.trainable();
-    for m in methods {
-        if let Some(vs) = m.var_store() {
-            let mut own: Vec<_> = vs
-                .variables()
-                .into_iter()
-                .filter(|(_, t)| t.requires_grad())
-                .map(|(n, t)| (format!("{}/{n}", m.name()), t))
-                .collect();
-            own.sort_by(|a, b| a.0.cmp(&b.0));
-            all.extend(own);
-        }
-    }
+    all.extend(method_variables(methods).into_iter().filter(|(_, t)| t.requires_grad()));
     all
 }
 
@@ -175,11 +182,7 @@ pub fn artifact(model: &Model, methods: &[Box<dyn Method>]) -> Vec<(String, Tens
 /// tensor of the file must land somewhere with the right shape.
 pub fn restore(model: &Model, methods: &[Box<dyn Method>], path: &std::path::Path) -> Result<usize> {
     let mut targets: std::collections::HashMap<String, Tensor> = model.vs.variables();
-    for m in methods {
-        if let Some(vs) = m.var_store() {
-            targets.extend(vs.variables().into_iter().map(|(n, t)| (format!("{}/{n}", m.name()), t)));
-        }
-    }
+    targets.extend(method_variables(methods));
     let tensors = crate::weights::read_safetensors(path)?;
     let unknown: Vec<String> = tensors.iter().filter(|(n, _)| !targets.contains_key(n)).map(|(n, _)| n.clone()).collect();
     if !unknown.is_empty() {
