@@ -63,6 +63,14 @@ fn compare_records_and_resumes() {
     let again = compare(&exp, &registry, &opts).unwrap();
     assert_eq!(again, first);
     assert_eq!(read_records(&records).unwrap().len(), 2);
+
+    // A run does not depend on what ran before it in the process: LoRA alone
+    // (as after an interruption) repeats the LoRA run of the full comparison.
+    let mut alone = exp.clone();
+    alone.strategies.retain(|s| s.name == "lora");
+    let opts = CompareOptions { records: Some(dir.path().join("alone.jsonl")), ..opts };
+    let solo = compare(&alone, &registry, &opts).unwrap();
+    assert_eq!((solo[0].final_loss, solo[0].test_top1), (lora.final_loss, lora.test_top1));
 }
 
 #[test]

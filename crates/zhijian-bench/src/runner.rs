@@ -140,6 +140,9 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             }
             let label = format!("{} seed {seed}", strategy.name);
             reset_peak_rss();
+            // Seeded before the model exists: the new head's initialisation is part of
+            // the run, so neither the strategy order nor a resumed comparison changes it.
+            tch::manual_seed(seed as i64);
             let (model, backbone_desc) = build_model(exp, data.classes.len() as i64, device)?;
             let mut methods: Vec<Box<dyn Method>> =
                 strategy.methods.iter().map(|m| registry.build(m)).collect::<Result<_>>()?;
