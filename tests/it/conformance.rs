@@ -79,7 +79,7 @@ fn snapshot(model: &Model, methods: &[Box<dyn Method>]) -> HashMap<String, Tenso
 }
 
 fn logits(model: &Model, methods: &[Box<dyn Method>], data: &Split) -> Tensor {
-    predict(model, methods, &data.input, 64)
+    predict(model, methods, &data.input, 64).unwrap()
 }
 
 fn prepared(name: &str, seed: i64) -> (Model, Vec<Box<dyn Method>>) {
@@ -202,7 +202,7 @@ fn linear_probe_caches_features_and_lora_does_not() {
     let (direct, m1) = probe(3);
     train::train(&direct, &m1, &data, None, &cfg, &TrainOptions::default()).unwrap();
     let (cached, m2) = probe(3);
-    let features = train::cache_features(&cached, &data, 64, "test");
+    let features = train::cache_features(&cached, &data, 64, "test").unwrap();
     train::train(&cached, &m2, &features, None, &cfg, &TrainOptions::default()).unwrap();
     let (a, b) = (&direct.vs.variables()["head.weight"], &cached.vs.variables()["head.weight"]);
     assert!(a.allclose(b, 1e-5, 1e-6, false));
@@ -233,10 +233,10 @@ fn predict_keeps_example_order_whatever_the_batching() {
     let Input::Tokens { ids, mask } = &data.input else { unreachable!() };
     for i in [0i64, 5, 11] {
         let one = Input::Tokens { ids: ids.narrow(0, i, 1), mask: mask.narrow(0, i, 1) };
-        let row = predict(&model, &[], &one, 1);
+        let row = predict(&model, &[], &one, 1).unwrap();
         assert!(row.allclose(&all.narrow(0, i, 1), 1e-5, 1e-6, false), "row {i} moved");
     }
-    assert!(predict(&model, &[], &data.input, 5).allclose(&all, 1e-5, 1e-6, false));
+    assert!(predict(&model, &[], &data.input, 5).unwrap().allclose(&all, 1e-5, 1e-6, false));
 }
 
 #[test]

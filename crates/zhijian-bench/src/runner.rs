@@ -156,9 +156,9 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
                     let t = Instant::now();
                     let b = cfg.eval_batch_size;
                     features = Some(FeatureCache {
-                        train: cache_features(&model, &data.train, b, &label),
-                        val: cache_features(&model, &data.val, b, &label),
-                        test: cache_features(&model, &data.test, b, &label),
+                        train: cache_features(&model, &data.train, b, &label)?,
+                        val: cache_features(&model, &data.val, b, &label)?,
+                        test: cache_features(&model, &data.test, b, &label)?,
                     });
                     feature_seconds = t.elapsed().as_secs_f64();
                 }
@@ -168,7 +168,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
                 (&data.train, &data.val, &data.test)
             };
             let report = train::train(&model, &methods, train_split, Some(val_split), &cfg, &TrainOptions { label: label.clone(), checkpoint: None })?;
-            let test = train::evaluate(&model, &methods, test_split, cfg.eval_batch_size);
+            let test = train::evaluate(&model, &methods, test_split, cfg.eval_batch_size)?;
             let peak = peak_rss_bytes();
             let artifact = artifacts.join(format!("{}-seed{seed}.safetensors", strategy.name));
             let artifact_bytes = zhijian_core::save_atomic(&train::artifact(&model, &methods), &artifact)?;

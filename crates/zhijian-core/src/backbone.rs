@@ -1,9 +1,55 @@
 //! The `Backbone` trait every pre-trained model implements, and its inputs.
 
+use std::sync::Arc;
+
 use tch::{Device, Kind, Tensor};
 
 use crate::ctx::Ctx;
+use crate::error::Result;
 use crate::layers::Site;
+
+/// Examples whose model inputs are made batch by batch, on demand: images that
+/// are decoded, resized, augmented and normalised only when a batch needs them
+/// (a data set at a backbone's resolution rarely fits in memory).
+pub trait ImageSource: Send + Sync + std::fmt::Debug {
+    /// Number of examples.
+    fn len(&self) -> i64;
+    /// Whether there are no examples.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Model-ready images of the examples `idx`, in that order. With
+    /// `augment = Some(seed)` the random training augmentations are drawn from
+    /// `seed` and each example's index alone, so a batch repeats exactly
+    /// whatever the number of threads that made it.
+    ///
+    /// # Shapes
+    /// `idx`: `k` indices → `[k, channels, height, width]` float.
+    fn batch(&self, idx: &[i64], augment: Option<u64>) -> Result<Tensor>;
+}
+
+/// How raw images become a backbone's input, as its pre-training saw them
+/// (timm's `pretrained_cfg`): `(pixel / 255 − mean) / std` per channel, at
+/// `size`×`size` pixels, evaluation images resized to `size / crop_pct` then
+/// centre-cropped.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ImagePreset {
+    /// Side of the square input, pixels.
+    pub size: i64,
+    /// Per-channel mean, in [0, 1] pixel units.
+    pub mean: [f64; 3],
+    /// Per-channel standard deviation, in [0, 1] pixel units.
+    pub std: [f64; 3],
+    /// Fraction of the resized evaluation image kept by the centre crop.
+    pub crop_pct: f64,
+}
+
+impl ImagePreset {
+    /// ImageNet statistics (torchvision, most timm models).
+    pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+    /// ImageNet standard deviations.
+    pub const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
+}
 
 /// A batch of model inputs. A closed set: every backbone family takes one of these.
 #[derive(Debug)]
@@ -17,6 +63,8 @@ pub enum Input {
     },
     /// Normalised images `[batch, channels, height, width]`, float.
     Images(Tensor),
+    /// Examples made into [`Input::Images`] batch by batch ([`ImageSource`]).
+    Lazy(Arc<dyn ImageSource>),
     /// Pooled features `[batch, hidden]` already computed by a frozen backbone;
     /// the model skips the backbone and runs only the head.
     Features(Tensor),
@@ -28,6 +76,7 @@ impl Input {
         match self {
             Input::Tokens { ids, .. } => ids.size()[0],
             Input::Images(x) | Input::Features(x) => x.size()[0],
+            Input::Lazy(source) => source.len(),
         }
     }
 
@@ -36,11 +85,28 @@ impl Input {
         self.len() == 0
     }
 
-    /// The rows `idx` (int64, on any device) moved to `device`. Token batches are
-    /// trimmed to their longest real sequence, so padding costs nothing.
-    pub fn select(&self, idx: &Tensor, device: Device) -> Input {
-        let idx = idx.to_device(Device::Cpu);
+    /// The same examples on `device` (lazy examples stay where they are made).
+    pub fn to_device(&self, device: Device) -> Input {
         match self {
+            Input::Tokens { ids, mask } => Input::Tokens { ids: ids.to_device(device), mask: mask.to_device(device) },
+            Input::Images(x) => Input::Images(x.to_device(device)),
+            Input::Features(x) => Input::Features(x.to_device(device)),
+            Input::Lazy(source) => Input::Lazy(source.clone()),
+        }
+    }
+
+    /// The rows `idx` (int64, on any device) moved to `device`. Token batches are
+    /// trimmed to their longest real sequence, so padding costs nothing; lazy
+    /// examples are made now, without augmentation.
+    pub fn select(&self, idx: &Tensor, device: Device) -> Result<Input> {
+        self.select_augmented(idx, device, None)
+    }
+
+    /// As [`Input::select`], with lazy examples augmented from `augment`'s seed
+    /// (see [`ImageSource::batch`]); in-memory inputs are not augmented.
+    pub fn select_augmented(&self, idx: &Tensor, device: Device, augment: Option<u64>) -> Result<Input> {
+        let idx = idx.to_device(Device::Cpu);
+        Ok(match self {
             Input::Tokens { ids, mask } => {
                 let mask = mask.index_select(0, &idx);
                 let longest = mask.sum_dim_intlist(1, false, Kind::Int64).max().int64_value(&[]).max(1);
@@ -51,7 +117,11 @@ impl Input {
             }
             Input::Images(x) => Input::Images(x.index_select(0, &idx).to_device(device)),
             Input::Features(x) => Input::Features(x.index_select(0, &idx).to_device(device)),
-        }
+            Input::Lazy(source) => {
+                let rows = Vec::<i64>::try_from(&idx).expect("int64 indices");
+                Input::Images(source.batch(&rows, augment)?.to_device(device))
+            }
+        })
     }
 }
 
@@ -88,6 +158,11 @@ pub trait Backbone: Send {
     /// (`head` in timm ViTs, `fc` in ResNets), so a shipped head loads as is.
     fn head_name(&self) -> &str {
         crate::model::HEAD
+    }
+    /// How raw images become this backbone's input; `None` for backbones that
+    /// do not take images.
+    fn image_preset(&self) -> Option<ImagePreset> {
+        None
     }
     /// Number of blocks (valid `Tap::Block` indices are `0..num_blocks`).
     fn num_blocks(&self) -> usize;

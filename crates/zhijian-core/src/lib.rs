@@ -18,7 +18,7 @@ pub mod targets;
 pub mod train;
 pub mod weights;
 
-pub use backbone::{block_index, Backbone, Input, ParamGroup};
+pub use backbone::{block_index, Backbone, ImagePreset, ImageSource, Input, ParamGroup};
 pub use ctx::{Ctx, Tap};
 pub use error::{Error, Result};
 pub use layers::{Linear, Role, Site};

@@ -209,7 +209,7 @@ pub fn features_cacheable(model: &Model, methods: &[Box<dyn Method>]) -> bool {
 
 /// Runs the frozen backbone over `split` once and returns its pooled features
 /// as a split of `Input::Features` (held on the CPU; batches move to the model's device).
-pub fn cache_features(model: &Model, split: &Split, batch_size: i64, label: &str) -> Split {
+pub fn cache_features(model: &Model, split: &Split, batch_size: i64, label: &str) -> Result<Split> {
     let bar = progress_bar(split.len() as u64, &format!("{label}: features of {}", split.name));
     let cx = Ctx::plain(false);
     let features = tch::no_grad(|| {
@@ -217,26 +217,76 @@ pub fn cache_features(model: &Model, split: &Split, batch_size: i64, label: &str
             bar.inc(batch.len() as u64);
             model.features(&cx, batch)
         })
-    });
+    })?;
     bar.finish_and_clear();
-    Split { name: split.name.clone(), input: Input::Features(features), labels: split.labels.shallow_clone() }
+    Ok(Split { name: split.name.clone(), input: Input::Features(features), labels: split.labels.shallow_clone() })
 }
 
 /// Applies `f` to batches of `input` and concatenates the results in the
 /// original order. Token inputs are batched shortest first, so each batch is
 /// padded only to its own longest text: inference on short reviews then costs
 /// about half as much as with random batches.
-fn in_length_order(input: &Input, batch_size: i64, device: Device, mut f: impl FnMut(&Input) -> Tensor) -> Tensor {
+fn in_length_order(input: &Input, batch_size: i64, device: Device, mut f: impl FnMut(&Input) -> Tensor) -> Result<Tensor> {
     let n = input.len();
     let order = match input {
         Input::Tokens { mask, .. } => mask.sum_dim_intlist(1, false, Kind::Int64).argsort(0, false),
         _ => Tensor::arange(n, (Kind::Int64, Device::Cpu)),
     };
-    let chunks: Vec<Tensor> = batches(n, batch_size)
-        .map(|b| f(&input.select(&order.index_select(0, &b), device)).to_device(Device::Cpu))
-        .collect();
+    let mut chunks = Vec::new();
+    let idx = batches(n, batch_size).map(|b| order.index_select(0, &b)).collect();
+    for_each_batch(input, idx, None, |_, batch| {
+        chunks.push(f(&batch.to_device(device)).to_device(Device::Cpu));
+        Ok(true)
+    })?;
+    if chunks.is_empty() {
+        return Err(Error::Data("nothing to run: the split is empty".into()));
+    }
     // Row k of the concatenation belongs to example order[k]; undo the permutation.
-    Tensor::cat(&chunks, 0).index_select(0, &order.argsort(0, false))
+    Ok(Tensor::cat(&chunks, 0).index_select(0, &order.argsort(0, false)))
+}
+
+/// How many batches of lazy examples are made ahead of the one in use.
+const PREFETCH: usize = 2;
+
+/// Calls `each(idx, batch)` for the batches `idx` of `input` in order, with
+/// the batch on the CPU, until it returns `false`. Lazy inputs are made
+/// [`PREFETCH`] batches ahead on another thread, so decoding and augmentation
+/// overlap the model's work; `augment` seeds their augmentation.
+fn for_each_batch(
+    input: &Input,
+    idx: Vec<Tensor>,
+    augment: Option<u64>,
+    mut each: impl FnMut(&Tensor, Input) -> Result<bool>,
+) -> Result<()> {
+    let Input::Lazy(source) = input else {
+        for i in &idx {
+            if !each(i, input.select(i, Device::Cpu)?)? {
+                break;
+            }
+        }
+        return Ok(());
+    };
+    let rows: Vec<Vec<i64>> = idx.iter().map(|i| Vec::<i64>::try_from(i).expect("int64 indices")).collect();
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(PREFETCH);
+        let source = source.clone();
+        scope.spawn(move || {
+            for r in &rows {
+                // A closed channel means the consumer stopped early: stop too.
+                if tx.send(source.batch(r, augment)).is_err() {
+                    break;
+                }
+            }
+        });
+        // `rx` drops when this closure returns, which ends the producer before the scope joins it.
+        for i in &idx {
+            let batch = rx.recv().expect("the batch producer ends only after sending every batch")?;
+            if !each(i, Input::Images(batch))? {
+                break;
+            }
+        }
+        Ok(())
+    })
 }
 
 /// What a training run did.
@@ -296,15 +346,21 @@ pub fn train(
     tch::manual_seed(cfg.seed as i64);
     let mut report = TrainReport::default();
     let start = Instant::now();
-    'epochs: for _epoch in 0..cfg.epochs.max(1) {
+    for epoch in 0..cfg.epochs.max(1) {
+        if report.steps >= total {
+            break;
+        }
         let order = Tensor::randperm(train.len(), (Kind::Int64, Device::Cpu));
         let (mut loss_sum, mut loss_n) = (0.0, 0usize);
-        for idx in batches(train.len(), cfg.batch_size).map(|b| order.index_select(0, &b)) {
+        let idx = batches(train.len(), cfg.batch_size).map(|b| order.index_select(0, &b)).collect();
+        // Each epoch draws new augmentations, the same ones for the same seed.
+        let augment = cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(epoch as u64);
+        for_each_batch(&train.input, idx, Some(augment), |idx, input| {
             if report.steps >= total {
-                break 'epochs;
+                return Ok(false);
             }
-            let input = train.input.select(&idx, device);
-            let labels = train.labels.index_select(0, &idx).to_device(device);
+            let input = input.to_device(device);
+            let labels = train.labels.index_select(0, idx).to_device(device);
             let cx = Ctx::new(true, methods, taps.clone());
             let logits = model.forward(&cx, &input);
             let task = logits.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, cfg.label_smoothing);
@@ -331,11 +387,12 @@ pub fn train(
                 loss_sum / loss_n as f64,
                 report.samples as f64 / (start.elapsed().as_secs_f64() - report.eval_seconds)
             ));
-        }
+            Ok(true)
+        })?;
         report.final_loss = loss_sum / loss_n.max(1) as f64;
         if let Some(val) = val {
             let t = Instant::now();
-            report.val_top1.push(evaluate(model, methods, val, cfg.eval_batch_size).top1());
+            report.val_top1.push(evaluate(model, methods, val, cfg.eval_batch_size)?.top1());
             report.eval_seconds += t.elapsed().as_secs_f64();
         }
         if let Some(path) = &opts.checkpoint {
@@ -348,14 +405,14 @@ pub fn train(
 }
 
 /// Logits of every example of `input`, in order, without gradients.
-pub fn predict(model: &Model, methods: &[Box<dyn Method>], input: &Input, batch_size: i64) -> Tensor {
+pub fn predict(model: &Model, methods: &[Box<dyn Method>], input: &Input, batch_size: i64) -> Result<Tensor> {
     let cx = Ctx::new(false, methods, Vec::new());
     tch::no_grad(|| in_length_order(input, batch_size, model.device(), |batch| model.forward(&cx, batch)))
 }
 
 /// Top-1 / top-5 accuracy on `split`.
-pub fn evaluate(model: &Model, methods: &[Box<dyn Method>], split: &Split, batch_size: i64) -> Accuracy {
-    Accuracy::from_logits(&predict(model, methods, &split.input, batch_size), &split.labels)
+pub fn evaluate(model: &Model, methods: &[Box<dyn Method>], split: &Split, batch_size: i64) -> Result<Accuracy> {
+    Ok(Accuracy::from_logits(&predict(model, methods, &split.input, batch_size)?, &split.labels))
 }
 
 /// Consecutive index batches `[0, b), [b, 2b), …` over `n` examples.
