@@ -8,6 +8,12 @@
 //! - merges: `W ← W + (α / r) B A` folds the update into the backbone, so
 //!   inference costs nothing extra; `unmerge` subtracts it again.
 //! - artifact: the adapter alone (`A`, `B` per site, named `<site>.lora_A` / `.lora_B`).
+//!
+//! On a convolution with weight `[out, in/groups, kh, kw]` the same low-rank
+//! update applies to the weight seen as a matrix `[out, in/groups·kh·kw]`
+//! (`A: [r, in/groups·kh·kw]`), and the hook adds the convolution of the input
+//! with `(α / r) B A` reshaped to the kernel — loralib's `ConvLoRA`
+//! formulation, which makes merging exact for every kernel size and grouping.
 
 use std::collections::BTreeMap;
 
@@ -15,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{Init, VarStore};
 use tch::Tensor;
 use zhijian_core::targets::select_sites;
-use zhijian_core::{config_table, Error, Method, Model, Result, Role};
+use zhijian_core::{config_table, Error, Method, Model, Result, Role, Site};
 
 /// Configuration of LoRA.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -29,7 +35,8 @@ pub struct LoraConfig {
     pub dropout: f64,
     /// Sites to adapt: exact paths, dot-suffixes (`query`) or `re:<regex>`.
     /// Empty (the default) means the attention query and value projections (or
-    /// the fused `qkv`) of every block, as in the paper.
+    /// the fused `qkv`) of every block, as in the paper; on a backbone without
+    /// attention (a CNN), every 1×1 and full k×k convolution after the stem.
     pub targets: Vec<String>,
 }
 
@@ -77,7 +84,7 @@ impl Lora {
                     path: "<model>".into(),
                     names: vec![name.clone()],
                 })?.shallow_clone();
-                let delta = pair.b.matmul(&pair.a) * (sign * self.scale());
+                let delta = pair.b.matmul(&pair.a).reshape(w.size()) * (sign * self.scale());
                 let _ = w.g_add_(&delta.to_kind(w.kind()));
             }
             Ok(())
@@ -104,10 +111,14 @@ impl Method for Lora {
         }
         let all = model.sites();
         let sites = if c.targets.is_empty() {
-            let s: Vec<_> = all.iter().filter(|s| matches!(s.role, Role::Query | Role::Value | Role::Qkv)).cloned().collect();
+            let with_role = |roles: &[Role]| all.iter().filter(|s| roles.contains(&s.role)).cloned().collect::<Vec<_>>();
+            let mut s = with_role(&[Role::Query, Role::Value, Role::Qkv]);
+            if s.is_empty() {
+                s = with_role(&[Role::Pointwise, Role::Spatial]);
+            }
             if s.is_empty() {
                 return Err(Error::NoMatchingSites {
-                    pattern: "<default: attention query/value>".into(),
+                    pattern: "<default: attention query/value, else 1×1 and k×k convolutions>".into(),
                     sites: all.iter().map(|s| s.path.clone()).collect(),
                 });
             }
@@ -118,8 +129,10 @@ impl Method for Lora {
         let vs = VarStore::new(model.device());
         for site in &sites {
             let p = site.path.split('.').fold(vs.root(), |p, part| p / part);
-            let bound = 1.0 / (site.in_features as f64).sqrt();
-            let a = p.var("lora_A", &[c.rank, site.in_features], Init::Uniform { lo: -bound, up: bound });
+            // A convolution's weight, seen as a matrix, has in/groups·kh·kw columns.
+            let fan_in = site.conv.map_or(site.in_features, |g| site.in_features / g.groups * g.kernel[0] * g.kernel[1]);
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let a = p.var("lora_A", &[c.rank, fan_in], Init::Uniform { lo: -bound, up: bound });
             let b = p.zeros("lora_B", &[site.out_features, c.rank]);
             self.pairs.insert(site.path.clone(), Pair { a, b });
         }
@@ -132,6 +145,18 @@ impl Method for Lora {
             Some(pair) if !self.merged => {
                 let x = if train && self.config.dropout > 0.0 { x.dropout(self.config.dropout, true) } else { x.shallow_clone() };
                 out + x.linear::<Tensor>(&pair.a, None).linear::<Tensor>(&pair.b, None) * self.scale()
+            }
+            _ => out,
+        }
+    }
+
+    fn conv(&self, site: &Site, x: &Tensor, out: Tensor, train: bool) -> Tensor {
+        match (self.pairs.get(&site.path), site.conv) {
+            (Some(pair), Some(g)) if !self.merged => {
+                let x = if train && self.config.dropout > 0.0 { x.dropout(self.config.dropout, true) } else { x.shallow_clone() };
+                let kernel = [site.out_features, site.in_features / g.groups, g.kernel[0], g.kernel[1]];
+                let delta = pair.b.matmul(&pair.a).reshape(kernel) * self.scale();
+                out + x.conv2d::<Tensor>(&delta, None, [g.stride; 2], [g.padding; 2], [1, 1], g.groups)
             }
             _ => out,
         }
@@ -175,7 +200,8 @@ mod tests {
     use super::*;
     use tch::{Device, Kind};
     use zhijian_core::layers::Linear;
-    use zhijian_core::{Backbone, Ctx, Input, ParamGroup, Site};
+    use zhijian_core::layers::{Conv2d, Padding};
+    use zhijian_core::{Backbone, Ctx, Input, ParamGroup};
 
     /// A one-layer backbone: `features = L x` with L the `proj` site.
     struct OneLayer(Linear);
@@ -236,5 +262,58 @@ mod tests {
         assert!(err.to_string().contains("proj"), "{err}");
         let err = Lora::new(LoraConfig { targets: vec!["value".into()], ..Default::default() }).prepare(&model).err().unwrap();
         assert!(matches!(err, Error::NoMatchingSites { .. }));
+    }
+
+    /// A one-convolution backbone: `features = mean over pixels of conv(x)`.
+    struct OneConv(Conv2d);
+    impl Backbone for OneConv {
+        fn arch(&self) -> &str {
+            "one_conv"
+        }
+        fn hidden_size(&self) -> i64 {
+            6
+        }
+        fn num_blocks(&self) -> usize {
+            1
+        }
+        fn sites(&self) -> Vec<Site> {
+            vec![self.0.site().clone()]
+        }
+        fn group(&self, _: &str) -> ParamGroup {
+            ParamGroup::Block(0)
+        }
+        fn forward(&self, cx: &Ctx, input: &Input) -> Tensor {
+            let Input::Images(x) = input else { unreachable!() };
+            self.0.forward(cx, x).mean_dim(&[2i64, 3][..], false, Kind::Float)
+        }
+    }
+
+    /// On a strided, grouped, TF-"same"-padded 3×3 convolution the hook equals a
+    /// convolution with `W + (α/r)·(B A reshaped)`, and merging gives the same outputs.
+    #[test]
+    fn conv_update_is_a_low_rank_kernel_delta() {
+        let model = Model::new(Device::Cpu, 2, |p| Box::new(OneConv(Conv2d::new(p / "conv", 4, 6, 3, 2, Padding::TfSame, 2, true))));
+        let mut lora = Lora::new(LoraConfig { rank: 3, alpha: 6.0, ..Default::default() });
+        lora.prepare(&model).unwrap(); // the default targets find the k×k convolution
+        let pair = &lora.pairs["conv"];
+        assert_eq!(pair.a.size(), [3, 2 * 3 * 3]);
+        tch::no_grad(|| pair.b.shallow_clone().copy_(&Tensor::randn([6, 3], (Kind::Float, Device::Cpu))));
+        let delta = pair.b.matmul(&pair.a).reshape([6, 2, 3, 3]) * 2.0;
+        let mut methods: Vec<Box<dyn Method>> = vec![Box::new(lora)];
+        let x = Input::Images(Tensor::randn([2, 4, 7, 9], (Kind::Float, Device::Cpu)));
+        let adapted = model.backbone.forward(&Ctx::new(false, &methods, Vec::new()), &x);
+
+        let weight = model.vs.variables()["conv.weight"].shallow_clone();
+        let w0 = weight.copy();
+        tch::no_grad(|| weight.shallow_clone().copy_(&(&w0 + &delta)));
+        let by_kernel = model.backbone.forward(&Ctx::plain(false), &x);
+        assert!(adapted.allclose(&by_kernel, 1e-5, 1e-5, false));
+        tch::no_grad(|| weight.shallow_clone().copy_(&w0));
+
+        methods[0].merge(&model).unwrap();
+        let merged = model.backbone.forward(&Ctx::new(false, &methods, Vec::new()), &x);
+        assert!(merged.allclose(&by_kernel, 1e-5, 1e-5, false));
+        methods[0].unmerge(&model).unwrap();
+        assert!(weight.allclose(&w0, 1e-5, 1e-6, false));
     }
 }

@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use tch::nn;
 use tch::Tensor;
-use zhijian_core::layers::{BatchNorm2d, Conv2d, Site};
+use zhijian_core::layers::{BatchNorm2d, Conv2d, Padding, Role, Site};
 use zhijian_core::{block_index, Backbone, Ctx, Error, Input, ParamGroup, Result, Tap};
 
 /// The residual block type.
@@ -90,13 +90,13 @@ struct Unit {
 impl Unit {
     fn new(p: &nn::Path, conv: &str, bn: &str, c_in: i64, c_out: i64, kernel: i64, stride: i64) -> Unit {
         Unit {
-            conv: Conv2d::new(p / conv, c_in, c_out, kernel, stride, kernel / 2, false),
+            conv: Conv2d::new(p / conv, c_in, c_out, kernel, stride, Padding::Fixed(kernel / 2), 1, false),
             bn: BatchNorm2d::new(p / bn, c_out, BN_EPS, BN_MOMENTUM),
         }
     }
 
     fn forward(&self, cx: &Ctx, x: &Tensor) -> Tensor {
-        self.bn.forward(cx, &self.conv.forward(x))
+        self.bn.forward(cx, &self.conv.forward(cx, x))
     }
 }
 
@@ -146,7 +146,8 @@ impl ResNet {
     /// Creates the variables under `p` (random init; load weights after).
     pub fn new(p: nn::Path, config: &ResNetConfig) -> Result<ResNet> {
         config.validate()?;
-        let stem = Unit::new(&p, "conv1", "bn1", config.in_chans, config.stem_width, 7, 2);
+        let mut stem = Unit::new(&p, "conv1", "bn1", config.in_chans, config.stem_width, 7, 2);
+        stem.conv = stem.conv.with_role(Role::Stem);
         let mut c_in = config.stem_width;
         let mut stages = Vec::new();
         for (i, (&blocks, &planes)) in config.layers.iter().zip(&config.channels).enumerate() {
@@ -186,9 +187,11 @@ impl Backbone for ResNet {
         self.stages.len()
     }
 
-    /// ResNets have no linear layers before the head; convolution sites come with LoRA-on-conv.
+    /// Every convolution: the stem, then each block's units and its downsampling shortcut.
     fn sites(&self) -> Vec<Site> {
-        Vec::new()
+        let blocks = self.stages.iter().flatten();
+        let units = blocks.flat_map(|b| b.units.iter().chain(&b.downsample));
+        std::iter::once(&self.stem).chain(units).map(|u| u.conv.site().clone()).collect()
     }
 
     fn group(&self, param: &str) -> ParamGroup {

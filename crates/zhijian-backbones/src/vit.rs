@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
-use zhijian_core::layers::{attention, dropout, LayerNorm, Linear, Role, Site};
+use zhijian_core::layers::{attention, dropout, Conv2d, LayerNorm, Linear, Padding, Role, Site};
 use zhijian_core::{block_index, Backbone, Ctx, Error, Input, ParamGroup, Result, Tap};
 
 /// How token states become one feature vector.
@@ -140,8 +140,7 @@ impl Block {
 /// A ViT feature extractor (the head lives in [`zhijian_core::Model`]).
 pub struct Vit {
     config: VitConfig,
-    patch_w: Tensor,
-    patch_b: Tensor,
+    patch_embed: Conv2d,
     cls_token: Tensor,
     pos_embed: Tensor,
     blocks: Vec<Block>,
@@ -157,8 +156,7 @@ impl Vit {
         let tokens = config.grid() * config.grid() + 1;
         let trunc = Init::Randn { mean: 0.0, stdev: 0.02 };
         Ok(Vit {
-            patch_w: pe.var("weight", &[d, config.in_chans, ps, ps], trunc),
-            patch_b: pe.zeros("bias", &[d]),
+            patch_embed: Conv2d::new(pe, config.in_chans, d, ps, ps, Padding::Fixed(0), 1, true).with_role(Role::Stem),
             cls_token: p.var("cls_token", &[1, 1, d], Init::Randn { mean: 0.0, stdev: 1e-6 }),
             pos_embed: p.var("pos_embed", &[1, tokens, d], trunc),
             blocks: (0..config.depth).map(|i| Block::new(&p / "blocks" / i, config)).collect(),
@@ -199,8 +197,7 @@ impl Vit {
     /// `images`: `[batch, in_chans, h, w]`, h and w multiples of the patch size →
     /// `[batch, 1 + (h/patch)·(w/patch), embed_dim]`.
     pub fn encode(&self, cx: &Ctx, images: &Tensor) -> Tensor {
-        let ps = self.config.patch_size;
-        let patches = images.conv2d(&self.patch_w, Some(&self.patch_b), [ps, ps], [0, 0], [1, 1], 1);
+        let patches = self.patch_embed.forward(cx, images);
         let (b, d, gh, gw) = patches.size4().expect("conv output is 4-d");
         let tokens = patches.flatten(2, 3).transpose(1, 2);
         let mut x = Tensor::cat(&[self.cls_token.expand([b, 1, d], false), tokens], 1) + self.pos_embed_for(gh, gw);
@@ -231,7 +228,8 @@ impl Backbone for Vit {
     }
 
     fn sites(&self) -> Vec<Site> {
-        self.blocks.iter().flat_map(|b| [&b.qkv, &b.proj, &b.fc1, &b.fc2].map(|l| l.site().clone())).collect()
+        let linears = self.blocks.iter().flat_map(|b| [&b.qkv, &b.proj, &b.fc1, &b.fc2].map(|l| l.site().clone()));
+        std::iter::once(self.patch_embed.site().clone()).chain(linears).collect()
     }
 
     fn group(&self, param: &str) -> ParamGroup {

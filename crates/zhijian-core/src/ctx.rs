@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use crate::layers::Site;
 use crate::method::Method;
 
 /// An intermediate a method (or the caller) can ask a backbone to record.
@@ -48,10 +49,16 @@ impl<'a> Ctx<'a> {
         self.train
     }
 
-    /// Called by a hookable linear (or 1×1 conv) layer at `site` with its input
+    /// Called by a hookable linear layer at `site` with its input
     /// and the frozen layer's output; returns the output after every method.
     pub fn linear(&self, site: &str, x: &Tensor, base: Tensor) -> Tensor {
         self.methods.iter().fold(base, |out, m| m.linear(site, x, out, self.train))
+    }
+
+    /// Called by a hookable convolution with its (padded) input and the frozen
+    /// layer's output; returns the output after every method.
+    pub fn conv(&self, site: &Site, x: &Tensor, base: Tensor) -> Tensor {
+        self.methods.iter().fold(base, |out, m| m.conv(site, x, out, self.train))
     }
 
     /// Records `value` under `tap` if someone asked for it.

@@ -31,6 +31,14 @@ pub enum Role {
     MlpDown,
     /// The classification head.
     Head,
+    /// The first convolution (or patch embedding) that sees the pixels.
+    Stem,
+    /// A 1×1 convolution: a linear map over channels at every pixel.
+    Pointwise,
+    /// A k×k convolution mixing all input channels.
+    Spatial,
+    /// A depthwise (one filter per channel) convolution.
+    Depthwise,
     /// Anything else (poolers, stems, …).
     Other,
 }
@@ -46,6 +54,24 @@ pub struct Site {
     pub out_features: i64,
     /// What the layer does.
     pub role: Role,
+    /// For a convolution: how it slides over its input.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conv: Option<ConvGeometry>,
+}
+
+/// How a convolution slides: what a method needs to run a convolution of its
+/// own beside the site's (as LoRA does on convolutions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ConvGeometry {
+    /// Kernel height and width.
+    pub kernel: [i64; 2],
+    /// Stride in both directions.
+    pub stride: i64,
+    /// Zero padding on each side applied to the input the hook sees (already
+    /// padded inputs, as with TensorFlow "same" padding, have 0 here).
+    pub padding: i64,
+    /// Channel groups (`in_features` for a depthwise convolution).
+    pub groups: i64,
 }
 
 /// Joins a tch path's components with dots, as checkpoint keys are written.
@@ -71,7 +97,7 @@ impl Linear {
         let bound = 1.0 / (in_features as f64).sqrt();
         let ws = p.var("weight", &[out_features, in_features], Init::Uniform { lo: -bound, up: bound });
         let bs = bias.then(|| p.var("bias", &[out_features], Init::Uniform { lo: -bound, up: bound }));
-        Linear { ws, bs, site: Site { path: path_name(&p), in_features, out_features, role } }
+        Linear { ws, bs, site: Site { path: path_name(&p), in_features, out_features, role, conv: None } }
     }
 
     /// The layer's hook site.
@@ -157,36 +183,89 @@ pub fn is_buffer(name: &str) -> bool {
     name.ends_with(".running_mean") || name.ends_with(".running_var") || name.ends_with(".num_batches_tracked")
 }
 
-/// A 2-d convolution with PyTorch's `[out, in/groups, kh, kw]` weight layout.
+/// Zero padding of a convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Padding {
+    /// The same padding on every side.
+    Fixed(i64),
+    /// TensorFlow's "SAME": the output has `ceil(in / stride)` pixels, and an
+    /// odd total padding puts the extra pixel at the bottom and right. Models
+    /// trained in TensorFlow (EfficientNet-Lite) need it to match.
+    TfSame,
+}
+
+/// A 2-d convolution with PyTorch's `[out, in/groups, kh, kw]` weight layout,
+/// whose output every active method may transform (`cx.conv`).
 #[derive(Debug)]
 pub struct Conv2d {
     /// Weight `[out, in/groups, kh, kw]`.
     pub ws: Tensor,
     /// Bias `[out]`, if any.
     pub bs: Option<Tensor>,
-    stride: i64,
-    padding: i64,
-    groups: i64,
+    padding: Padding,
+    site: Site,
 }
 
 impl Conv2d {
-    /// Creates `p.weight` (and `p.bias`) with PyTorch's default initialisation.
-    pub fn new(p: Path, c_in: i64, c_out: i64, kernel: i64, stride: i64, padding: i64, bias: bool) -> Conv2d {
-        let bound = 1.0 / ((c_in * kernel * kernel) as f64).sqrt();
+    /// A square-kernel convolution with `p.weight` (and `p.bias`) initialised as
+    /// PyTorch does. The role follows from the shape: 1×1 → pointwise,
+    /// one filter per channel → depthwise, else spatial.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(p: Path, c_in: i64, c_out: i64, kernel: i64, stride: i64, padding: Padding, groups: i64, bias: bool) -> Conv2d {
+        let fan_in = c_in / groups * kernel * kernel;
+        let bound = 1.0 / (fan_in as f64).sqrt();
         let init = Init::Uniform { lo: -bound, up: bound };
+        let role = if kernel == 1 {
+            Role::Pointwise
+        } else if groups == c_in && groups > 1 {
+            Role::Depthwise
+        } else {
+            Role::Spatial
+        };
+        let hook_padding = match padding {
+            Padding::Fixed(n) => n,
+            Padding::TfSame => 0,
+        };
         Conv2d {
-            ws: p.var("weight", &[c_out, c_in, kernel, kernel], init),
+            ws: p.var("weight", &[c_out, c_in / groups, kernel, kernel], init),
             bs: bias.then(|| p.var("bias", &[c_out], init)),
-            stride,
             padding,
-            groups: 1,
+            site: Site {
+                path: path_name(&p),
+                in_features: c_in,
+                out_features: c_out,
+                role,
+                conv: Some(ConvGeometry { kernel: [kernel; 2], stride, padding: hook_padding, groups }),
+            },
         }
+    }
+
+    /// Overrides the role guessed from the shape (e.g. [`Role::Stem`]).
+    pub fn with_role(mut self, role: Role) -> Conv2d {
+        self.site.role = role;
+        self
+    }
+
+    /// The layer's hook site.
+    pub fn site(&self) -> &Site {
+        &self.site
     }
 
     /// # Shapes
     /// `x`: `[batch, c_in, h, w]` → `[batch, c_out, h', w']`.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.conv2d(&self.ws, self.bs.as_ref(), [self.stride; 2], [self.padding; 2], [1, 1], self.groups)
+    pub fn forward(&self, cx: &Ctx, x: &Tensor) -> Tensor {
+        let g = self.site.conv.expect("a convolution site has a geometry");
+        let x = match self.padding {
+            Padding::Fixed(_) => x.shallow_clone(),
+            Padding::TfSame => {
+                let (h, w) = (x.size()[2], x.size()[3]);
+                let total = |size: i64, k: i64| ((size + g.stride - 1) / g.stride - 1) * g.stride + k - size;
+                let (ph, pw) = (total(h, g.kernel[0]).max(0), total(w, g.kernel[1]).max(0));
+                if ph == 0 && pw == 0 { x.shallow_clone() } else { x.constant_pad_nd([pw / 2, pw - pw / 2, ph / 2, ph - ph / 2]) }
+            }
+        };
+        let base = x.conv2d(&self.ws, self.bs.as_ref(), [g.stride; 2], [g.padding; 2], [1, 1], g.groups);
+        cx.conv(&self.site, &x, base)
     }
 }
 

@@ -8,6 +8,7 @@ use tch::Tensor;
 
 use crate::ctx::Tap;
 use crate::error::{Error, Result};
+use crate::layers::Site;
 use crate::model::Model;
 
 /// The three stages of model reuse (as in LAMDA-ZhiJian).
@@ -51,6 +52,12 @@ pub trait Method: Send {
 
     /// Transforms the output `out` of the linear layer at `site`, given its input `x`.
     fn linear(&self, _site: &str, _x: &Tensor, out: Tensor, _train: bool) -> Tensor {
+        out
+    }
+
+    /// Transforms the output `out` of the convolution at `site` (whose
+    /// [`crate::layers::ConvGeometry`] says how it slides), given its input `x`.
+    fn conv(&self, _site: &Site, _x: &Tensor, out: Tensor, _train: bool) -> Tensor {
         out
     }
 
