@@ -2,11 +2,13 @@
 //! family, parameter names equal to the upstream checkpoint keys.
 
 pub mod bert;
+pub mod efficientnet;
 pub mod pretrained;
 pub mod resnet;
 pub mod vit;
 
 pub use bert::{Bert, BertConfig, Pooling};
+pub use efficientnet::{EfficientNetLite, EfficientNetLiteConfig};
 pub use pretrained::load_pretrained;
 pub use resnet::{BlockKind, ResNet, ResNetConfig};
 pub use vit::{Vit, VitConfig, VitPooling};

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn;
 use tch::Tensor;
 use zhijian_core::layers::{BatchNorm2d, Conv2d, Padding, Role, Site};
-use zhijian_core::{block_index, Backbone, Ctx, Error, Input, ParamGroup, Result, Tap};
+use zhijian_core::{block_index, Backbone, Ctx, Error, ImagePreset, Input, ParamGroup, Result, Tap};
 
 /// The residual block type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +181,11 @@ impl Backbone for ResNet {
 
     fn head_name(&self) -> &str {
         "fc"
+    }
+
+    /// torchvision's ImageNet recipe: 224 px, ImageNet mean and std, crop 0.875.
+    fn image_preset(&self) -> Option<ImagePreset> {
+        Some(ImagePreset { size: 224, mean: ImagePreset::IMAGENET_MEAN, std: ImagePreset::IMAGENET_STD, crop_pct: 0.875 })
     }
 
     fn num_blocks(&self) -> usize {

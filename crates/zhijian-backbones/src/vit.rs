@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 use zhijian_core::layers::{attention, dropout, Conv2d, LayerNorm, Linear, Padding, Role, Site};
-use zhijian_core::{block_index, Backbone, Ctx, Error, Input, ParamGroup, Result, Tap};
+use zhijian_core::{block_index, Backbone, Ctx, Error, ImagePreset, Input, ParamGroup, Result, Tap};
 
 /// How token states become one feature vector.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,6 +221,11 @@ impl Backbone for Vit {
 
     fn hidden_size(&self) -> i64 {
         self.config.embed_dim
+    }
+
+    /// timm's ViT recipe: mean and std 0.5, crop 0.9, at the preset's size.
+    fn image_preset(&self) -> Option<ImagePreset> {
+        Some(ImagePreset { size: self.config.img_size, mean: [0.5; 3], std: [0.5; 3], crop_pct: 0.9 })
     }
 
     fn num_blocks(&self) -> usize {

@@ -1,6 +1,7 @@
 //! Integration tests of the backbones (one binary: each links LibTorch).
 
 mod bert;
+mod efficientnet;
 mod resnet;
 mod vit;
 
