@@ -1,12 +1,12 @@
-//! The conformance table: the same checks over every registered method, on a
-//! tiny random-init BERT (no download). Methods that promise an unchanged output
+//! The conformance table: the same checks over every registered method, on
+//! tiny random-init backbones of each family (no download). Methods that promise an unchanged output
 //! at initialisation keep it; after a training step only trainable parameters
 //! moved; merged ≈ unmerged; saved artifacts and configs round-trip.
 
 use std::collections::HashMap;
 
 use tch::{Device, Kind, Tensor};
-use zhijian::backbones::{Bert, BertConfig, Vit, VitConfig};
+use zhijian::backbones::{Bert, BertConfig, EfficientNetLite, EfficientNetLiteConfig, SmallCnn, SmallCnnConfig, Vit, VitConfig};
 use zhijian::core::train::{self, method_variables, predict, restore, trainable, Split, TrainConfig, TrainOptions};
 use zhijian::core::{Input, Method, Model, Registry};
 
@@ -14,12 +14,17 @@ fn registry() -> Registry {
     zhijian::bench::registry()
 }
 
-/// The toy backbones every method is checked on: a text and a vision family.
+/// The toy backbones every method is checked on: text, a vision transformer
+/// and two CNNs (one with depthwise convolutions, TF padding and BatchNorm).
 #[derive(Clone, Copy, Debug)]
 enum Toy {
     Bert,
     Vit,
+    EfficientNet,
+    Cnn,
 }
+
+const TOYS: [Toy; 4] = [Toy::Bert, Toy::Vit, Toy::EfficientNet, Toy::Cnn];
 
 fn tiny_model(seed: i64) -> Model {
     tiny_model_with_dropout(seed, 0.1)
@@ -33,13 +38,23 @@ fn toy_model(toy: Toy, seed: i64) -> Model {
             let config = VitConfig { img_size: 16, patch_size: 4, embed_dim: 16, depth: 2, num_heads: 2, dropout: 0.1, ..VitConfig::tiny_patch4_32() };
             Model::new(Device::Cpu, 3, |p| Box::new(Vit::new(p, &config).unwrap()))
         }
+        Toy::EfficientNet => {
+            tch::manual_seed(seed);
+            let config = EfficientNetLiteConfig { width: 0.25, depth: 0.5, image_size: 16, in_chans: 3 };
+            Model::new(Device::Cpu, 3, |p| Box::new(EfficientNetLite::new(p, &config).unwrap()))
+        }
+        Toy::Cnn => {
+            tch::manual_seed(seed);
+            let config = SmallCnnConfig { image_size: 16, in_chans: 3, channels: vec![4, 8] };
+            Model::new(Device::Cpu, 3, |p| Box::new(SmallCnn::new(p, &config).unwrap()))
+        }
     }
 }
 
 fn toy_batch(toy: Toy) -> Split {
     match toy {
         Toy::Bert => batch(),
-        Toy::Vit => {
+        Toy::Vit | Toy::EfficientNet | Toy::Cnn => {
             tch::manual_seed(7);
             let images = Tensor::randn([12, 3, 16, 16], (Kind::Float, Device::Cpu));
             Split { name: "toy".into(), input: Input::Images(images), labels: Tensor::randint(3, [12], (Kind::Int64, Device::Cpu)) }
@@ -109,7 +124,7 @@ fn every_method_passes_the_conformance_checks() {
     let _rng = crate::rng_lock();
     let names = registry().names();
     assert!(names.len() >= 3, "{names:?}");
-    for (toy, name) in [Toy::Bert, Toy::Vit].into_iter().flat_map(|t| names.iter().map(move |n| (t, n))) {
+    for (toy, name) in TOYS.into_iter().flat_map(|t| names.iter().map(move |n| (t, n))) {
         let data = toy_batch(toy);
         let at = format!("{name} on {toy:?}");
         // 1. Unchanged output at initialisation where promised.
@@ -120,9 +135,10 @@ fn every_method_passes_the_conformance_checks() {
             assert!(d < 1e-6, "{at}: output changed at init by {d}");
         }
 
-        // 2. After a step only trainable parameters moved, and some did.
+        // 2. After a step only what the artifact holds moved (trainable parameters,
+        //    and the BatchNorm statistics of layers that train), and something did.
         let before = snapshot(&model, &methods);
-        let trains: Vec<String> = trainable(&model, &methods).into_iter().map(|(n, _)| n).collect();
+        let trains: Vec<String> = train::artifact(&model, &methods).into_iter().map(|(n, _)| n).collect();
         let cfg = TrainConfig { max_steps: 1, batch_size: 12, lr: 1e-2, warmup_ratio: 0.0, ..Default::default() };
         train::train(&model, &methods, &data, None, &cfg, &TrainOptions::default()).unwrap();
         let after = snapshot(&model, &methods);
@@ -150,12 +166,12 @@ fn every_method_passes_the_conformance_checks() {
             }
         }
 
-        // 4. Saving the trainable parameters and restoring them into a fresh
-        //    model (different random init) gives the same outputs.
+        // 4. Saving the artifact and restoring it into a fresh model (different
+        //    random init) gives the same outputs.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("artifact.safetensors");
         perturb(&methods);
-        zhijian::core::save_atomic(&trainable(&model, &methods), &path).unwrap();
+        zhijian::core::save_atomic(&train::artifact(&model, &methods), &path).unwrap();
         let frozen_part = logits(&model, &methods, &data);
         let (fresh, fresh_methods) = prepared_on(toy, name, 1);
         restore(&fresh, &fresh_methods, &path).unwrap();

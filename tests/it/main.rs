@@ -2,6 +2,7 @@
 
 mod compare;
 mod conformance;
+mod lazy;
 
 /// LibTorch's default random generator is global to the process and the test
 /// harness runs tests on parallel threads; tests whose results depend on the

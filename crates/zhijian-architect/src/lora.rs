@@ -36,7 +36,8 @@ pub struct LoraConfig {
     /// Sites to adapt: exact paths, dot-suffixes (`query`) or `re:<regex>`.
     /// Empty (the default) means the attention query and value projections (or
     /// the fused `qkv`) of every block, as in the paper; on a backbone without
-    /// attention (a CNN), every 1×1 and full k×k convolution after the stem.
+    /// attention (a CNN, an MLP), every 1×1 and full k×k convolution and every
+    /// linear layer, except the stem, depthwise convolutions and the head.
     pub targets: Vec<String>,
 }
 
@@ -114,11 +115,11 @@ impl Method for Lora {
             let with_role = |roles: &[Role]| all.iter().filter(|s| roles.contains(&s.role)).cloned().collect::<Vec<_>>();
             let mut s = with_role(&[Role::Query, Role::Value, Role::Qkv]);
             if s.is_empty() {
-                s = with_role(&[Role::Pointwise, Role::Spatial]);
+                s = with_role(&[Role::Pointwise, Role::Spatial, Role::MlpUp, Role::MlpDown, Role::Other]);
             }
             if s.is_empty() {
                 return Err(Error::NoMatchingSites {
-                    pattern: "<default: attention query/value, else 1×1 and k×k convolutions>".into(),
+                    pattern: "<default: attention query/value, else 1×1 / k×k convolutions and linear layers>".into(),
                     sites: all.iter().map(|s| s.path.clone()).collect(),
                 });
             }
@@ -255,9 +256,9 @@ mod tests {
 
     #[test]
     fn bad_rank_and_unmatched_target_are_errors() {
-        let model = Model::new(Device::Cpu, 2, |p| Box::new(OneLayer(Linear::new(p / "proj", 4, 3, true, Role::Other))));
+        let model = Model::new(Device::Cpu, 2, |p| Box::new(OneLayer(Linear::new(p / "proj", 4, 3, true, Role::Depthwise))));
         assert!(Lora::new(LoraConfig { rank: 0, ..Default::default() }).prepare(&model).is_err());
-        // Default targets need a query/value site; this backbone has none.
+        // The default targets skip depthwise convolutions (and stems, and heads): nothing is left.
         let err = Lora::new(LoraConfig::default()).prepare(&model).err().unwrap();
         assert!(err.to_string().contains("proj"), "{err}");
         let err = Lora::new(LoraConfig { targets: vec!["value".into()], ..Default::default() }).prepare(&model).err().unwrap();

@@ -5,10 +5,12 @@ pub mod bert;
 pub mod efficientnet;
 pub mod pretrained;
 pub mod resnet;
+pub mod small;
 pub mod vit;
 
 pub use bert::{Bert, BertConfig, Pooling};
 pub use efficientnet::{EfficientNetLite, EfficientNetLiteConfig};
 pub use pretrained::load_pretrained;
 pub use resnet::{BlockKind, ResNet, ResNetConfig};
+pub use small::{Mlp, MlpConfig, SmallCnn, SmallCnnConfig};
 pub use vit::{Vit, VitConfig, VitPooling};

@@ -3,6 +3,7 @@
 mod bert;
 mod efficientnet;
 mod resnet;
+mod small;
 mod vit;
 
 use std::collections::HashMap;
