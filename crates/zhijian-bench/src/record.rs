@@ -59,12 +59,32 @@ pub struct Record {
     pub val_top1: Vec<f64>,
     /// Test top-1.
     pub test_top1: f64,
+    /// Test top-5, where there are more than 5 classes. (Absent in older records.)
+    #[serde(default)]
+    pub test_top5: Option<f64>,
     /// Test examples.
     pub test_n: i64,
+    /// Accuracy on each out-of-distribution split, in the experiment's order.
+    /// (Absent in older records: none.)
+    #[serde(default)]
+    pub ood: Vec<SplitScore>,
     /// Peak resident memory of the run in bytes (CPU).
     pub peak_rss_bytes: Option<u64>,
     /// Size of the saved artifact (trainable parameters only) in bytes.
     pub artifact_bytes: u64,
+}
+
+/// Accuracy on one evaluation split.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SplitScore {
+    /// Split name (`optdigits`, `gaussian_noise:3`, …).
+    pub split: String,
+    /// Top-1.
+    pub top1: f64,
+    /// Top-5, where there are more than 5 classes.
+    pub top5: Option<f64>,
+    /// Examples.
+    pub n: i64,
 }
 
 /// Reads every record of a JSONL file (none if it does not exist). A line that
@@ -138,7 +158,9 @@ pub(crate) fn sample(strategy: &str, seed: u64, top1: f64) -> Record {
         final_loss: 0.5,
         val_top1: vec![top1],
         test_top1: top1,
+        test_top5: None,
         test_n: 10,
+        ood: Vec::new(),
         peak_rss_bytes: Some(1 << 30),
         artifact_bytes: 4096,
     }

@@ -195,7 +195,9 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
                 final_loss: report.final_loss,
                 val_top1: report.val_top1.clone(),
                 test_top1: test.top1(),
+                test_top5: (data.classes.len() > 5).then(|| test.top5()),
                 test_n: test.n,
+                ood: Vec::new(),
                 peak_rss_bytes: peak,
                 artifact_bytes,
             };

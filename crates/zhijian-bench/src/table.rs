@@ -45,17 +45,33 @@ pub fn markdown(records: &[Record]) -> String {
             order.push(&r.strategy);
         }
     }
-    let mut out = String::from(
-        "| strategy | seeds | trainable / total params | test top-1 (%) | train time (s) | samples/s | peak RSS | artifact |\n\
-         |---|---|---|---|---|---|---|---|\n",
+    // One column per out-of-distribution split, in first-seen order.
+    let mut shifts: Vec<&str> = Vec::new();
+    for score in records.iter().flat_map(|r| &r.ood) {
+        if !shifts.contains(&score.split.as_str()) {
+            shifts.push(&score.split);
+        }
+    }
+    let ood_header: String = shifts.iter().map(|s| format!(" {s} top-1 (%) |")).collect();
+    let mut out = format!(
+        "| strategy | seeds | trainable / total params | test top-1 (%) |{ood_header} train time (s) | samples/s | peak RSS | artifact |\n\
+         |---|---|---|---|{}---|---|---|---|\n",
+        "---|".repeat(shifts.len())
     );
     for name in order {
         let runs: Vec<&Record> = records.iter().filter(|r| r.strategy == name).collect();
         let col = |f: &dyn Fn(&Record) -> f64| runs.iter().map(|r| f(r)).collect::<Vec<f64>>();
         let first = runs[0];
         let peak = runs.iter().filter_map(|r| r.peak_rss_bytes).max();
+        let ood: String = shifts
+            .iter()
+            .map(|s| {
+                let scores: Vec<f64> = runs.iter().filter_map(|r| r.ood.iter().find(|o| o.split == *s)).map(|o| o.top1).collect();
+                if scores.is_empty() { " n/a |".to_string() } else { format!(" {} |", pm(&scores, 100.0, 2)) }
+            })
+            .collect();
         out.push_str(&format!(
-            "| {name} | {} | {} / {} ({:.2}%) | {} | {} | {} | {} | {} |\n",
+            "| {name} | {} | {} / {} ({:.2}%) | {} |{ood} {} | {} | {} | {} |\n",
             runs.len(),
             human_count(first.trainable_params),
             human_count(first.total_params),
@@ -76,7 +92,7 @@ pub fn markdown(records: &[Record]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{sample, Record};
+    use crate::record::{sample, Record, SplitScore};
 
     #[test]
     fn rows_aggregate_seeds() {
@@ -89,5 +105,20 @@ mod tests {
         assert!(t.contains("\n† head trained on cached features"));
         assert_eq!(human_bytes(4096), "4.0 KiB");
         assert_eq!(human_count(22_700_000), "22.7M");
+        // No shifted splits, no shift columns: 8 columns.
+        assert_eq!(t.lines().next().unwrap().matches('|').count(), 9);
+    }
+
+    #[test]
+    fn shifted_splits_get_a_column_each() {
+        let score = |split: &str, top1: f64| SplitScore { split: split.into(), top1, top5: None, n: 5 };
+        let a = Record { ood: vec![score("optdigits", 0.5), score("noise:3", 0.25)], ..sample("a", 0, 0.9) };
+        let b = Record { ood: vec![score("optdigits", 0.7)], ..sample("b", 0, 0.8) };
+        let t = markdown(&[a, b]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].contains("| test top-1 (%) | optdigits top-1 (%) | noise:3 top-1 (%) | train time"), "{}", lines[0]);
+        assert_eq!(lines[1].matches('|').count(), lines[0].matches('|').count());
+        assert!(lines[2].starts_with("| a | 1 | 10 / 100 (10.00%) | 90.00 | 50.00 | 25.00 |"), "{}", lines[2]);
+        assert!(lines[3].starts_with("| b | 1 | 10 / 100 (10.00%) | 80.00 | 70.00 | n/a |"), "{}", lines[3]);
     }
 }
