@@ -42,6 +42,18 @@ enum Command {
     },
     /// List the registered reuse methods.
     Methods,
+    /// Convert a PyTorch checkpoint (.pth/.pt, legacy or zip layout) to safetensors.
+    ///
+    /// Reads the pickle without Python and without running anything in it; only
+    /// tensors, parameters and (nested) dicts are read, and nested keys are joined
+    /// with dots (`state_dict.layer.weight`). Entries that are not tensors (an epoch
+    /// counter, a config) are left out and listed. The output is written atomically.
+    Convert {
+        /// The PyTorch checkpoint to read.
+        input: PathBuf,
+        /// The safetensors file to write (its folder is created if needed).
+        output: PathBuf,
+    },
     /// Download and verify assets (weights, data sets) into the cache.
     Fetch {
         /// Asset names (see `datasets/`); none with --all.
@@ -78,6 +90,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Methods => {
             for e in zhijian_bench::registry().entries() {
                 println!("{:<16} {:<10} {}", e.name, format!("{:?}", e.stage).to_lowercase(), e.summary);
+            }
+        }
+        Command::Convert { input, output } => {
+            let started = std::time::Instant::now();
+            let report = zhijian_core::convert_pth(&input, &output)?;
+            println!(
+                "{}: {} tensors, {} parameters ({} layout) -> {} ({} bytes) in {:.2} s",
+                input.display(),
+                report.tensors,
+                report.parameters,
+                report.format,
+                output.display(),
+                report.bytes,
+                started.elapsed().as_secs_f64()
+            );
+            if !report.skipped.is_empty() {
+                println!("skipped {} entries that are not tensors:", report.skipped.len());
+                for s in &report.skipped {
+                    println!("  {} ({})", s.name, s.kind);
+                }
             }
         }
         Command::Fetch { names, all } => {

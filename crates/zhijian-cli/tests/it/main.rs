@@ -53,3 +53,42 @@ fn report_renders_a_records_file() {
     let out = zhijian(&["report", records.to_str().unwrap(), "--experiment", "other"]);
     assert!(!out.status.success() && stderr(&out).contains("no records"), "{}", stderr(&out));
 }
+
+/// A fixture of zhijian-core's `.pth` reader (written by scripts/gen_pth_fixture.py).
+fn pth_fixture(name: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../zhijian-core/tests/fixtures").join(name);
+    path.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn convert_writes_safetensors_and_lists_what_it_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    for (input, layout) in [("tiny_legacy.pth", "legacy pickle"), ("tiny_zip.pth", "zip")] {
+        let output = dir.path().join(input.replace(".pth", ".safetensors"));
+        let out = zhijian(&["convert", &pth_fixture(input), output.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!("18 tensors, 73 parameters ({layout} layout)")), "{text}");
+        assert!(text.contains("skipped 3 entries") && text.contains("  step (int)") && text.contains("  aux.1 (str)"), "{text}");
+        // The safetensors header names every tensor.
+        let written = std::fs::read(&output).unwrap();
+        let header_len = u64::from_le_bytes(written[..8].try_into().unwrap()) as usize;
+        let header = String::from_utf8_lossy(&written[8..8 + header_len]);
+        assert!(header.contains("\"block.inner.bias\"") && header.contains("\"transposed\""), "{header}");
+    }
+}
+
+#[test]
+fn convert_errors_name_the_file_and_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("out.safetensors");
+    let bad = dir.path().join("notes.pth");
+    std::fs::write(&bad, "not a checkpoint").unwrap();
+    let out = zhijian(&["convert", bad.to_str().unwrap(), output.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("notes.pth") && stderr(&out).contains("not a PyTorch checkpoint"), "{}", stderr(&out));
+    assert!(!output.exists());
+
+    let out = zhijian(&["convert", "no/such/model.pth", output.to_str().unwrap()]);
+    assert!(!out.status.success() && stderr(&out).contains("no/such/model.pth"), "{}", stderr(&out));
+}
