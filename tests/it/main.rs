@@ -3,6 +3,7 @@
 mod compare;
 mod conformance;
 mod lazy;
+mod pretrained;
 
 /// LibTorch's default random generator is global to the process and the test
 /// harness runs tests on parallel threads; tests whose results depend on the

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 /// Assets the workspace tests read; `cargo xtask test` fetches these first.
-const TEST_ASSETS: &[&str] = &["all-minilm-l6-v2", "rotten-tomatoes", "optdigits", "mnist-digits"];
+const TEST_ASSETS: &[&str] = &["all-minilm-l6-v2", "rotten-tomatoes", "optdigits", "mnist-digits", "efficientnet-lite0", "foolbox-samples"];
 
 /// Assets `configs/demo.toml` reads.
 const DEMO_ASSETS: &[&str] = &["all-minilm-l6-v2", "rotten-tomatoes"];

@@ -52,6 +52,16 @@ impl ResNetConfig {
         ResNetConfig { block, layers: layers.to_vec(), channels: vec![64, 128, 256, 512], stem_width: 64, in_chans: 3 }
     }
 
+    /// ResNet-18, -34 or -50 by depth.
+    pub fn by_depth(depth: u32) -> Result<Self> {
+        match depth {
+            18 => Ok(Self::resnet18()),
+            34 => Ok(Self::resnet34()),
+            50 => Ok(Self::resnet50()),
+            other => Err(Error::Config(format!("unknown ResNet depth {other}; known: 18, 34, 50"))),
+        }
+    }
+
     /// ResNet-18: 11.7 M parameters.
     pub fn resnet18() -> Self {
         Self::standard(BlockKind::Basic, [2, 2, 2, 2])

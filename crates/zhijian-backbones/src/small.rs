@@ -39,12 +39,20 @@ pub struct Mlp {
     layers: Vec<Linear>,
 }
 
+impl MlpConfig {
+    /// Rejects empty or non-positive sizes.
+    pub fn validate(&self) -> Result<()> {
+        if self.hidden.is_empty() || self.hidden.iter().chain([&self.image_size, &self.in_chans]).any(|&w| w < 1) {
+            return Err(Error::Config(format!("mlp: image_size, in_chans and every hidden width must be ≥ 1, and hidden non-empty: {self:?}")));
+        }
+        Ok(())
+    }
+}
+
 impl Mlp {
     /// Creates the variables under `p` (random init).
     pub fn new(p: nn::Path, config: &MlpConfig) -> Result<Mlp> {
-        if config.hidden.is_empty() || config.hidden.iter().chain([&config.image_size, &config.in_chans]).any(|&w| w < 1) {
-            return Err(Error::Config(format!("mlp: image_size, in_chans and every hidden width must be ≥ 1, and hidden non-empty: {config:?}")));
-        }
+        config.validate()?;
         let mut width = config.in_chans * config.image_size * config.image_size;
         let layers = config
             .hidden
@@ -122,12 +130,22 @@ pub struct SmallCnn {
     stages: Vec<(Conv2d, BatchNorm2d)>,
 }
 
+impl SmallCnnConfig {
+    /// Rejects empty or non-positive sizes.
+    pub fn validate(&self) -> Result<()> {
+        if self.channels.is_empty() || self.channels.iter().chain([&self.image_size, &self.in_chans]).any(|&c| c < 1) {
+            return Err(Error::Config(format!(
+                "small_cnn: image_size, in_chans and every channel count must be ≥ 1, and channels non-empty: {self:?}"
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl SmallCnn {
     /// Creates the variables under `p` (random init).
     pub fn new(p: nn::Path, config: &SmallCnnConfig) -> Result<SmallCnn> {
-        if config.channels.is_empty() || config.channels.iter().chain([&config.image_size, &config.in_chans]).any(|&c| c < 1) {
-            return Err(Error::Config(format!("small_cnn: image_size, in_chans and every channel count must be ≥ 1, and channels non-empty: {config:?}")));
-        }
+        config.validate()?;
         let mut c_in = config.in_chans;
         let stages = config
             .channels

@@ -84,6 +84,22 @@ impl VitConfig {
         Self::preset(768, 12, 224, 16)
     }
 
+    /// A preset by name: `tiny_patch16_224`, `small_patch16_224`,
+    /// `base_patch16_224` or `tiny_patch4_32`.
+    pub fn by_name(name: &str) -> Result<Self> {
+        Ok(match name {
+            "tiny_patch16_224" => Self::tiny_patch16_224(),
+            "small_patch16_224" => Self::small_patch16_224(),
+            "base_patch16_224" => Self::base_patch16_224(),
+            "tiny_patch4_32" => Self::tiny_patch4_32(),
+            other => {
+                return Err(Error::Config(format!(
+                    "unknown ViT preset `{other}`; known: tiny_patch16_224, small_patch16_224, base_patch16_224, tiny_patch4_32"
+                )));
+            }
+        })
+    }
+
     /// A ViT-Tiny for 32 px images (CIFAR, MNIST resized): patch 4, 64 patches.
     pub fn tiny_patch4_32() -> Self {
         Self::preset(192, 3, 32, 4)

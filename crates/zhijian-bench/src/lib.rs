@@ -3,6 +3,8 @@
 //! each run appends a [`Record`] to a JSONL file atomically; reruns skip runs
 //! already recorded. [`table::markdown`] renders the comparison.
 
+pub mod build;
+pub mod data;
 pub mod experiment;
 pub mod record;
 pub mod runner;

@@ -6,13 +6,14 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 use tch::{Device, Tensor};
-use zhijian_backbones::{load_pretrained, Bert, BertConfig};
 use zhijian_core::metrics::{peak_rss_bytes, reset_peak_rss};
 use zhijian_core::train::{self, cache_features, features_cacheable, TrainOptions};
 use zhijian_core::{Error, Method, Model, Registry, Result, Split};
 
-use crate::experiment::{BackboneConfig, DataConfig, DeviceChoice, Experiment};
-use crate::record::{append_record, read_records, Record};
+use crate::build::{build_model, image_preset};
+use crate::data::load_data;
+use crate::experiment::{DeviceChoice, Experiment};
+use crate::record::{append_record, read_records, Record, SplitScore};
 
 /// Options of a comparison that are not part of the experiment file.
 #[derive(Clone, Debug, Default)]
@@ -25,58 +26,6 @@ pub struct CompareOptions {
     pub device: Option<DeviceChoice>,
     /// Folder for saved artifacts; default `artifacts/` beside the records file.
     pub artifacts: Option<PathBuf>,
-}
-
-/// The loaded splits of an experiment.
-pub struct Data {
-    /// Training split.
-    pub train: Split,
-    /// Validation split.
-    pub val: Split,
-    /// In-distribution test split.
-    pub test: Split,
-    /// Class names, by label index.
-    pub classes: Vec<String>,
-}
-
-impl Data {
-    fn describe(&self, name: &str) -> String {
-        format!("{name} ({} classes; train {} / val {} / test {})", self.classes.len(), self.train.len(), self.val.len(), self.test.len())
-    }
-}
-
-/// Loads the experiment's data, tokenised for its backbone.
-pub fn load_data(exp: &Experiment, full: bool) -> Result<Data> {
-    let BackboneConfig::Bert { weights, .. } = &exp.backbone;
-    match &exp.data {
-        DataConfig::RottenTomatoes { max_len, fractions, split_seed, train_limit } => {
-            let csv = asset("rotten-tomatoes", "rotten_tomatoes_corpus_full.csv.bz2")?;
-            let dataset = zhijian_data::rotten_tomatoes(&csv)?;
-            let tokenizer = zhijian_data::TextTokenizer::from_file(&asset(weights, "tokenizer.json")?, *max_len)?;
-            let limit = if full { None } else { *train_limit };
-            let cache = zhijian_assets::cache_dir().join("tokenized");
-            let s = zhijian_data::TextTask { fractions: *fractions, seed: *split_seed, train_limit: limit, cache_dir: Some(cache) }
-                .build(&dataset, &tokenizer)?;
-            Ok(Data { train: s.train, val: s.val, test: s.test, classes: s.classes })
-        }
-    }
-}
-
-fn asset(name: &str, file: &str) -> Result<PathBuf> {
-    zhijian_assets::locate(name, file).map_err(|e| Error::Data(e.to_string()))
-}
-
-/// Builds the experiment's backbone with a fresh head and loads its weights.
-pub fn build_model(exp: &Experiment, num_classes: i64, device: Device) -> Result<(Model, String)> {
-    match &exp.backbone {
-        BackboneConfig::Bert { weights, pooling } => {
-            let config = BertConfig { pooling: *pooling, ..BertConfig::from_json(&asset(weights, "config.json")?)? };
-            config.validate()?;
-            let model = Model::new(device, num_classes, |p| Box::new(Bert::new(p, &config).expect("validated")));
-            load_pretrained(&model, &asset(weights, "model.safetensors")?)?;
-            Ok((model, format!("bert `{weights}` ({} layers, hidden {})", config.num_hidden_layers, config.hidden_size)))
-        }
-    }
 }
 
 fn run_key(exp: &Experiment, strategy: &serde_json::Value, train: &serde_json::Value, seed: u64, full: bool) -> String {
@@ -108,6 +57,7 @@ struct FeatureCache {
     train: Split,
     val: Split,
     test: Split,
+    ood: Vec<Split>,
 }
 
 /// Runs every strategy × seed not yet recorded, appending a record after each
@@ -120,7 +70,8 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
     });
     let existing = read_records(&records_path)?;
     let done: HashSet<String> = existing.iter().map(|r| r.key.clone()).collect();
-    let data = load_data(exp, opts.full)?;
+    // The data's transforms follow the backbone's preset (size, normalisation).
+    let data = load_data(exp, image_preset(exp)?.as_ref(), opts.full)?;
     let data_desc = data.describe(exp.data.name());
     eprintln!("data: {data_desc}");
     let mut features: Option<FeatureCache> = None;
@@ -151,7 +102,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             let method_params = numel(&train::method_variables(&methods));
             let mut feature_seconds = 0.0;
             let cached = features_cacheable(&model, &methods);
-            let (train_split, val_split, test_split) = if cached {
+            let (train_split, val_split, test_split, ood_splits) = if cached {
                 if features.is_none() {
                     let t = Instant::now();
                     let b = cfg.eval_batch_size;
@@ -159,16 +110,25 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
                         train: cache_features(&model, &data.train, b, &label)?,
                         val: cache_features(&model, &data.val, b, &label)?,
                         test: cache_features(&model, &data.test, b, &label)?,
+                        ood: data.ood.iter().map(|s| cache_features(&model, s, b, &label)).collect::<Result<_>>()?,
                     });
                     feature_seconds = t.elapsed().as_secs_f64();
                 }
                 let f = features.as_ref().expect("just filled");
-                (&f.train, &f.val, &f.test)
+                (&f.train, &f.val, &f.test, &f.ood)
             } else {
-                (&data.train, &data.val, &data.test)
+                (&data.train, &data.val, &data.test, &data.ood)
             };
             let report = train::train(&model, &methods, train_split, Some(val_split), &cfg, &TrainOptions { label: label.clone(), checkpoint: None })?;
             let test = train::evaluate(&model, &methods, test_split, cfg.eval_batch_size)?;
+            let top5 = |a: &zhijian_core::Accuracy| (data.classes.len() > 5).then(|| a.top5());
+            let ood = ood_splits
+                .iter()
+                .map(|s| {
+                    let a = train::evaluate(&model, &methods, s, cfg.eval_batch_size)?;
+                    Ok(SplitScore { split: s.name.clone(), top1: a.top1(), top5: top5(&a), n: a.n })
+                })
+                .collect::<Result<Vec<_>>>()?;
             let peak = peak_rss_bytes();
             let artifact = artifacts.join(format!("{}-seed{seed}.safetensors", strategy.name));
             let artifact_bytes = zhijian_core::save_atomic(&train::artifact(&model, &methods), &artifact)?;
@@ -195,15 +155,16 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
                 final_loss: report.final_loss,
                 val_top1: report.val_top1.clone(),
                 test_top1: test.top1(),
-                test_top5: (data.classes.len() > 5).then(|| test.top5()),
+                test_top5: top5(&test),
                 test_n: test.n,
-                ood: Vec::new(),
+                ood,
                 peak_rss_bytes: peak,
                 artifact_bytes,
             };
             append_record(&records_path, &record)?;
+            let shifted: String = record.ood.iter().map(|o| format!(", {} {:.2}%", o.split, 100.0 * o.top1)).collect();
             eprintln!(
-                "{label}: test top-1 {:.2}% in {:.1} s ({} steps), record appended to {}",
+                "{label}: test top-1 {:.2}%{shifted} in {:.1} s ({} steps), record appended to {}",
                 100.0 * record.test_top1,
                 feature_seconds + report.seconds,
                 report.steps,

@@ -1,0 +1,148 @@
+//! Loads an experiment's data: train / validation / test splits, and the
+//! out-of-distribution splits every strategy is also tested on.
+
+use zhijian_core::{Error, ImagePreset, Result, Split};
+use zhijian_data::image::{idx_dataset, mnist_json_digits, optdigits, FASHION_MNIST_CLASSES};
+use zhijian_data::{image_folder, stratified_split, subsample_stratified, Corruption, ImageLoader, ImageTransform};
+
+use crate::build::asset;
+use crate::experiment::{BackboneConfig, DataConfig, Experiment, ImageTask};
+
+/// The loaded splits of an experiment.
+pub struct Data {
+    /// Training split.
+    pub train: Split,
+    /// Validation split.
+    pub val: Split,
+    /// In-distribution test split.
+    pub test: Split,
+    /// Out-of-distribution test splits, in the experiment's order.
+    pub ood: Vec<Split>,
+    /// Class names, by label index.
+    pub classes: Vec<String>,
+}
+
+impl Data {
+    /// `name (k classes; train … / val … / test … / <shift> …)`.
+    pub fn describe(&self, name: &str) -> String {
+        let shifted: String = self.ood.iter().map(|s| format!(" / {} {}", s.name, s.len())).collect();
+        let (k, train, val, test) = (self.classes.len(), self.train.len(), self.val.len(), self.test.len());
+        format!("{name} ({k} classes; train {train} / val {val} / test {test}{shifted})")
+    }
+}
+
+/// A different seed stream from the split's, so subsets are not correlated
+/// with the order the split's shuffle produced.
+const SUBSET_STREAM: u64 = 0x5EED_5AB5_A3D1_E000;
+
+/// Loads the experiment's data: text tokenised for its backbone, images
+/// transformed as its `preset` says. `full` lifts the train and test limits.
+pub fn load_data(exp: &Experiment, preset: Option<&ImagePreset>, full: bool) -> Result<Data> {
+    match &exp.data {
+        DataConfig::RottenTomatoes { max_len, fractions, split_seed, train_limit } => {
+            let BackboneConfig::Bert { weights, .. } = &exp.backbone else {
+                return Err(Error::Config("data `rotten_tomatoes` is text: it needs a `bert` backbone (its tokenizer)".into()));
+            };
+            let dataset = zhijian_data::rotten_tomatoes(&asset("rotten-tomatoes", "rotten_tomatoes_corpus_full.csv.bz2")?)?;
+            let tokenizer = zhijian_data::TextTokenizer::from_file(&asset(weights, "tokenizer.json")?, *max_len)?;
+            let cache = zhijian_assets::cache_dir().join("tokenized");
+            let limit = if full { None } else { *train_limit };
+            let s = zhijian_data::TextTask { fractions: *fractions, seed: *split_seed, train_limit: limit, cache_dir: Some(cache) }
+                .build(&dataset, &tokenizer)?;
+            Ok(Data { train: s.train, val: s.val, test: s.test, ood: Vec::new(), classes: s.classes })
+        }
+        DataConfig::FashionMnist(task) => {
+            let transform = transform(exp, task, preset)?;
+            let file = |f: &str| asset("fashion-mnist", f);
+            let classes: Vec<String> = FASHION_MNIST_CLASSES.map(String::from).to_vec();
+            let train = idx_dataset(&file("train-images-idx3-ubyte.gz")?, &file("train-labels-idx1-ubyte.gz")?, classes.clone())?;
+            let test = idx_dataset(&file("t10k-images-idx3-ubyte.gz")?, &file("t10k-labels-idx1-ubyte.gz")?, classes)?;
+            let pool = ImageLoader::from_dataset(&train, transform.clone())?;
+            image_splits(task, pool, Some(ImageLoader::from_dataset(&test, transform)?), &no_real_shift, full)
+        }
+        DataConfig::Mnist(task) => {
+            let transform = transform(exp, task, preset)?;
+            let digits = asset("mnist-digits", "0.json")?;
+            let pool = ImageLoader::from_dataset(&mnist_json_digits(digits.parent().expect("a file has a folder"))?, transform.clone())?;
+            let real = |name: &str| match name {
+                "optdigits" => Some(optdigits(&asset("optdigits", "digits.csv.gz")?).and_then(|d| ImageLoader::from_dataset(&d, transform.clone()))),
+                _ => None,
+            };
+            image_splits(task, pool, None, &|name| real(name).transpose(), full)
+        }
+        DataConfig::ImageFolder { path, task } => {
+            let files = image_folder(&exp.base.join(path))?;
+            image_splits(task, ImageLoader::from_files(&files, transform(exp, task, preset)?)?, None, &no_real_shift, full)
+        }
+    }
+}
+
+fn no_real_shift(_: &str) -> Result<Option<ImageLoader>> {
+    Ok(None)
+}
+
+/// The backbone's preprocessing at the task's size, with the task's augmentation.
+fn transform(exp: &Experiment, task: &ImageTask, preset: Option<&ImagePreset>) -> Result<ImageTransform> {
+    let preset = preset.ok_or_else(|| Error::Config(format!("data `{}` is images, but the backbone does not take images", exp.data.name())))?;
+    let mut t = ImageTransform::from_preset(preset);
+    if let Some(size) = task.image_size {
+        t.size = size;
+    }
+    if let Some(augment) = &task.augment {
+        t.train = augment.clone();
+    }
+    t.validate()?;
+    Ok(t)
+}
+
+/// Splits `pool` (its test part too, unless the data set has its own `test`),
+/// applies the limits and builds the shifted test splits: a corruption of the
+/// test images (`family:severity`) or a real shift `real(name)` knows.
+fn image_splits(
+    task: &ImageTask,
+    pool: ImageLoader,
+    test: Option<ImageLoader>,
+    real: &dyn Fn(&str) -> Result<Option<ImageLoader>>,
+    full: bool,
+) -> Result<Data> {
+    let [val_fraction, test_fraction] = task.holdout.unwrap_or([0.1, 0.1]);
+    let own_test = if test.is_some() { 0.0 } else { test_fraction };
+    let labels = pool.labels();
+    let parts = stratified_split(&labels, [1.0 - val_fraction - own_test, val_fraction, own_test], task.split_seed)?;
+    let limited = |rows: Vec<usize>, labels: &[i64], limit: Option<usize>| match limit.filter(|_| !full) {
+        Some(n) => subsample_stratified(&rows, labels, n, task.split_seed ^ SUBSET_STREAM),
+        None => rows,
+    };
+    let train = limited(parts.train, &labels, task.train_limit);
+    let (test, test_rows) = match test {
+        Some(t) => {
+            let l = t.labels();
+            let rows = limited((0..l.len()).collect(), &l, task.eval_limit);
+            (t, rows)
+        }
+        None => {
+            let rows = limited(parts.test, &labels, task.eval_limit);
+            (pool.clone(), rows)
+        }
+    };
+    let mut ood = Vec::new();
+    for name in &task.ood {
+        let split = if let Some(shifted) = real(name)? {
+            let l = shifted.labels();
+            shifted.split(name, &limited((0..l.len()).collect(), &l, task.eval_limit))?
+        } else {
+            let corruption: Corruption = name.parse().map_err(|e: Error| {
+                Error::Config(format!("ood `{name}` is neither a shift this data set has nor a corruption: {e}"))
+            })?;
+            test.clone().with_corruption(corruption, task.split_seed).split(name, &test_rows)?
+        };
+        ood.push(split);
+    }
+    Ok(Data {
+        train: pool.split("train", &train)?,
+        val: pool.split("val", &limited(parts.val, &labels, task.eval_limit))?,
+        test: test.split("test", &test_rows)?,
+        ood,
+        classes: pool.classes().to_vec(),
+    })
+}
