@@ -1,4 +1,4 @@
-//! Data adapters for real data sets: text, splits, tokenisation.
+//! Data adapters for real data sets: text, splits, tokenisation, images.
 //!
 //! Asset lookup (download, checksum) happens in the caller; everything here
 //! takes file paths.
@@ -13,11 +13,13 @@ pub mod rotten_tomatoes;
 pub mod split;
 pub mod text;
 pub mod tokenize;
+pub mod transforms;
 
 pub use rotten_tomatoes::rotten_tomatoes;
 pub use split::{stratified_split, subsample_stratified, SplitIndices};
 pub use text::{TextDataset, TextSource};
 pub use tokenize::{TextTokenizer, TokenizedText};
+pub use transforms::{Augment, Image, ImageTransform};
 
 /// The rows `indices` of `tokens` and `labels` as a named split.
 ///
