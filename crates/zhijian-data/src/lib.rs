@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use tch::Tensor;
 use zhijian_core::{Input, Result, Split};
 
+pub mod corruptions;
 pub mod image;
 pub mod rotten_tomatoes;
 pub mod split;
@@ -15,6 +16,7 @@ pub mod text;
 pub mod tokenize;
 pub mod transforms;
 
+pub use corruptions::{corrupt, Corruption, Family};
 pub use rotten_tomatoes::rotten_tomatoes;
 pub use split::{stratified_split, subsample_stratified, SplitIndices};
 pub use text::{TextDataset, TextSource};
