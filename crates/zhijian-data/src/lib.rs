@@ -9,7 +9,9 @@ use tch::Tensor;
 use zhijian_core::{Input, Result, Split};
 
 pub mod corruptions;
+pub mod foolbox;
 pub mod image;
+pub mod image_folder;
 pub mod rotten_tomatoes;
 pub mod split;
 pub mod text;
@@ -17,6 +19,8 @@ pub mod tokenize;
 pub mod transforms;
 
 pub use corruptions::{corrupt, Corruption, Family};
+pub use foolbox::{foolbox_imagenet, foolbox_samples};
+pub use image_folder::{image_folder, ImageFile, ImageFiles};
 pub use rotten_tomatoes::rotten_tomatoes;
 pub use split::{stratified_split, subsample_stratified, SplitIndices};
 pub use text::{TextDataset, TextSource};
