@@ -1,23 +1,36 @@
-//! Data adapters for real data sets: text, splits, tokenisation.
+//! Data adapters for real data sets: text and tokenisation, image sets and
+//! image folders, PIL-exact image transforms, corruptions (ImageNet-C), a
+//! parallel image loader for lazy inputs, and splits.
 //!
 //! Asset lookup (download, checksum) happens in the caller; everything here
-//! takes file paths.
+//! takes file paths, except the `foolbox-samples` shortcut
+//! [`foolbox::foolbox_imagenet`], which finds the cached asset itself.
 
 use std::path::PathBuf;
 
 use tch::Tensor;
 use zhijian_core::{Input, Result, Split};
 
+pub mod corruptions;
+pub mod foolbox;
 pub mod image;
+pub mod image_folder;
+pub mod loader;
 pub mod rotten_tomatoes;
 pub mod split;
 pub mod text;
 pub mod tokenize;
+pub mod transforms;
 
+pub use corruptions::{corrupt, Corruption, Family};
+pub use foolbox::{foolbox_imagenet, foolbox_samples};
+pub use image_folder::{image_folder, ImageFile, ImageFiles};
+pub use loader::ImageLoader;
 pub use rotten_tomatoes::rotten_tomatoes;
 pub use split::{stratified_split, subsample_stratified, SplitIndices};
 pub use text::{TextDataset, TextSource};
 pub use tokenize::{TextTokenizer, TokenizedText};
+pub use transforms::{Augment, Image, ImageTransform};
 
 /// The rows `indices` of `tokens` and `labels` as a named split.
 ///
