@@ -95,3 +95,63 @@ fn bad_configs_fail_before_training_and_name_the_problem() {
         .to_string();
     assert!(err.contains("no-such-model") && err.contains("all-minilm-l6-v2"), "{err}");
 }
+
+/// EfficientNet-Lite0 (its shipped weights, converted from the `.pth`) on a few
+/// MNIST digits at 32 px, tested in distribution, on optdigits and on a corruption.
+const VISION: &str = r#"
+name = "tiny-vision"
+device = "cpu"
+[backbone]
+kind = "efficientnet_lite"
+weights = "efficientnet-lite0"
+[data]
+kind = "mnist"
+image_size = 32
+train_limit = 40
+eval_limit = 30
+ood = ["optdigits", "gaussian_noise:2"]
+augment = { scale = [0.5, 1.0], hflip = false }
+[train]
+max_steps = 2
+batch_size = 8
+[[strategy]]
+name = "probe"
+methods = [{ method = "linear_probe" }]
+[[strategy]]
+name = "lora"
+methods = [{ method = "lora", rank = 2 }]
+"#;
+
+#[test]
+fn vision_compare_tests_every_shift() {
+    let _rng = crate::rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let registry = zhijian::bench::registry();
+    let exp = Experiment::load(&write(dir.path(), VISION), &registry).unwrap();
+    let opts = CompareOptions { records: Some(dir.path().join("r.jsonl")), device: Some(DeviceChoice::Cpu), ..Default::default() };
+    let records = compare(&exp, &registry, &opts).unwrap();
+    assert_eq!(records.len(), 2);
+    for r in &records {
+        let shifts: Vec<&str> = r.ood.iter().map(|o| o.split.as_str()).collect();
+        assert_eq!(shifts, ["optdigits", "gaussian_noise:2"], "{r:?}");
+        assert!(r.ood.iter().all(|o| (25..=30).contains(&o.n) && (0.0..=1.0).contains(&o.top1)), "{r:?}");
+        assert!(r.test_top5.is_some_and(|t5| t5 >= r.test_top1), "{r:?}");
+        assert!(r.backbone.contains("pre-trained"), "{}", r.backbone);
+    }
+    // The probe trains the 1280 → 10 head on cached features; LoRA adapts the
+    // 1×1 convolutions (rank 2 on each of the 32 pointwise sites) as well.
+    assert!(records[0].cached_features && !records[1].cached_features);
+    assert_eq!(records[0].trainable_params, 1280 * 10 + 10);
+    assert!(records[1].trainable_params > records[0].trainable_params);
+    let t = table::markdown(&records);
+    assert!(t.contains("| optdigits top-1 (%) | gaussian_noise:2 top-1 (%) |"), "{t}");
+
+    // Bad shifts and mismatched data name the problem before anything trains.
+    let err = compare(&Experiment::load(&write(dir.path(), &VISION.replace("gaussian_noise:2", "fog:3")), &registry).unwrap(), &registry, &opts)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("fog:3") && err.contains("gaussian_noise"), "{err}");
+    let text = VISION.replace("kind = \"mnist\"", "kind = \"rotten_tomatoes\"");
+    assert!(Experiment::load(&write(dir.path(), &text), &registry).is_err(), "image fields on a text data set");
+}

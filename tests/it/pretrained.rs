@@ -10,6 +10,8 @@ use zhijian::data::{foolbox_imagenet, ImageLoader, ImageTransform};
 
 #[test]
 fn efficientnet_lite0_classifies_foolbox_imagenet_samples() {
+    // Building the model draws its random initialisation from the global generator.
+    let _rng = crate::rng_lock();
     let pth = zhijian::assets::locate("efficientnet-lite0", "efficientnet-lite0-57934424.pth").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let weights = dir.path().join("lite0.safetensors");

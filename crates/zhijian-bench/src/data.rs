@@ -64,11 +64,13 @@ pub fn load_data(exp: &Experiment, preset: Option<&ImagePreset>, full: bool) -> 
             let transform = transform(exp, task, preset)?;
             let digits = asset("mnist-digits", "0.json")?;
             let pool = ImageLoader::from_dataset(&mnist_json_digits(digits.parent().expect("a file has a folder"))?, transform.clone())?;
-            let real = |name: &str| match name {
-                "optdigits" => Some(optdigits(&asset("optdigits", "digits.csv.gz")?).and_then(|d| ImageLoader::from_dataset(&d, transform.clone()))),
-                _ => None,
+            let real = |name: &str| -> Result<Option<ImageLoader>> {
+                match name {
+                    "optdigits" => Ok(Some(ImageLoader::from_dataset(&optdigits(&asset("optdigits", "digits.csv.gz")?)?, transform.clone())?)),
+                    _ => Ok(None),
+                }
             };
-            image_splits(task, pool, None, &|name| real(name).transpose(), full)
+            image_splits(task, pool, None, &real, full)
         }
         DataConfig::ImageFolder { path, task } => {
             let files = image_folder(&exp.base.join(path))?;

@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
-use tch::{Device, Tensor};
+use tch::Tensor;
 use zhijian_core::metrics::{peak_rss_bytes, reset_peak_rss};
 use zhijian_core::train::{self, cache_features, features_cacheable, TrainOptions};
-use zhijian_core::{Error, Method, Model, Registry, Result, Split};
+use zhijian_core::{Method, Registry, Result, Split};
 
 use crate::build::{build_model, image_preset};
 use crate::data::load_data;

@@ -28,10 +28,10 @@ fn errors_exit_non_zero_and_say_what_is_wrong() {
 
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("exp.toml");
-    std::fs::write(&config, "name = \"x\"\n[backbone]\nkind = \"resnet\"\n").unwrap();
+    std::fs::write(&config, "name = \"x\"\n[backbone]\nkind = \"resnt\"\n").unwrap();
     let out = zhijian(&["compare", config.to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("unknown variant `resnet`") && stderr(&out).contains("bert"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("unknown variant `resnt`") && stderr(&out).contains("efficientnet_lite"), "{}", stderr(&out));
 
     let out = zhijian(&["fetch", "no-such-asset"]);
     assert!(!out.status.success());
