@@ -18,7 +18,7 @@ use crate::record::{append_record, read_records, Record, SplitScore};
 /// Options of a comparison that are not part of the experiment file.
 #[derive(Clone, Debug, Default)]
 pub struct CompareOptions {
-    /// Lift the data config's `train_limit` (train on the full training split).
+    /// Lift the data config's `train_limit` and `eval_limit` (use the whole data set).
     pub full: bool,
     /// Override the experiment's records file.
     pub records: Option<PathBuf>,

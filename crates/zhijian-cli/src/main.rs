@@ -22,7 +22,7 @@ enum Command {
     Compare {
         /// Experiment file, e.g. configs/demo.toml.
         config: PathBuf,
-        /// Train on the full training split (lift the data's `train_limit`).
+        /// Use the whole data set: lift the data's `train_limit` and `eval_limit`.
         #[arg(long)]
         full: bool,
         /// Records file (JSONL); default: the experiment's `records`.
