@@ -301,3 +301,34 @@ impl Experiment {
         self.records.clone().unwrap_or_else(|| PathBuf::from(format!("results/{}.jsonl", self.name)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(text: &str) -> std::result::Result<DataConfig, String> {
+        toml::from_str::<toml::Table>(text).unwrap()["data"].clone().try_into().map_err(|e: toml::de::Error| e.to_string())
+    }
+
+    /// Image tasks parse with every field, under each image data kind, and a
+    /// misspelt field is named (also through the image folder's flattened task).
+    #[test]
+    fn image_tasks_parse_and_name_typos() {
+        let mnist = data("[data]\nkind = \"mnist\"\nimage_size = 64\nood = [\"optdigits\"]\naugment = { hflip = false }\n").unwrap();
+        let DataConfig::Mnist(task) = mnist else { panic!("{mnist:?}") };
+        assert_eq!((task.image_size, task.ood.clone()), (Some(64), vec!["optdigits".to_string()]));
+        assert!(!task.augment.unwrap().hflip);
+        let folder = data("[data]\nkind = \"image_folder\"\npath = \"imgs\"\neval_limit = 5\n").unwrap();
+        let DataConfig::ImageFolder { path, task } = folder else { panic!("{folder:?}") };
+        assert_eq!((path, task.eval_limit), (PathBuf::from("imgs"), Some(5)));
+        let typos = [
+            ("kind = \"mnist\"\nimage_sise = 64", "image_sise"),
+            ("kind = \"image_folder\"\npath = \"x\"\ntrain_limt = 3", "train_limt"),
+            ("kind = \"fashion_mnist\"\naugment = { flip = true }", "flip"),
+        ];
+        for (text, field) in typos {
+            let err = data(&format!("[data]\n{text}\n")).unwrap_err();
+            assert!(err.contains(field), "{text}: {err}");
+        }
+    }
+}
