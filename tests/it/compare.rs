@@ -63,6 +63,11 @@ fn compare_records_and_resumes() {
     let again = compare(&exp, &registry, &opts).unwrap();
     assert_eq!(again, first);
     assert_eq!(read_records(&records).unwrap().len(), 2);
+    // Shard 1 of 2 is the second run of the grid (LoRA), already recorded too.
+    let shard = CompareOptions { shard: Some("1/2".parse().unwrap()), ..opts.clone() };
+    assert_eq!(compare(&exp, &registry, &shard).unwrap(), [lora.clone()]);
+    assert!("2/2".parse::<zhijian::bench::Shard>().unwrap_err().to_string().contains("0 ≤ i < n"));
+    assert!("x".parse::<zhijian::bench::Shard>().is_err());
 
     // A run does not depend on what ran before it in the process: LoRA alone
     // (as after an interruption) repeats the LoRA run of the full comparison.

@@ -12,7 +12,7 @@ pub mod table;
 
 pub use experiment::{BackboneConfig, DataConfig, DeviceChoice, Experiment, Strategy};
 pub use record::{append_record, read_records, Record};
-pub use runner::{compare, CompareOptions};
+pub use runner::{compare, CompareOptions, Shard};
 
 /// A registry with every method zhijian ships.
 pub fn registry() -> zhijian_core::Registry {

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use tch::Tensor;
 use zhijian_core::metrics::{peak_rss_bytes, reset_peak_rss};
 use zhijian_core::train::{self, cache_features, features_cacheable, TrainOptions};
-use zhijian_core::{Method, Registry, Result, Split};
+use zhijian_core::{Error, Method, Registry, Result, Split};
 
 use crate::build::{build_model, image_preset};
 use crate::data::load_data;
@@ -26,6 +26,41 @@ pub struct CompareOptions {
     pub device: Option<DeviceChoice>,
     /// Folder for saved artifacts; default `artifacts/` beside the records file.
     pub artifacts: Option<PathBuf>,
+    /// Run only this deterministic slice of the seed × strategy grid.
+    pub shard: Option<Shard>,
+}
+
+/// Slice `index` of `count` of a grid: run `k` (seeds outer, strategies inner,
+/// in file order) belongs to shard `k mod count`. Shards of one grid can run on
+/// different machines; their JSONL records concatenate into the whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    /// Which slice, from 0.
+    pub index: usize,
+    /// How many slices.
+    pub count: usize,
+}
+
+impl Shard {
+    /// Whether run `k` of the grid belongs to this shard.
+    pub fn has(&self, k: usize) -> bool {
+        k % self.count == self.index
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = Error;
+
+    /// `i/n` with `0 ≤ i < n`.
+    fn from_str(s: &str) -> Result<Shard> {
+        let bad = || Error::Config(format!("shard `{s}` must be `i/n` with 0 ≤ i < n, e.g. 0/2"));
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
 }
 
 fn run_key(exp: &Experiment, strategy: &serde_json::Value, train: &serde_json::Value, seed: u64, full: bool) -> String {
@@ -60,8 +95,9 @@ struct FeatureCache {
     ood: Vec<Split>,
 }
 
-/// Runs every strategy × seed not yet recorded, appending a record after each
-/// run. Returns this experiment's records (earlier ones included), in order.
+/// Runs every strategy × seed not yet recorded (of the shard, if one is given),
+/// appending a record after each run. Returns those runs' records (earlier ones
+/// included), in grid order.
 pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> Result<Vec<Record>> {
     let device = opts.device.unwrap_or(exp.device).resolve()?;
     let records_path = opts.records.clone().unwrap_or_else(|| exp.records_path());
@@ -77,100 +113,99 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
     let mut features: Option<FeatureCache> = None;
     let mut keys = Vec::new();
     let rev = git_rev();
-    for &seed in &exp.seeds {
-        for strategy in &exp.strategies {
-            let cfg = strategy.train_config(&exp.train)?;
-            let cfg = zhijian_core::TrainConfig { seed, ..cfg };
-            let methods_json = serde_json::to_value(&strategy.methods).unwrap_or_default();
-            let train_json = serde_json::to_value(&cfg).unwrap_or_default();
-            let key = run_key(exp, &methods_json, &train_json, seed, opts.full);
-            keys.push(key.clone());
-            if done.contains(&key) {
-                eprintln!("{} seed {seed}: already recorded in {}, skipped", strategy.name, records_path.display());
-                continue;
-            }
-            let label = format!("{} seed {seed}", strategy.name);
-            reset_peak_rss();
-            // Seeded before the model exists: the new head's initialisation is part of
-            // the run, so neither the strategy order nor a resumed comparison changes it.
-            tch::manual_seed(seed as i64);
-            let (model, backbone_desc) = build_model(exp, data.classes.len() as i64, device)?;
-            let mut methods: Vec<Box<dyn Method>> =
-                strategy.methods.iter().map(|m| registry.build(m)).collect::<Result<_>>()?;
-            train::prepare(&model, &mut methods, seed)?;
-            let trainable = train::trainable(&model, &methods);
-            let method_params = numel(&train::method_variables(&methods));
-            let mut feature_seconds = 0.0;
-            let cached = features_cacheable(&model, &methods);
-            let (train_split, val_split, test_split, ood_splits) = if cached {
-                if features.is_none() {
-                    let t = Instant::now();
-                    let b = cfg.eval_batch_size;
-                    features = Some(FeatureCache {
-                        train: cache_features(&model, &data.train, b, &label)?,
-                        val: cache_features(&model, &data.val, b, &label)?,
-                        test: cache_features(&model, &data.test, b, &label)?,
-                        ood: data.ood.iter().map(|s| cache_features(&model, s, b, &label)).collect::<Result<_>>()?,
-                    });
-                    feature_seconds = t.elapsed().as_secs_f64();
-                }
-                let f = features.as_ref().expect("just filled");
-                (&f.train, &f.val, &f.test, &f.ood)
-            } else {
-                (&data.train, &data.val, &data.test, &data.ood)
-            };
-            let report = train::train(&model, &methods, train_split, Some(val_split), &cfg, &TrainOptions { label: label.clone(), checkpoint: None })?;
-            let test = train::evaluate(&model, &methods, test_split, cfg.eval_batch_size)?;
-            let top5 = |a: &zhijian_core::Accuracy| (data.classes.len() > 5).then(|| a.top5());
-            let ood = ood_splits
-                .iter()
-                .map(|s| {
-                    let a = train::evaluate(&model, &methods, s, cfg.eval_batch_size)?;
-                    Ok(SplitScore { split: s.name.clone(), top1: a.top1(), top5: top5(&a), n: a.n })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let peak = peak_rss_bytes();
-            let artifact = artifacts.join(format!("{}-seed{seed}.safetensors", strategy.name));
-            let artifact_bytes = zhijian_core::save_atomic(&train::artifact(&model, &methods), &artifact)?;
-            let record = Record {
-                experiment: exp.name.clone(),
-                strategy: strategy.name.clone(),
-                seed,
-                key,
-                methods: methods_json,
-                train: train_json,
-                backbone: backbone_desc,
-                data: data_desc.clone(),
-                device: format!("{device:?}").to_lowercase(),
-                git_rev: rev.clone(),
-                finished_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-                trainable_params: numel(&trainable),
-                total_params: model.num_params() + method_params,
-                cached_features: cached,
-                feature_seconds,
-                train_seconds: report.seconds,
-                eval_seconds: report.eval_seconds,
-                train_samples_per_s: report.samples_per_s(),
-                steps: report.steps,
-                final_loss: report.final_loss,
-                val_top1: report.val_top1.clone(),
-                test_top1: test.top1(),
-                test_top5: top5(&test),
-                test_n: test.n,
-                ood,
-                peak_rss_bytes: peak,
-                artifact_bytes,
-            };
-            append_record(&records_path, &record)?;
-            let shifted: String = record.ood.iter().map(|o| format!(", {} {:.2}%", o.split, 100.0 * o.top1)).collect();
-            eprintln!(
-                "{label}: test top-1 {:.2}%{shifted} in {:.1} s ({} steps), record appended to {}",
-                100.0 * record.test_top1,
-                feature_seconds + report.seconds,
-                report.steps,
-                records_path.display()
-            );
+    let grid = exp.seeds.iter().flat_map(|&seed| exp.strategies.iter().map(move |s| (seed, s)));
+    for (_, (seed, strategy)) in grid.enumerate().filter(|(k, _)| opts.shard.is_none_or(|s| s.has(*k))) {
+        let cfg = strategy.train_config(&exp.train)?;
+        let cfg = zhijian_core::TrainConfig { seed, ..cfg };
+        let methods_json = serde_json::to_value(&strategy.methods).unwrap_or_default();
+        let train_json = serde_json::to_value(&cfg).unwrap_or_default();
+        let key = run_key(exp, &methods_json, &train_json, seed, opts.full);
+        keys.push(key.clone());
+        if done.contains(&key) {
+            eprintln!("{} seed {seed}: already recorded in {}, skipped", strategy.name, records_path.display());
+            continue;
         }
+        let label = format!("{} seed {seed}", strategy.name);
+        reset_peak_rss();
+        // Seeded before the model exists: the new head's initialisation is part of
+        // the run, so neither the strategy order nor a resumed comparison changes it.
+        tch::manual_seed(seed as i64);
+        let (model, backbone_desc) = build_model(exp, data.classes.len() as i64, device)?;
+        let mut methods: Vec<Box<dyn Method>> =
+            strategy.methods.iter().map(|m| registry.build(m)).collect::<Result<_>>()?;
+        train::prepare(&model, &mut methods, seed)?;
+        let trainable = train::trainable(&model, &methods);
+        let method_params = numel(&train::method_variables(&methods));
+        let mut feature_seconds = 0.0;
+        let cached = features_cacheable(&model, &methods);
+        let (train_split, val_split, test_split, ood_splits) = if cached {
+            if features.is_none() {
+                let t = Instant::now();
+                let b = cfg.eval_batch_size;
+                features = Some(FeatureCache {
+                    train: cache_features(&model, &data.train, b, &label)?,
+                    val: cache_features(&model, &data.val, b, &label)?,
+                    test: cache_features(&model, &data.test, b, &label)?,
+                    ood: data.ood.iter().map(|s| cache_features(&model, s, b, &label)).collect::<Result<_>>()?,
+                });
+                feature_seconds = t.elapsed().as_secs_f64();
+            }
+            let f = features.as_ref().expect("just filled");
+            (&f.train, &f.val, &f.test, &f.ood)
+        } else {
+            (&data.train, &data.val, &data.test, &data.ood)
+        };
+        let report = train::train(&model, &methods, train_split, Some(val_split), &cfg, &TrainOptions { label: label.clone(), checkpoint: None })?;
+        let test = train::evaluate(&model, &methods, test_split, cfg.eval_batch_size)?;
+        let top5 = |a: &zhijian_core::Accuracy| (data.classes.len() > 5).then(|| a.top5());
+        let ood = ood_splits
+            .iter()
+            .map(|s| {
+                let a = train::evaluate(&model, &methods, s, cfg.eval_batch_size)?;
+                Ok(SplitScore { split: s.name.clone(), top1: a.top1(), top5: top5(&a), n: a.n })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let peak = peak_rss_bytes();
+        let artifact = artifacts.join(format!("{}-seed{seed}.safetensors", strategy.name));
+        let artifact_bytes = zhijian_core::save_atomic(&train::artifact(&model, &methods), &artifact)?;
+        let record = Record {
+            experiment: exp.name.clone(),
+            strategy: strategy.name.clone(),
+            seed,
+            key,
+            methods: methods_json,
+            train: train_json,
+            backbone: backbone_desc,
+            data: data_desc.clone(),
+            device: format!("{device:?}").to_lowercase(),
+            git_rev: rev.clone(),
+            finished_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            trainable_params: numel(&trainable),
+            total_params: model.num_params() + method_params,
+            cached_features: cached,
+            feature_seconds,
+            train_seconds: report.seconds,
+            eval_seconds: report.eval_seconds,
+            train_samples_per_s: report.samples_per_s(),
+            steps: report.steps,
+            final_loss: report.final_loss,
+            val_top1: report.val_top1.clone(),
+            test_top1: test.top1(),
+            test_top5: top5(&test),
+            test_n: test.n,
+            ood,
+            peak_rss_bytes: peak,
+            artifact_bytes,
+        };
+        append_record(&records_path, &record)?;
+        let shifted: String = record.ood.iter().map(|o| format!(", {} {:.2}%", o.split, 100.0 * o.top1)).collect();
+        eprintln!(
+            "{label}: test top-1 {:.2}%{shifted} in {:.1} s ({} steps), record appended to {}",
+            100.0 * record.test_top1,
+            feature_seconds + report.seconds,
+            report.steps,
+            records_path.display()
+        );
     }
     let all = read_records(&records_path)?;
     Ok(keys.iter().filter_map(|k| all.iter().rev().find(|r| &r.key == k).cloned()).collect())

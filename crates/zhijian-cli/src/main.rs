@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use zhijian_bench::{read_records, table, CompareOptions, DeviceChoice, Experiment};
+use zhijian_bench::{read_records, table, CompareOptions, DeviceChoice, Experiment, Shard};
 
 #[derive(Parser)]
 #[command(name = "zhijian", version, about = "Reuse pre-trained models: compare reuse strategies under one protocol.")]
@@ -31,6 +31,11 @@ enum Command {
         /// Device: cpu, cuda or auto; default: the experiment's `device`.
         #[arg(long, value_parser = parse_device)]
         device: Option<DeviceChoice>,
+        /// Run only slice I of N of the seed × strategy grid (run k belongs to
+        /// slice k mod N), e.g. `--shard 0/2` here and `--shard 1/2` elsewhere;
+        /// the records files concatenate into the whole comparison.
+        #[arg(long, value_name = "I/N", value_parser = parse_shard)]
+        shard: Option<Shard>,
     },
     /// Print the comparison table of a records file.
     Report {
@@ -64,6 +69,10 @@ enum Command {
     },
 }
 
+fn parse_shard(s: &str) -> Result<Shard, String> {
+    s.parse().map_err(|e: zhijian_core::Error| e.to_string())
+}
+
 fn parse_device(s: &str) -> Result<DeviceChoice, String> {
     match s {
         "cpu" => Ok(DeviceChoice::Cpu),
@@ -75,10 +84,10 @@ fn parse_device(s: &str) -> Result<DeviceChoice, String> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Compare { config, full, records, device } => {
+        Command::Compare { config, full, records, device, shard } => {
             let registry = zhijian_bench::registry();
             let exp = Experiment::load(&config, &registry)?;
-            let records = zhijian_bench::compare(&exp, &registry, &CompareOptions { full, records, device, artifacts: None })?;
+            let records = zhijian_bench::compare(&exp, &registry, &CompareOptions { full, records, device, artifacts: None, shard })?;
             println!("\n## {}\n\n{}", exp.name, table::markdown(&records));
         }
         Command::Report { records, experiment } => {
