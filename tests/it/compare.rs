@@ -57,6 +57,8 @@ fn compare_records_and_resumes() {
         assert!(r.test_n > 200 && (0.0..=1.0).contains(&r.test_top1), "{r:?}");
         assert_eq!(r.steps, 2);
         assert!(r.artifact_bytes > 0);
+        // Batch-1 latency and throughput of the whole model, measured after training.
+        assert!(r.latency_ms.is_some_and(|ms| ms > 0.0) && r.inference_per_s.is_some_and(|x| x > 0.0), "{r:?}");
     }
     assert!(table::markdown(&first).contains("| lora | 1 |"));
     // A rerun finds both runs recorded and trains nothing.

@@ -68,6 +68,14 @@ pub struct Record {
     /// (Absent in older records: none.)
     #[serde(default)]
     pub ood: Vec<SplitScore>,
+    /// Median wall time of one example through the trained model (batch 1,
+    /// backbone included, methods as trained), milliseconds. (Absent in older records.)
+    #[serde(default)]
+    pub latency_ms: Option<f64>,
+    /// Test examples per second through the trained model at the evaluation
+    /// batch size, inputs already made. (Absent in older records.)
+    #[serde(default)]
+    pub inference_per_s: Option<f64>,
     /// Peak resident memory of the run in bytes (CPU).
     pub peak_rss_bytes: Option<u64>,
     /// Size of the saved artifact (trainable parameters only) in bytes.
@@ -161,6 +169,8 @@ pub(crate) fn sample(strategy: &str, seed: u64, top1: f64) -> Record {
         test_top5: None,
         test_n: 10,
         ood: Vec::new(),
+        latency_ms: Some(12.5),
+        inference_per_s: Some(400.0),
         peak_rss_bytes: Some(1 << 30),
         artifact_bytes: 4096,
     }

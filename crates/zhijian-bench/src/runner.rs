@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use tch::Tensor;
 use zhijian_core::metrics::{peak_rss_bytes, reset_peak_rss};
 use zhijian_core::train::{self, cache_features, features_cacheable, TrainOptions};
-use zhijian_core::{Error, Method, Registry, Result, Split};
+use zhijian_core::{Error, Method, Model, Registry, Result, Split};
 
 use crate::build::{build_model, image_preset};
 use crate::data::load_data;
@@ -85,6 +85,36 @@ fn git_rev() -> String {
 
 fn numel(ts: &[(String, Tensor)]) -> i64 {
     ts.iter().map(|(_, t)| t.numel() as i64).sum()
+}
+
+/// Examples timed one by one for the batch-1 latency.
+const LATENCY_EXAMPLES: i64 = 16;
+/// Examples timed in batches for the inference throughput.
+const THROUGHPUT_EXAMPLES: i64 = 256;
+
+/// Inference speed of the trained model on the first test examples, backbone
+/// included even when training used cached features: the median batch-1
+/// latency in milliseconds, and examples per second at `batch_size`. Inputs
+/// are made (decoded, tokenised) before the clock starts; one warm-up pass
+/// runs first.
+fn inference_speed(model: &Model, methods: &[Box<dyn Method>], test: &Split, batch_size: i64) -> Result<(f64, f64)> {
+    let first = |n: i64| test.input.select(&Tensor::arange(n.min(test.len()), (tch::Kind::Int64, tch::Device::Cpu)), tch::Device::Cpu);
+    let bulk = first(THROUGHPUT_EXAMPLES)?;
+    let _warm_up = train::predict(model, methods, &bulk, batch_size)?;
+    let t = Instant::now();
+    let _ = train::predict(model, methods, &bulk, batch_size)?;
+    let per_s = bulk.len() as f64 / t.elapsed().as_secs_f64();
+    let singles = first(LATENCY_EXAMPLES)?;
+    let mut times: Vec<f64> = (0..singles.len())
+        .map(|i| {
+            let one = singles.select(&Tensor::from_slice(&[i]), tch::Device::Cpu)?;
+            let t = Instant::now();
+            let _ = train::predict(model, methods, &one, 1)?;
+            Ok(t.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<Result<_>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], per_s))
 }
 
 /// Features of every split, computed once per comparison by the frozen backbone.
@@ -165,6 +195,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
                 Ok(SplitScore { split: s.name.clone(), top1: a.top1(), top5: top5(&a), n: a.n })
             })
             .collect::<Result<Vec<_>>>()?;
+        let (latency_ms, inference_per_s) = inference_speed(&model, &methods, &data.test, cfg.eval_batch_size)?;
         let peak = peak_rss_bytes();
         let artifact = artifacts.join(format!("{}-seed{seed}.safetensors", strategy.name));
         let artifact_bytes = zhijian_core::save_atomic(&train::artifact(&model, &methods), &artifact)?;
@@ -194,6 +225,8 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             test_top5: top5(&test),
             test_n: test.n,
             ood,
+            latency_ms: Some(latency_ms),
+            inference_per_s: Some(inference_per_s),
             peak_rss_bytes: peak,
             artifact_bytes,
         };

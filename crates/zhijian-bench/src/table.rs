@@ -35,6 +35,12 @@ pub fn human_bytes(n: u64) -> String {
     if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[u]) }
 }
 
+/// Mean ± std of a figure older records may lack (`n/a` if every run lacks it).
+fn optional(runs: &[&Record], f: impl Fn(&Record) -> Option<f64>, digits: usize) -> String {
+    let xs: Vec<f64> = runs.iter().filter_map(|r| f(r)).collect();
+    if xs.is_empty() { "n/a".into() } else { pm(&xs, 1.0, digits) }
+}
+
 /// A markdown table of `records`, one row per strategy in first-seen order.
 /// Train time includes computing cached features; a samples/s figure marked †
 /// is the head's throughput on those features, not comparable to whole-model rates.
@@ -54,8 +60,8 @@ pub fn markdown(records: &[Record]) -> String {
     }
     let ood_header: String = shifts.iter().map(|s| format!(" {s} top-1 (%) |")).collect();
     let mut out = format!(
-        "| strategy | seeds | trainable / total params | test top-1 (%) |{ood_header} train time (s) | samples/s | peak RSS | artifact |\n\
-         |---|---|---|---|{}---|---|---|---|\n",
+        "| strategy | seeds | trainable / total params | test top-1 (%) |{ood_header} train time (s) | samples/s | latency b=1 (ms) | inference/s | peak RSS | artifact |\n\
+         |---|---|---|---|{}---|---|---|---|---|---|\n",
         "---|".repeat(shifts.len())
     );
     for name in order {
@@ -71,7 +77,7 @@ pub fn markdown(records: &[Record]) -> String {
             })
             .collect();
         out.push_str(&format!(
-            "| {name} | {} | {} / {} ({:.2}%) | {} |{ood} {} | {} | {} | {} |\n",
+            "| {name} | {} | {} / {} ({:.2}%) | {} |{ood} {} | {} | {} | {} | {} | {} |\n",
             runs.len(),
             human_count(first.trainable_params),
             human_count(first.total_params),
@@ -79,6 +85,8 @@ pub fn markdown(records: &[Record]) -> String {
             pm(&col(&|r| r.test_top1), 100.0, 2),
             pm(&col(&|r| r.feature_seconds + r.train_seconds), 1.0, 1),
             pm(&col(&|r| r.train_samples_per_s), 1.0, 0) + if first.cached_features { " †" } else { "" },
+            optional(&runs, |r| r.latency_ms, 1),
+            optional(&runs, |r| r.inference_per_s, 0),
             peak.map_or("n/a".into(), human_bytes),
             human_bytes(first.artifact_bytes),
         ));
@@ -105,8 +113,11 @@ mod tests {
         assert!(t.contains("\n† head trained on cached features"));
         assert_eq!(human_bytes(4096), "4.0 KiB");
         assert_eq!(human_count(22_700_000), "22.7M");
-        // No shifted splits, no shift columns: 8 columns.
-        assert_eq!(t.lines().next().unwrap().matches('|').count(), 9);
+        // No shifted splits, no shift columns: 10 columns.
+        assert_eq!(t.lines().next().unwrap().matches('|').count(), 11);
+        assert!(rows[0].contains("| 12.5 ± 0.0 | 400 ± 0 |"), "{}", rows[0]);
+        let old = Record { latency_ms: None, inference_per_s: None, ..sample("old", 0, 0.5) };
+        assert!(markdown(&[old]).contains("| n/a | n/a |"));
     }
 
     #[test]
