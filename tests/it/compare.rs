@@ -67,7 +67,7 @@ fn compare_records_and_resumes() {
     assert_eq!(read_records(&records).unwrap().len(), 2);
     // Shard 1 of 2 is the second run of the grid (LoRA), already recorded too.
     let shard = CompareOptions { shard: Some("1/2".parse().unwrap()), ..opts.clone() };
-    assert_eq!(compare(&exp, &registry, &shard).unwrap(), [lora.clone()]);
+    assert_eq!(compare(&exp, &registry, &shard).unwrap(), std::slice::from_ref(lora));
     assert!("2/2".parse::<zhijian::bench::Shard>().unwrap_err().to_string().contains("0 ≤ i < n"));
     assert!("x".parse::<zhijian::bench::Shard>().is_err());
 
