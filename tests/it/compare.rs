@@ -159,6 +159,11 @@ fn vision_compare_tests_every_shift() {
         .unwrap()
         .to_string();
     assert!(err.contains("fog:3") && err.contains("gaussian_noise"), "{err}");
+    let err = compare(&Experiment::load(&write(dir.path(), &VISION.replace("\"efficientnet-lite0\"", "\"lite0.safetensors\"")), &registry).unwrap(), &registry, &opts)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("lite0.safetensors") && err.contains("efficientnet-lite0"), "{err}");
     let text = VISION.replace("kind = \"mnist\"", "kind = \"rotten_tomatoes\"");
     assert!(Experiment::load(&write(dir.path(), &text), &registry).is_err(), "image fields on a text data set");
 }

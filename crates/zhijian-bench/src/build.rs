@@ -22,11 +22,15 @@ pub fn asset(name: &str, file: &str) -> Result<PathBuf> {
 pub fn resolve_weights(spec: &str, base: &Path) -> Result<PathBuf> {
     let Ok(manifest) = zhijian_assets::manifest(spec) else {
         let path = base.join(spec);
-        return if path.is_file() {
-            Ok(path)
-        } else {
-            Err(Error::Config(format!("weights `{spec}` is neither an asset (see `zhijian fetch --list`) nor a file ({})", path.display())))
-        };
+        if path.is_file() {
+            return Ok(path);
+        }
+        let known: Vec<String> = zhijian_assets::manifests().unwrap_or_default().into_iter().map(|m| m.name).collect();
+        return Err(Error::Config(format!(
+            "weights `{spec}` is neither a file ({}) nor an asset; known assets: {}",
+            path.display(),
+            known.join(", ")
+        )));
     };
     let file = manifest.files.first().ok_or_else(|| Error::Config(format!("asset `{spec}` lists no files")))?;
     let path = asset(spec, &file.path)?;
