@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 from timm.models._efficientnet_builder import decode_arch_def, round_channels
 from timm.models.efficientnet import EfficientNet
+from golden import randomize_batchnorm, record_outputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "crates", "zhijian-backbones", "tests", "fixtures", "efficientnet_lite_tiny.safetensors")
@@ -65,30 +66,13 @@ def main():
         pad_type="same",
         num_classes=7,
     )
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.normal_(1.0, 0.2)
-                m.bias.normal_(0.0, 0.2)
-                m.running_mean.normal_(0.0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
+    randomize_batchnorm(model)
     tensors = {f"w.{k}": v for k, v in lukemelas_names(model).items()}
     model.eval()
     for size in (32, 45):
         images = torch.randn(2, 3, size, size)
-        stages = []
-        hooks = [stage.register_forward_hook(lambda _m, _i, o: stages.append(o)) for stage in model.blocks]
-        with torch.no_grad():
-            features = model.forward_features(images)
-            pooled = model.forward_head(features, pre_logits=True)
-            logits = model.forward_head(features)
-        for h in hooks:
-            h.remove()
         tensors[f"images{size}"] = images
-        for i, s in enumerate(stages):
-            tensors[f"{size}.block.{i}"] = s.contiguous()
-        tensors[f"{size}.pooled"] = pooled.contiguous()
-        tensors[f"{size}.logits"] = logits.contiguous()
+        record_outputs(model, model.blocks, images, str(size), tensors)
     save_file(tensors, OUT)
     print(f"wrote {OUT}: {sum(v.numel() for k, v in tensors.items() if k.startswith('w.'))} weights")
 

@@ -12,6 +12,7 @@ import os
 import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
+from golden import record_outputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "crates", "zhijian-backbones", "tests", "fixtures", "vit_tiny.safetensors")
@@ -20,21 +21,6 @@ OUT = os.path.join(ROOT, "crates", "zhijian-backbones", "tests", "fixtures", "vi
 def build(global_pool):
     return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0,
                              num_classes=5, global_pool=global_pool, dynamic_img_size=True).eval()
-
-
-def run(model, images, prefix, tensors):
-    blocks = []
-    hooks = [b.register_forward_hook(lambda _m, _i, out: blocks.append(out)) for b in model.blocks]
-    with torch.no_grad():
-        features = model.forward_features(images)
-        pooled = model.forward_head(features, pre_logits=True)
-        logits = model.forward_head(features)
-    for h in hooks:
-        h.remove()
-    for i, b in enumerate(blocks):
-        tensors[f"{prefix}.block.{i}"] = b.contiguous()
-    tensors[f"{prefix}.pooled"] = pooled.contiguous()
-    tensors[f"{prefix}.logits"] = logits.contiguous()
 
 
 def main():
@@ -47,8 +33,8 @@ def main():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
         tensors.update({f"{pool}.w.{k}": v.contiguous() for k, v in model.state_dict().items()})
-        run(model, tensors["images32"], f"{pool}.32", tensors)
-        run(model, tensors["images48"], f"{pool}.48", tensors)
+        record_outputs(model, model.blocks, tensors["images32"], f"{pool}.32", tensors)
+        record_outputs(model, model.blocks, tensors["images48"], f"{pool}.48", tensors)
     save_file(tensors, OUT)
     print(f"wrote {OUT}")
 
