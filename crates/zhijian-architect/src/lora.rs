@@ -204,34 +204,58 @@ mod tests {
     use zhijian_core::layers::{Conv2d, Padding};
     use zhijian_core::{Backbone, Ctx, Input, ParamGroup};
 
-    /// A one-layer backbone: `features = L x` with L the `proj` site.
-    struct OneLayer(Linear);
-    impl Backbone for OneLayer {
+    /// The one hookable layer of [`OneSite`].
+    enum Layer {
+        Linear(Linear),
+        Conv(Conv2d),
+    }
+
+    /// A one-site backbone: `features = L x` for a linear layer on features,
+    /// the mean over pixels of `conv(x)` for a convolution on images.
+    struct OneSite(Layer);
+
+    impl OneSite {
+        fn site(&self) -> &Site {
+            match &self.0 {
+                Layer::Linear(l) => l.site(),
+                Layer::Conv(c) => c.site(),
+            }
+        }
+    }
+
+    impl Backbone for OneSite {
         fn arch(&self) -> &str {
-            "one_layer"
+            "one_site"
         }
         fn hidden_size(&self) -> i64 {
-            3
+            self.site().out_features
         }
         fn num_blocks(&self) -> usize {
             1
         }
         fn sites(&self) -> Vec<Site> {
-            vec![self.0.site().clone()]
+            vec![self.site().clone()]
         }
         fn group(&self, _: &str) -> ParamGroup {
             ParamGroup::Block(0)
         }
         fn forward(&self, cx: &Ctx, input: &Input) -> Tensor {
-            let Input::Features(x) = input else { unreachable!() };
-            self.0.forward(cx, x)
+            match (&self.0, input) {
+                (Layer::Linear(l), Input::Features(x)) => l.forward(cx, x),
+                (Layer::Conv(c), Input::Images(x)) => c.forward(cx, x).mean_dim(&[2i64, 3][..], false, Kind::Float),
+                _ => unreachable!("a linear site takes features, a convolution images"),
+            }
         }
+    }
+
+    fn linear(role: Role) -> Model {
+        Model::new(Device::Cpu, 2, |p| Box::new(OneSite(Layer::Linear(Linear::new(p / "proj", 4, 3, true, role)))))
     }
 
     /// The hook adds exactly (α/r)·B·A·x, and merging folds the same matrix into W.
     #[test]
     fn update_is_scaled_low_rank_product() {
-        let model = Model::new(Device::Cpu, 2, |p| Box::new(OneLayer(Linear::new(p / "proj", 4, 3, true, Role::Query))));
+        let model = linear(Role::Query);
         let mut lora = Lora::new(LoraConfig { rank: 2, alpha: 6.0, ..Default::default() });
         lora.prepare(&model).unwrap();
         let pair = &lora.pairs["proj"];
@@ -256,7 +280,7 @@ mod tests {
 
     #[test]
     fn bad_rank_and_unmatched_target_are_errors() {
-        let model = Model::new(Device::Cpu, 2, |p| Box::new(OneLayer(Linear::new(p / "proj", 4, 3, true, Role::Depthwise))));
+        let model = linear(Role::Depthwise);
         assert!(Lora::new(LoraConfig { rank: 0, ..Default::default() }).prepare(&model).is_err());
         // The default targets skip depthwise convolutions (and stems, and heads): nothing is left.
         let err = Lora::new(LoraConfig::default()).prepare(&model).err().unwrap();
@@ -265,35 +289,11 @@ mod tests {
         assert!(matches!(err, Error::NoMatchingSites { .. }));
     }
 
-    /// A one-convolution backbone: `features = mean over pixels of conv(x)`.
-    struct OneConv(Conv2d);
-    impl Backbone for OneConv {
-        fn arch(&self) -> &str {
-            "one_conv"
-        }
-        fn hidden_size(&self) -> i64 {
-            6
-        }
-        fn num_blocks(&self) -> usize {
-            1
-        }
-        fn sites(&self) -> Vec<Site> {
-            vec![self.0.site().clone()]
-        }
-        fn group(&self, _: &str) -> ParamGroup {
-            ParamGroup::Block(0)
-        }
-        fn forward(&self, cx: &Ctx, input: &Input) -> Tensor {
-            let Input::Images(x) = input else { unreachable!() };
-            self.0.forward(cx, x).mean_dim(&[2i64, 3][..], false, Kind::Float)
-        }
-    }
-
     /// On a strided, grouped, TF-"same"-padded 3×3 convolution the hook equals a
     /// convolution with `W + (α/r)·(B A reshaped)`, and merging gives the same outputs.
     #[test]
     fn conv_update_is_a_low_rank_kernel_delta() {
-        let model = Model::new(Device::Cpu, 2, |p| Box::new(OneConv(Conv2d::new(p / "conv", 4, 6, 3, 2, Padding::TfSame, 2, true))));
+        let model = Model::new(Device::Cpu, 2, |p| Box::new(OneSite(Layer::Conv(Conv2d::new(p / "conv", 4, 6, 3, 2, Padding::TfSame, 2, true)))));
         let mut lora = Lora::new(LoraConfig { rank: 3, alpha: 6.0, ..Default::default() });
         lora.prepare(&model).unwrap(); // the default targets find the k×k convolution
         let pair = &lora.pairs["conv"];
