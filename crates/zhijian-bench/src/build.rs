@@ -50,8 +50,8 @@ pub fn resolve_weights(spec: &str, base: &Path) -> Result<PathBuf> {
 pub fn build_model(exp: &Experiment, num_classes: i64, device: Device) -> Result<(Model, String)> {
     let (model, weights, desc) = new_model(exp, num_classes, device)?;
     match weights {
-        Some(path) => {
-            load_pretrained(&model, &path)?;
+        Some(weights) => {
+            load_pretrained(&model, &weights.path(&exp.base)?)?;
             Ok((model, format!("{desc} (pre-trained)")))
         }
         None => Ok((model, format!("{desc} (random init)"))),
@@ -59,13 +59,35 @@ pub fn build_model(exp: &Experiment, num_classes: i64, device: Device) -> Result
 }
 
 /// How raw images become the experiment's backbone input (`None` for text).
+/// Builds the backbone at random init and loads (or converts) no weights.
 pub fn image_preset(exp: &Experiment) -> Result<Option<ImagePreset>> {
     Ok(new_model(exp, 2, Device::Cpu)?.0.backbone.image_preset())
 }
 
+/// Where a backbone's weights come from; located (and converted) only when they load.
+enum Weights<'a> {
+    /// A file of an asset.
+    AssetFile(&'a str, &'static str),
+    /// A `weights` entry of the experiment ([`resolve_weights`]).
+    Entry(&'a str),
+}
+
+impl Weights<'_> {
+    /// An optional `weights` entry (none: random init).
+    fn entry(spec: &Option<String>) -> Option<Weights<'_>> {
+        spec.as_deref().map(Weights::Entry)
+    }
+
+    fn path(&self, base: &Path) -> Result<PathBuf> {
+        match self {
+            Weights::AssetFile(name, file) => asset(name, file),
+            Weights::Entry(spec) => resolve_weights(spec, base),
+        }
+    }
+}
+
 /// The experiment's model at random init, the weights it should load, and its description.
-fn new_model(exp: &Experiment, num_classes: i64, device: Device) -> Result<(Model, Option<PathBuf>, String)> {
-    let weights = |spec: &Option<String>| spec.as_deref().map(|s| resolve_weights(s, &exp.base)).transpose();
+fn new_model(exp: &Experiment, num_classes: i64, device: Device) -> Result<(Model, Option<Weights<'_>>, String)> {
     // Each config is validated first: the backbone is built inside `Model::new`,
     // which cannot return an error.
     let new = |build: &dyn Fn(tch::nn::Path) -> Box<dyn Backbone>| Model::new(device, num_classes, build);
@@ -75,20 +97,20 @@ fn new_model(exp: &Experiment, num_classes: i64, device: Device) -> Result<(Mode
             config.validate()?;
             let model = new(&|p| Box::new(Bert::new(p, &config).expect("validated")));
             let desc = format!("bert `{weights}` ({} layers, hidden {})", config.num_hidden_layers, config.hidden_size);
-            (model, Some(asset(weights, "model.safetensors")?), desc)
+            (model, Some(Weights::AssetFile(weights, "model.safetensors")), desc)
         }
-        BackboneConfig::EfficientnetLite { preset, weights: w } => {
+        BackboneConfig::EfficientnetLite { preset, weights } => {
             let config = EfficientNetLiteConfig::by_name(preset)?;
-            (new(&|p| Box::new(EfficientNetLite::new(p, &config).expect("validated"))), weights(w)?, format!("efficientnet-{preset}"))
+            (new(&|p| Box::new(EfficientNetLite::new(p, &config).expect("validated"))), Weights::entry(weights), format!("efficientnet-{preset}"))
         }
-        BackboneConfig::Resnet { depth, weights: w } => {
+        BackboneConfig::Resnet { depth, weights } => {
             let config = ResNetConfig::by_depth(*depth)?;
-            (new(&|p| Box::new(ResNet::new(p, &config).expect("validated"))), weights(w)?, format!("resnet-{depth}"))
+            (new(&|p| Box::new(ResNet::new(p, &config).expect("validated"))), Weights::entry(weights), format!("resnet-{depth}"))
         }
-        BackboneConfig::Vit { preset, weights: w } => {
+        BackboneConfig::Vit { preset, weights } => {
             let config = VitConfig::by_name(preset)?;
             config.validate()?;
-            (new(&|p| Box::new(Vit::new(p, &config).expect("validated"))), weights(w)?, format!("vit-{preset}"))
+            (new(&|p| Box::new(Vit::new(p, &config).expect("validated"))), Weights::entry(weights), format!("vit-{preset}"))
         }
         BackboneConfig::SmallCnn { channels, image_size } => {
             let config = SmallCnnConfig { image_size: *image_size, in_chans: 3, channels: channels.clone() };
