@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use zhijian::bench::features::FeatureOrigin;
 use zhijian::bench::{compare, read_records, table, CompareOptions, DeviceChoice, Experiment};
 
 const TINY: &str = r#"
@@ -118,6 +119,8 @@ train_limit = 40
 eval_limit = 30
 ood = ["optdigits", "gaussian_noise:2"]
 augment = { scale = [0.5, 1.0], hflip = false }
+[source]
+kind = "foolbox_imagenet"
 [train]
 max_steps = 2
 batch_size = 8
@@ -135,7 +138,13 @@ fn vision_compare_tests_every_shift() {
     let dir = tempfile::tempdir().unwrap();
     let registry = zhijian::bench::registry();
     let exp = Experiment::load(&write(dir.path(), VISION), &registry).unwrap();
-    let opts = CompareOptions { records: Some(dir.path().join("r.jsonl")), device: Some(DeviceChoice::Cpu), ..Default::default() };
+    let cache = dir.path().join("features");
+    let opts = CompareOptions {
+        records: Some(dir.path().join("r.jsonl")),
+        device: Some(DeviceChoice::Cpu),
+        feature_cache: Some(cache.clone()),
+        ..Default::default()
+    };
     let records = compare(&exp, &registry, &opts).unwrap();
     assert_eq!(records.len(), 2);
     for r in &records {
@@ -151,7 +160,30 @@ fn vision_compare_tests_every_shift() {
     assert_eq!(records[0].trainable_params, 1280 * 10 + 10);
     assert!(records[1].trainable_params > records[0].trainable_params);
     let t = table::markdown(&records);
-    assert!(t.contains("| optdigits top-1 (%) | gaussian_noise:2 top-1 (%) |"), "{t}");
+    assert!(t.contains("| optdigits top-1 (%) | gaussian_noise:2 top-1 (%) | forgetting on foolbox_imagenet (points) |"), "{t}");
+
+    // Forgetting: the shipped ImageNet head over the backbone before and after.
+    // The probe leaves the backbone as it was; LoRA's update changes it.
+    let (probe, lora) = (records[0].source.clone().unwrap(), records[1].source.clone().unwrap());
+    assert_eq!(probe.n, 20);
+    assert!((16.0 / 20.0..=18.0 / 20.0).contains(&probe.before), "{probe:?}");
+    assert_eq!((probe.after, lora.before), (probe.before, probe.before), "{probe:?} {lora:?}");
+
+    // The probe's features were computed and kept on disk; a new comparison
+    // reads them back (the same numbers), and a damaged file is computed anew.
+    let probe_only = Experiment { strategies: exp.strategies[..1].to_vec(), ..exp.clone() };
+    assert_eq!(records[0].feature_origin, Some(FeatureOrigin::Computed));
+    let files: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let rerun = |name: &str| compare(&probe_only, &registry, &CompareOptions { records: Some(dir.path().join(name)), ..opts.clone() }).unwrap().remove(0);
+    let from_disk = rerun("r2.jsonl");
+    assert_eq!(from_disk.feature_origin, Some(FeatureOrigin::Disk));
+    assert_eq!((from_disk.test_top1, &from_disk.ood, from_disk.final_loss), (records[0].test_top1, &records[0].ood, records[0].final_loss));
+    std::fs::write(&files[0], b"not a safetensors file").unwrap();
+    let recomputed = rerun("r3.jsonl");
+    assert_eq!(recomputed.feature_origin, Some(FeatureOrigin::Computed));
+    assert_eq!(recomputed.test_top1, records[0].test_top1);
+    assert!(std::fs::read(&files[0]).unwrap().len() > 1000, "the damaged file was replaced");
 
     // Bad shifts and mismatched data name the problem before anything trains.
     let err = compare(&Experiment::load(&write(dir.path(), &VISION.replace("gaussian_noise:2", "fog:3")), &registry).unwrap(), &registry, &opts)

@@ -37,6 +37,10 @@ impl ImageSource for ToySource {
         N
     }
 
+    fn fingerprint(&self) -> Result<String> {
+        Ok(format!("toy {N} broken {:?}", self.broken))
+    }
+
     fn batch(&self, idx: &[i64], augment: Option<u64>) -> Result<Tensor> {
         self.seeds.lock().unwrap().push(augment);
         if let Some(bad) = self.broken.filter(|b| idx.contains(b)) {

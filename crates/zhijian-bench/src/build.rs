@@ -48,14 +48,27 @@ pub fn resolve_weights(spec: &str, base: &Path) -> Result<PathBuf> {
 /// Builds the experiment's backbone with a fresh `num_classes` head and loads
 /// its weights; returns the model and a one-line description.
 pub fn build_model(exp: &Experiment, num_classes: i64, device: Device) -> Result<(Model, String)> {
-    let (model, weights, desc) = new_model(exp, num_classes, device)?;
-    match weights {
-        Some(weights) => {
-            load_pretrained(&model, &weights.path(&exp.base)?)?;
+    let (model, desc) = new_model(exp, num_classes, device)?;
+    match weights_file(exp)? {
+        Some(path) => {
+            load_pretrained(&model, &path)?;
             Ok((model, format!("{desc} (pre-trained)")))
         }
         None => Ok((model, format!("{desc} (random init)"))),
     }
+}
+
+/// The safetensors file the experiment's backbone loads, located (a `.pth`
+/// converted once); none for a backbone at random init.
+pub fn weights_file(exp: &Experiment) -> Result<Option<PathBuf>> {
+    let weights = match &exp.backbone {
+        BackboneConfig::Bert { weights, .. } => Some(Weights::AssetFile(weights, "model.safetensors")),
+        BackboneConfig::EfficientnetLite { weights, .. } | BackboneConfig::Resnet { weights, .. } | BackboneConfig::Vit { weights, .. } => {
+            weights.as_deref().map(Weights::Entry)
+        }
+        BackboneConfig::SmallCnn { .. } | BackboneConfig::Mlp { .. } => None,
+    };
+    weights.map(|w| w.path(&exp.base)).transpose()
 }
 
 /// How raw images become the experiment's backbone input (`None` for text).
@@ -73,11 +86,6 @@ enum Weights<'a> {
 }
 
 impl Weights<'_> {
-    /// An optional `weights` entry (none: random init).
-    fn entry(spec: &Option<String>) -> Option<Weights<'_>> {
-        spec.as_deref().map(Weights::Entry)
-    }
-
     fn path(&self, base: &Path) -> Result<PathBuf> {
         match self {
             Weights::AssetFile(name, file) => asset(name, file),
@@ -86,8 +94,8 @@ impl Weights<'_> {
     }
 }
 
-/// The experiment's model at random init, the weights it should load, and its description.
-fn new_model(exp: &Experiment, num_classes: i64, device: Device) -> Result<(Model, Option<Weights<'_>>, String)> {
+/// The experiment's model at random init, and its description.
+fn new_model(exp: &Experiment, num_classes: i64, device: Device) -> Result<(Model, String)> {
     // Each config is validated first: the backbone is built inside `Model::new`,
     // which cannot return an error.
     let new = |build: &dyn Fn(tch::nn::Path) -> Box<dyn Backbone>| Model::new(device, num_classes, build);
@@ -97,30 +105,30 @@ fn new_model(exp: &Experiment, num_classes: i64, device: Device) -> Result<(Mode
             config.validate()?;
             let model = new(&|p| Box::new(Bert::new(p, &config).expect("validated")));
             let desc = format!("bert `{weights}` ({} layers, hidden {})", config.num_hidden_layers, config.hidden_size);
-            (model, Some(Weights::AssetFile(weights, "model.safetensors")), desc)
+            (model, desc)
         }
-        BackboneConfig::EfficientnetLite { preset, weights } => {
+        BackboneConfig::EfficientnetLite { preset, .. } => {
             let config = EfficientNetLiteConfig::by_name(preset)?;
-            (new(&|p| Box::new(EfficientNetLite::new(p, &config).expect("validated"))), Weights::entry(weights), format!("efficientnet-{preset}"))
+            (new(&|p| Box::new(EfficientNetLite::new(p, &config).expect("validated"))), format!("efficientnet-{preset}"))
         }
-        BackboneConfig::Resnet { depth, weights } => {
+        BackboneConfig::Resnet { depth, .. } => {
             let config = ResNetConfig::by_depth(*depth)?;
-            (new(&|p| Box::new(ResNet::new(p, &config).expect("validated"))), Weights::entry(weights), format!("resnet-{depth}"))
+            (new(&|p| Box::new(ResNet::new(p, &config).expect("validated"))), format!("resnet-{depth}"))
         }
-        BackboneConfig::Vit { preset, weights } => {
+        BackboneConfig::Vit { preset, .. } => {
             let config = VitConfig::by_name(preset)?;
             config.validate()?;
-            (new(&|p| Box::new(Vit::new(p, &config).expect("validated"))), Weights::entry(weights), format!("vit-{preset}"))
+            (new(&|p| Box::new(Vit::new(p, &config).expect("validated"))), format!("vit-{preset}"))
         }
         BackboneConfig::SmallCnn { channels, image_size } => {
             let config = SmallCnnConfig { image_size: *image_size, in_chans: 3, channels: channels.clone() };
             config.validate()?;
-            (new(&|p| Box::new(SmallCnn::new(p, &config).expect("validated"))), None, format!("small-cnn {channels:?}"))
+            (new(&|p| Box::new(SmallCnn::new(p, &config).expect("validated"))), format!("small-cnn {channels:?}"))
         }
         BackboneConfig::Mlp { hidden, image_size } => {
             let config = MlpConfig { image_size: *image_size, in_chans: 3, hidden: hidden.clone() };
             config.validate()?;
-            (new(&|p| Box::new(Mlp::new(p, &config).expect("validated"))), None, format!("mlp {hidden:?}"))
+            (new(&|p| Box::new(Mlp::new(p, &config).expect("validated"))), format!("mlp {hidden:?}"))
         }
     })
 }

@@ -25,6 +25,10 @@ pub struct Experiment {
     pub backbone: BackboneConfig,
     /// The data set and its splits.
     pub data: DataConfig,
+    /// The backbone's pre-training task, tested with the head the weights
+    /// ship before and after each run: the drop is the run's forgetting.
+    #[serde(default)]
+    pub source: Option<SourceTask>,
     /// The training budget shared by every strategy.
     #[serde(default)]
     pub train: TrainConfig,
@@ -219,6 +223,17 @@ fn default_max_len() -> usize {
 }
 fn default_fractions() -> [f64; 3] {
     [0.8, 0.1, 0.1]
+}
+
+/// A pre-training task the backbone's shipped head was trained for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceTask {
+    /// Foolbox's 20 labelled ImageNet validation photos (asset
+    /// `foolbox-samples`), for backbones with a 1000-class ImageNet head;
+    /// each sample is 5 points of accuracy, so this tells large forgetting
+    /// from none, not small differences.
+    FoolboxImagenet,
 }
 
 /// One strategy: a list of methods from any stage, plus budget overrides.

@@ -6,11 +6,14 @@
 pub mod build;
 pub mod data;
 pub mod experiment;
+pub mod features;
 pub mod record;
 pub mod runner;
+pub mod source;
+pub mod sweep;
 pub mod table;
 
-pub use experiment::{BackboneConfig, DataConfig, DeviceChoice, Experiment, Strategy};
+pub use experiment::{BackboneConfig, DataConfig, DeviceChoice, Experiment, SourceTask, Strategy};
 pub use record::{append_record, read_records, Record};
 pub use runner::{compare, CompareOptions, Shard};
 

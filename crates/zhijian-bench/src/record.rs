@@ -5,6 +5,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use zhijian_core::weights::tmp_sibling;
+
+use crate::features::FeatureOrigin;
+use crate::source::SourceScore;
 use zhijian_core::{Error, Result};
 
 /// Everything measured in one run of one strategy with one seed.
@@ -41,8 +44,13 @@ pub struct Record {
     /// (Absent in records written before this field existed: false.)
     #[serde(default)]
     pub cached_features: bool,
-    /// Seconds spent computing those features in this run (0 when the backbone
-    /// ran each step, or when an earlier strategy of the comparison computed them).
+    /// Where those features came from (none when the backbone ran each step).
+    /// (Absent in older records.)
+    #[serde(default)]
+    pub feature_origin: Option<FeatureOrigin>,
+    /// Seconds spent computing those features, or reading them from the
+    /// cache folder, in this run (0 when the backbone ran each step, or when
+    /// an earlier run of the comparison computed them).
     pub feature_seconds: f64,
     /// Seconds of the training loop (without validation).
     pub train_seconds: f64,
@@ -68,6 +76,10 @@ pub struct Record {
     /// (Absent in older records: none.)
     #[serde(default)]
     pub ood: Vec<SplitScore>,
+    /// The source task's top-1 before and after the run, where the experiment
+    /// has one (its drop is forgetting). (Absent in older records.)
+    #[serde(default)]
+    pub source: Option<SourceScore>,
     /// Median wall time of one example through the trained model (batch 1,
     /// backbone included, methods as trained), milliseconds. (Absent in older records.)
     #[serde(default)]
@@ -158,6 +170,7 @@ pub(crate) fn sample(strategy: &str, seed: u64, top1: f64) -> Record {
         trainable_params: 10,
         total_params: 100,
         cached_features: false,
+        feature_origin: None,
         feature_seconds: 0.0,
         train_seconds: 2.0,
         eval_seconds: 0.5,
@@ -169,6 +182,7 @@ pub(crate) fn sample(strategy: &str, seed: u64, top1: f64) -> Record {
         test_top5: None,
         test_n: 10,
         ood: Vec::new(),
+        source: None,
         latency_ms: Some(12.5),
         inference_per_s: Some(400.0),
         peak_rss_bytes: Some(1 << 30),

@@ -7,11 +7,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 use tch::Tensor;
 use zhijian_core::metrics::{peak_rss_bytes, reset_peak_rss};
-use zhijian_core::train::{self, cache_features, features_cacheable, TrainOptions};
+use zhijian_core::train::{self, features_cacheable, TrainOptions};
 use zhijian_core::{Error, Method, Model, Registry, Result, Split};
 
-use crate::build::{build_model, image_preset};
+use crate::build::{build_model, image_preset, weights_file};
 use crate::data::load_data;
+use crate::source::Source;
+use crate::features::{feature_key, file_digest, FeatureCache, FeatureOrigin};
 use crate::experiment::{DeviceChoice, Experiment};
 use crate::record::{append_record, read_records, Record, SplitScore};
 
@@ -28,6 +30,11 @@ pub struct CompareOptions {
     pub artifacts: Option<PathBuf>,
     /// Run only this deterministic slice of the seed × strategy grid.
     pub shard: Option<Shard>,
+    /// Run these seeds instead of the experiment's.
+    pub seeds: Option<Vec<u64>>,
+    /// Folder that keeps a frozen backbone's features across runs
+    /// ([`crate::features`]); none: features are kept for this comparison only.
+    pub feature_cache: Option<PathBuf>,
 }
 
 /// Slice `index` of `count` of a grid: run `k` (seeds outer, strategies inner,
@@ -64,11 +71,15 @@ impl std::str::FromStr for Shard {
 }
 
 fn run_key(exp: &Experiment, strategy: &serde_json::Value, train: &serde_json::Value, seed: u64, full: bool) -> String {
-    let canonical = serde_json::json!({
+    let mut canonical = serde_json::json!({
         "backbone": serde_json::to_value(&exp.backbone).unwrap_or_default(),
         "data": serde_json::to_value(&exp.data).unwrap_or_default(),
         "full": full, "methods": strategy, "train": train, "seed": seed,
     });
+    // Only when set, so experiments without a source task keep their keys.
+    if let Some(source) = &exp.source {
+        canonical["source"] = serde_json::to_value(source).unwrap_or_default();
+    }
     hex::encode(&Sha256::digest(canonical.to_string().as_bytes())[..8])
 }
 
@@ -117,14 +128,6 @@ fn inference_speed(model: &Model, methods: &[Box<dyn Method>], test: &Split, bat
     Ok((times[times.len() / 2], per_s))
 }
 
-/// Features of every split, computed once per comparison by the frozen backbone.
-struct FeatureCache {
-    train: Split,
-    val: Split,
-    test: Split,
-    ood: Vec<Split>,
-}
-
 /// Runs every strategy × seed not yet recorded (of the shard, if one is given),
 /// appending a record after each run. Returns those runs' records (earlier ones
 /// included), in grid order.
@@ -140,10 +143,25 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
     let data = load_data(exp, image_preset(exp)?.as_ref(), opts.full)?;
     let data_desc = data.describe(exp.data.name());
     eprintln!("data: {data_desc}");
-    let mut features: Option<FeatureCache> = None;
+    let source = match &exp.source {
+        Some(task) => {
+            let weights = weights_file(exp)?.ok_or_else(|| Error::Config("a source task needs pre-trained weights, with their head".into()))?;
+            let (model, _) = build_model(exp, data.classes.len() as i64, device)?;
+            let source = Source::new(task, &weights, &model, exp.train.eval_batch_size)?;
+            eprintln!("source task: {}", source.describe());
+            Some(source)
+        }
+        None => None,
+    };
+    let mut features = FeatureCache::new(opts.feature_cache.clone());
+    let mut weights_digest: Option<Option<String>> = None;
     let mut keys = Vec::new();
     let rev = git_rev();
-    let grid = exp.seeds.iter().flat_map(|&seed| exp.strategies.iter().map(move |s| (seed, s)));
+    let seeds = opts.seeds.as_ref().unwrap_or(&exp.seeds);
+    if seeds.is_empty() {
+        return Err(Error::Config("no seeds to run".into()));
+    }
+    let grid = seeds.iter().flat_map(|&seed| exp.strategies.iter().map(move |s| (seed, s)));
     for (_, (seed, strategy)) in grid.enumerate().filter(|(k, _)| opts.shard.is_none_or(|s| s.has(*k))) {
         let cfg = strategy.train_config(&exp.train)?;
         let cfg = zhijian_core::TrainConfig { seed, ..cfg };
@@ -168,19 +186,20 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
         let method_params = numel(&train::method_variables(&methods));
         let mut feature_seconds = 0.0;
         let cached = features_cacheable(&model, &methods);
+        let mut feature_origin = None;
         let (train_split, val_split, test_split, ood_splits) = if cached {
-            if features.is_none() {
-                let t = Instant::now();
-                let b = cfg.eval_batch_size;
-                features = Some(FeatureCache {
-                    train: cache_features(&model, &data.train, b, &label)?,
-                    val: cache_features(&model, &data.val, b, &label)?,
-                    test: cache_features(&model, &data.test, b, &label)?,
-                    ood: data.ood.iter().map(|s| cache_features(&model, s, b, &label)).collect::<Result<_>>()?,
-                });
+            let digest = match &weights_digest {
+                Some(d) => d.clone(),
+                None => weights_digest.insert(weights_file(exp)?.map(|p| file_digest(&p)).transpose()?).clone(),
+            };
+            let key = feature_key(exp, digest.as_deref(), seed, device, &data)?;
+            let t = Instant::now();
+            let (f, origin) = features.get(&key, &model, &data, cfg.eval_batch_size, &label)?;
+            if origin != FeatureOrigin::Memory {
                 feature_seconds = t.elapsed().as_secs_f64();
+                eprintln!("{label}: features {} in {feature_seconds:.1} s", if origin == FeatureOrigin::Disk { "read from the cache" } else { "computed" });
             }
-            let f = features.as_ref().expect("just filled");
+            feature_origin = Some(origin);
             (&f.train, &f.val, &f.test, &f.ood)
         } else {
             (&data.train, &data.val, &data.test, &data.ood)
@@ -195,6 +214,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
                 Ok(SplitScore { split: s.name.clone(), top1: a.top1(), top5: top5(&a), n: a.n })
             })
             .collect::<Result<Vec<_>>>()?;
+        let source_score = source.as_ref().map(|s| s.score(&model, &methods, cfg.eval_batch_size)).transpose()?;
         let (latency_ms, inference_per_s) = inference_speed(&model, &methods, &data.test, cfg.eval_batch_size)?;
         let peak = peak_rss_bytes();
         let artifact = artifacts.join(format!("{}-seed{seed}.safetensors", strategy.name));
@@ -214,6 +234,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             trainable_params: numel(&trainable),
             total_params: model.num_params() + method_params,
             cached_features: cached,
+            feature_origin,
             feature_seconds,
             train_seconds: report.seconds,
             eval_seconds: report.eval_seconds,
@@ -225,13 +246,17 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             test_top5: top5(&test),
             test_n: test.n,
             ood,
+            source: source_score,
             latency_ms: Some(latency_ms),
             inference_per_s: Some(inference_per_s),
             peak_rss_bytes: peak,
             artifact_bytes,
         };
         append_record(&records_path, &record)?;
-        let shifted: String = record.ood.iter().map(|o| format!(", {} {:.2}%", o.split, 100.0 * o.top1)).collect();
+        let mut shifted: String = record.ood.iter().map(|o| format!(", {} {:.2}%", o.split, 100.0 * o.top1)).collect();
+        if let Some(s) = &record.source {
+            shifted.push_str(&format!(", forgetting {:.1} points on {}", s.forgetting(), s.task));
+        }
         eprintln!(
             "{label}: test top-1 {:.2}%{shifted} in {:.1} s ({} steps), record appended to {}",
             100.0 * record.test_top1,

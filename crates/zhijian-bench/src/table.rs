@@ -58,24 +58,34 @@ pub fn markdown(records: &[Record]) -> String {
             shifts.push(&score.split);
         }
     }
-    let ood_header: String = shifts.iter().map(|s| format!(" {s} top-1 (%) |")).collect();
+    let mut ood_header: String = shifts.iter().map(|s| format!(" {s} top-1 (%) |")).collect();
+    // Forgetting, where runs scored the backbone's source task.
+    let source_task = records.iter().find_map(|r| r.source.as_ref().map(|s| s.task.clone()));
+    if let Some(task) = &source_task {
+        ood_header.push_str(&format!(" forgetting on {task} (points) |"));
+    }
+    let extra_columns = shifts.len() + usize::from(source_task.is_some());
     let mut out = format!(
         "| strategy | seeds | trainable / total params | test top-1 (%) |{ood_header} train time (s) | samples/s | latency b=1 (ms) | inference/s | peak RSS | artifact |\n\
          |---|---|---|---|{}---|---|---|---|---|---|\n",
-        "---|".repeat(shifts.len())
+        "---|".repeat(extra_columns)
     );
     for name in order {
         let runs: Vec<&Record> = records.iter().filter(|r| r.strategy == name).collect();
         let col = |f: &dyn Fn(&Record) -> f64| runs.iter().map(|r| f(r)).collect::<Vec<f64>>();
         let first = runs[0];
         let peak = runs.iter().filter_map(|r| r.peak_rss_bytes).max();
-        let ood: String = shifts
+        let mut ood: String = shifts
             .iter()
             .map(|s| {
                 let scores: Vec<f64> = runs.iter().filter_map(|r| r.ood.iter().find(|o| o.split == *s)).map(|o| o.top1).collect();
                 if scores.is_empty() { " n/a |".to_string() } else { format!(" {} |", pm(&scores, 100.0, 2)) }
             })
             .collect();
+        if source_task.is_some() {
+            let lost: Vec<f64> = runs.iter().filter_map(|r| r.source.as_ref()).map(|s| s.forgetting()).collect();
+            ood.push_str(&if lost.is_empty() { " n/a |".to_string() } else { format!(" {} |", pm(&lost, 1.0, 1)) });
+        }
         out.push_str(&format!(
             "| {name} | {} | {} / {} ({:.2}%) | {} |{ood} {} | {} | {} | {} | {} | {} |\n",
             runs.len(),
@@ -101,6 +111,7 @@ pub fn markdown(records: &[Record]) -> String {
 mod tests {
     use super::*;
     use crate::record::{sample, Record, SplitScore};
+    use crate::source::SourceScore;
 
     #[test]
     fn rows_aggregate_seeds() {
@@ -131,5 +142,22 @@ mod tests {
         assert_eq!(lines[1].matches('|').count(), lines[0].matches('|').count());
         assert!(lines[2].starts_with("| a | 1 | 10 / 100 (10.00%) | 90.00 | 50.00 | 25.00 |"), "{}", lines[2]);
         assert!(lines[3].starts_with("| b | 1 | 10 / 100 (10.00%) | 80.00 | 70.00 | n/a |"), "{}", lines[3]);
+    }
+
+    #[test]
+    fn forgetting_gets_a_column_where_a_source_task_was_scored() {
+        let source = |after: f64| Some(SourceScore { task: "imagenet".into(), before: 0.85, after, n: 20 });
+        let runs = [
+            Record { source: source(0.85), ..sample("probe", 0, 0.9) },
+            Record { source: source(0.40), ..sample("ft", 0, 0.9) },
+            Record { source: source(0.50), ..sample("ft", 1, 0.9) },
+        ];
+        let t = markdown(&runs);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].contains("| test top-1 (%) | forgetting on imagenet (points) | train time"), "{}", lines[0]);
+        assert_eq!(lines[1].matches('|').count(), lines[0].matches('|').count());
+        assert!(lines[2].contains("| 90.00 | 0.0 |"), "{}", lines[2]);
+        assert!(lines[3].contains("| 90.00 ± 0.00 | 40.0 ± 7.1 |"), "{}", lines[3]);
+        assert!(!markdown(&[sample("a", 0, 0.5)]).contains("forgetting"));
     }
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use zhijian_bench::sweep::Axis;
 use zhijian_bench::{read_records, table, CompareOptions, DeviceChoice, Experiment, Shard};
 
 #[derive(Parser)]
@@ -22,20 +23,22 @@ enum Command {
     Compare {
         /// Experiment file, e.g. configs/demo.toml.
         config: PathBuf,
-        /// Use the whole data set: lift the data's `train_limit` and `eval_limit`.
-        #[arg(long)]
-        full: bool,
-        /// Records file (JSONL); default: the experiment's `records`.
-        #[arg(long)]
-        records: Option<PathBuf>,
-        /// Device: cpu, cuda or auto; default: the experiment's `device`.
-        #[arg(long, value_parser = parse_device)]
-        device: Option<DeviceChoice>,
-        /// Run only slice I of N of the seed × strategy grid (run k belongs to
-        /// slice k mod N), e.g. `--shard 0/2` here and `--shard 1/2` elsewhere;
-        /// the records files concatenate into the whole comparison.
-        #[arg(long, value_name = "I/N", value_parser = parse_shard)]
-        shard: Option<Shard>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Run a grid of strategy variants: each combination of the values given
+    /// by `--vary` becomes a strategy of its own; the experiment's other
+    /// strategies run as baselines. Records, resuming and `--shard` as for `compare`.
+    Sweep {
+        /// Experiment file, e.g. configs/demo.toml.
+        config: PathBuf,
+        /// An axis `STRATEGY.train.FIELD=V1,V2,…` or `STRATEGY.methods.I.FIELD=V1,V2,…`
+        /// (STRATEGY may be `*`; values are TOML, a bare word a string), e.g.
+        /// `--vary lora-r8.train.lr=1e-4,1e-3 --vary lora-r8.methods.0.rank=4,16`.
+        #[arg(long = "vary", value_name = "AXIS", required = true, value_parser = parse_axis)]
+        axes: Vec<Axis>,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// Print the comparison table of a records file.
     Report {
@@ -69,6 +72,57 @@ enum Command {
     },
 }
 
+/// Options shared by `compare` and `sweep`.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Use the whole data set: lift the data's `train_limit` and `eval_limit`.
+    #[arg(long)]
+    full: bool,
+    /// Records file (JSONL); default: the experiment's `records`.
+    #[arg(long)]
+    records: Option<PathBuf>,
+    /// Device: cpu, cuda or auto; default: the experiment's `device`.
+    #[arg(long, value_parser = parse_device)]
+    device: Option<DeviceChoice>,
+    /// Run only slice I of N of the seed × strategy grid (run k belongs to
+    /// slice k mod N), e.g. `--shard 0/2` here and `--shard 1/2` elsewhere;
+    /// the records files concatenate into the whole comparison.
+    #[arg(long, value_name = "I/N", value_parser = parse_shard)]
+    shard: Option<Shard>,
+    /// Seeds to run instead of the experiment's, e.g. `--seeds 0,1,2`.
+    #[arg(long, value_delimiter = ',')]
+    seeds: Option<Vec<u64>>,
+    /// Do not read or write the frozen-backbone feature cache
+    /// (`$ZHIJIAN_CACHE/features/`); features are then computed once per comparison.
+    #[arg(long)]
+    no_feature_cache: bool,
+}
+
+impl RunArgs {
+    fn options(self) -> CompareOptions {
+        CompareOptions {
+            full: self.full,
+            records: self.records,
+            device: self.device,
+            artifacts: None,
+            shard: self.shard,
+            seeds: self.seeds,
+            feature_cache: (!self.no_feature_cache).then(|| zhijian_assets::cache_dir().join("features")),
+        }
+    }
+}
+
+/// Runs `exp` and prints its table.
+fn run_experiment(exp: &Experiment, registry: &zhijian_core::Registry, run: RunArgs) -> anyhow::Result<()> {
+    let records = zhijian_bench::compare(exp, registry, &run.options())?;
+    println!("\n## {}\n\n{}", exp.name, table::markdown(&records));
+    Ok(())
+}
+
+fn parse_axis(s: &str) -> Result<Axis, String> {
+    s.parse().map_err(|e: zhijian_core::Error| e.to_string())
+}
+
 fn parse_shard(s: &str) -> Result<Shard, String> {
     s.parse().map_err(|e: zhijian_core::Error| e.to_string())
 }
@@ -84,11 +138,15 @@ fn parse_device(s: &str) -> Result<DeviceChoice, String> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Compare { config, full, records, device, shard } => {
+        Command::Compare { config, run } => {
             let registry = zhijian_bench::registry();
-            let exp = Experiment::load(&config, &registry)?;
-            let records = zhijian_bench::compare(&exp, &registry, &CompareOptions { full, records, device, artifacts: None, shard })?;
-            println!("\n## {}\n\n{}", exp.name, table::markdown(&records));
+            run_experiment(&Experiment::load(&config, &registry)?, &registry, run)?;
+        }
+        Command::Sweep { config, axes, run } => {
+            let registry = zhijian_bench::registry();
+            let exp = zhijian_bench::sweep::expand(&Experiment::load(&config, &registry)?, &axes, &registry)?;
+            eprintln!("sweep: {} strategies × {} seed(s)", exp.strategies.len(), run.seeds.as_ref().unwrap_or(&exp.seeds).len());
+            run_experiment(&exp, &registry, run)?;
         }
         Command::Report { records, experiment } => {
             let all = read_records(&records)?;

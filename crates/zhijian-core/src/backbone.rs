@@ -26,6 +26,11 @@ pub trait ImageSource: Send + Sync + std::fmt::Debug {
     /// # Shapes
     /// `idx`: `k` indices → `[k, channels, height, width]` float.
     fn batch(&self, idx: &[i64], augment: Option<u64>) -> Result<Tensor>;
+    /// A digest of everything that decides the evaluation images (the pixels
+    /// or files, which examples, the transform, any corruption): two sources
+    /// with the same fingerprint make the same batches, so features computed
+    /// from one serve the other (the feature cache keys on it).
+    fn fingerprint(&self) -> Result<String>;
 }
 
 /// How raw images become a backbone's input, as its pre-training saw them

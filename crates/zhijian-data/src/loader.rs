@@ -7,9 +7,10 @@
 //! lands in.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
+use sha2::{Digest, Sha256};
 use tch::Tensor;
 use zhijian_core::{Error, ImageSource, Input, Result, Split};
 
@@ -28,6 +29,27 @@ enum Pixels {
 }
 
 impl Pixels {
+    /// A digest of the pixels: their bytes in memory; for files, each path
+    /// with its size and modification time (as asset stamps do), not the
+    /// contents, which would mean reading the whole data set.
+    fn digest(&self) -> Result<String> {
+        let mut h = Sha256::new();
+        match self {
+            Pixels::Memory { planes, channels, height, width } => {
+                h.update(format!("memory {channels}x{height}x{width}\n"));
+                h.update(planes);
+            }
+            Pixels::Files(paths) => {
+                for path in paths {
+                    let meta = std::fs::metadata(path).map_err(Error::io(path))?;
+                    let modified = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+                    h.update(format!("{} {} {:?}\n", path.display(), meta.len(), modified));
+                }
+            }
+        }
+        Ok(hex::encode(h.finalize()))
+    }
+
     fn image(&self, i: usize) -> Result<Image> {
         match self {
             Pixels::Memory { planes, channels, height, width } => {
@@ -54,13 +76,24 @@ pub struct ImageLoader {
     classes: Arc<[String]>,
     transform: ImageTransform,
     corruption: Option<(Corruption, u64)>,
+    /// [`Pixels::digest`], computed on the first [`ImageSource::fingerprint`]
+    /// and shared by clones and subsets.
+    pixels_digest: Arc<OnceLock<String>>,
 }
 
 impl ImageLoader {
     fn new(pixels: Pixels, labels: Vec<i64>, classes: Vec<String>, transform: ImageTransform) -> Result<Self> {
         transform.validate()?;
         let rows: Arc<[usize]> = (0..labels.len()).collect();
-        Ok(ImageLoader { pixels: Arc::new(pixels), rows, labels: labels.into(), classes: classes.into(), transform, corruption: None })
+        Ok(ImageLoader {
+            pixels: Arc::new(pixels),
+            rows,
+            labels: labels.into(),
+            classes: classes.into(),
+            transform,
+            corruption: None,
+            pixels_digest: Arc::default(),
+        })
     }
 
     /// A loader over an in-memory data set (the pixels are copied once).
@@ -149,6 +182,26 @@ impl ImageSource for ImageLoader {
         self.rows.len() as i64
     }
 
+    fn fingerprint(&self) -> Result<String> {
+        let pixels = match self.pixels_digest.get() {
+            Some(d) => d.clone(),
+            None => {
+                let d = self.pixels.digest()?;
+                // Another thread may have set it meanwhile: the same value.
+                let _ = self.pixels_digest.set(d.clone());
+                d
+            }
+        };
+        let mut h = Sha256::new();
+        h.update(pixels);
+        for r in self.rows.iter() {
+            h.update((*r as u64).to_le_bytes());
+        }
+        h.update(serde_json::to_string(&self.transform).map_err(|e| Error::Data(e.to_string()))?);
+        h.update(format!("{:?}", self.corruption));
+        Ok(hex::encode(h.finalize()))
+    }
+
     /// # Shapes
     /// `idx`: `k` indices → `[k, 3, size, size]` float, normalised.
     fn batch(&self, idx: &[i64], augment: Option<u64>) -> Result<Tensor> {
@@ -196,6 +249,26 @@ mod tests {
 
     fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
         rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(f)
+    }
+
+    /// Equal sources share a fingerprint; each thing that changes the images changes it.
+    #[test]
+    fn fingerprints_follow_what_makes_the_images() {
+        let loader = ImageLoader::from_dataset(&dataset(6), transform(16)).unwrap();
+        let f = |l: &ImageLoader| l.fingerprint().unwrap();
+        let base = f(&loader.subset(&[0, 2, 4]).unwrap());
+        assert_eq!(base, f(&ImageLoader::from_dataset(&dataset(6), transform(16)).unwrap().subset(&[0, 2, 4]).unwrap()));
+        let mut other_pixels = dataset(6);
+        other_pixels.images = other_pixels.images.bitwise_xor(1);
+        let changed = [
+            f(&loader.subset(&[0, 2, 5]).unwrap()),
+            f(&ImageLoader::from_dataset(&dataset(6), transform(20)).unwrap().subset(&[0, 2, 4]).unwrap()),
+            f(&loader.clone().with_corruption("contrast:2".parse().unwrap(), 0).subset(&[0, 2, 4]).unwrap()),
+            f(&ImageLoader::from_dataset(&other_pixels, transform(16)).unwrap().subset(&[0, 2, 4]).unwrap()),
+        ];
+        for (i, c) in changed.iter().enumerate() {
+            assert_ne!(c, &base, "change {i}");
+        }
     }
 
     #[test]

@@ -410,6 +410,16 @@ pub fn predict(model: &Model, methods: &[Box<dyn Method>], input: &Input, batch_
     tch::no_grad(|| in_length_order(input, batch_size, model.device(), |batch| model.forward(&cx, batch)))
 }
 
+/// Pooled features of `input` through the backbone as `methods` leave it, in
+/// evaluation mode (what the head sees; another head can be applied to them).
+///
+/// # Shapes
+/// `input` → `[n, hidden]`, on the CPU.
+pub fn features(model: &Model, methods: &[Box<dyn Method>], input: &Input, batch_size: i64) -> Result<Tensor> {
+    let cx = Ctx::new(false, methods, Vec::new());
+    tch::no_grad(|| in_length_order(input, batch_size, model.device(), |batch| model.features(&cx, batch)))
+}
+
 /// Top-1 / top-5 accuracy on `split`.
 pub fn evaluate(model: &Model, methods: &[Box<dyn Method>], split: &Split, batch_size: i64) -> Result<Accuracy> {
     Ok(Accuracy::from_logits(&predict(model, methods, &split.input, batch_size)?, &split.labels))

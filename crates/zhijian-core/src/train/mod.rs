@@ -5,7 +5,7 @@ pub mod optim;
 pub mod schedule;
 
 pub use engine::{
-    artifact, batches, cache_features, evaluate, features_cacheable, method_variables, predict, prepare, progress_bar, restore, train, trainable, Split,
+    artifact, batches, cache_features, evaluate, features, features_cacheable, method_variables, predict, prepare, progress_bar, restore, train, trainable, Split,
     TrainConfig, TrainOptions, TrainReport,
 };
 pub use optim::{Optimizer, OptimizerConfig};
