@@ -22,6 +22,10 @@ pub struct Record {
     /// Hash of everything that defines the run (backbone, data, budget, methods,
     /// seed): a rerun skips runs whose key is already recorded.
     pub key: String,
+    /// The exact configuration of the run the key hashes: backbone, data,
+    /// source task, methods, budget, seed, `full`. (Absent in older records.)
+    #[serde(default)]
+    pub config: serde_json::Value,
     /// The method entries as configured.
     pub methods: serde_json::Value,
     /// The effective training budget.
@@ -160,6 +164,7 @@ pub(crate) fn sample(strategy: &str, seed: u64, top1: f64) -> Record {
         strategy: strategy.into(),
         seed,
         key: format!("{strategy}-{seed}"),
+        config: serde_json::json!({}),
         methods: serde_json::json!([]),
         train: serde_json::json!({}),
         backbone: "b".into(),

@@ -70,7 +70,8 @@ impl std::str::FromStr for Shard {
     }
 }
 
-fn run_key(exp: &Experiment, strategy: &serde_json::Value, train: &serde_json::Value, seed: u64, full: bool) -> String {
+/// Everything that defines a run, as the record keeps it and its key hashes.
+fn run_config(exp: &Experiment, strategy: &serde_json::Value, train: &serde_json::Value, seed: u64, full: bool) -> serde_json::Value {
     let mut canonical = serde_json::json!({
         "backbone": serde_json::to_value(&exp.backbone).unwrap_or_default(),
         "data": serde_json::to_value(&exp.data).unwrap_or_default(),
@@ -80,7 +81,12 @@ fn run_key(exp: &Experiment, strategy: &serde_json::Value, train: &serde_json::V
     if let Some(source) = &exp.source {
         canonical["source"] = serde_json::to_value(source).unwrap_or_default();
     }
-    hex::encode(&Sha256::digest(canonical.to_string().as_bytes())[..8])
+    canonical
+}
+
+/// The hash of a run's configuration: a rerun skips runs whose key is recorded.
+fn run_key(config: &serde_json::Value) -> String {
+    hex::encode(&Sha256::digest(config.to_string().as_bytes())[..8])
 }
 
 fn git_rev() -> String {
@@ -167,7 +173,8 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
         let cfg = zhijian_core::TrainConfig { seed, ..cfg };
         let methods_json = serde_json::to_value(&strategy.methods).unwrap_or_default();
         let train_json = serde_json::to_value(&cfg).unwrap_or_default();
-        let key = run_key(exp, &methods_json, &train_json, seed, opts.full);
+        let config = run_config(exp, &methods_json, &train_json, seed, opts.full);
+        let key = run_key(&config);
         keys.push(key.clone());
         if done.contains(&key) {
             eprintln!("{} seed {seed}: already recorded in {}, skipped", strategy.name, records_path.display());
@@ -224,6 +231,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             strategy: strategy.name.clone(),
             seed,
             key,
+            config,
             methods: methods_json,
             train: train_json,
             backbone: backbone_desc,
