@@ -7,6 +7,7 @@ pub mod build;
 pub mod data;
 pub mod experiment;
 pub mod features;
+pub mod plot;
 pub mod record;
 pub mod runner;
 pub mod source;

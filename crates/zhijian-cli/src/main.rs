@@ -1,6 +1,6 @@
 //! The `zhijian` command: compare reuse strategies on real pre-trained models.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -40,13 +40,18 @@ enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
-    /// Print the comparison table of a records file.
+    /// Print the comparison table of a records file and write its plots
+    /// (accuracy vs trainable parameters, vs train time, in- vs out-of-distribution;
+    /// PNG and SVG).
     Report {
         /// Records file (JSONL) written by `compare`.
         records: PathBuf,
         /// Only this experiment's records.
         #[arg(long)]
         experiment: Option<String>,
+        /// Folder for the plots; default `plots/` beside the records file.
+        #[arg(long)]
+        plots: Option<PathBuf>,
     },
     /// List the registered reuse methods.
     Methods,
@@ -112,10 +117,23 @@ impl RunArgs {
     }
 }
 
-/// Runs `exp` and prints its table.
+/// Runs `exp`, prints its table and writes its plots beside the records.
 fn run_experiment(exp: &Experiment, registry: &zhijian_core::Registry, run: RunArgs) -> anyhow::Result<()> {
-    let records = zhijian_bench::compare(exp, registry, &run.options())?;
+    let options = run.options();
+    let records = zhijian_bench::compare(exp, registry, &options)?;
     println!("\n## {}\n\n{}", exp.name, table::markdown(&records));
+    let records_path = options.records.unwrap_or_else(|| exp.records_path());
+    print_plots(&records, &plots_dir(&records_path), &exp.name)
+}
+
+/// `plots/` beside a records file.
+fn plots_dir(records: &Path) -> PathBuf {
+    records.parent().unwrap_or(Path::new(".")).join("plots")
+}
+
+fn print_plots(records: &[zhijian_bench::Record], dir: &Path, stem: &str) -> anyhow::Result<()> {
+    let files = zhijian_bench::plot::write_plots(records, dir, stem)?;
+    println!("plots: {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
     Ok(())
 }
 
@@ -148,11 +166,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("sweep: {} strategies × {} seed(s)", exp.strategies.len(), run.seeds.as_ref().unwrap_or(&exp.seeds).len());
             run_experiment(&exp, &registry, run)?;
         }
-        Command::Report { records, experiment } => {
+        Command::Report { records, experiment, plots } => {
             let all = read_records(&records)?;
             let chosen: Vec<_> = all.into_iter().filter(|r| experiment.as_ref().is_none_or(|e| &r.experiment == e)).collect();
             anyhow::ensure!(!chosen.is_empty(), "no records in {}", records.display());
             println!("{}", table::markdown(&chosen));
+            let stem = experiment.unwrap_or_else(|| records.file_stem().map_or("report".into(), |s| s.to_string_lossy().into_owned()));
+            print_plots(&chosen, &plots.unwrap_or_else(|| plots_dir(&records)), &stem)?;
         }
         Command::Methods => {
             for e in zhijian_bench::registry().entries() {
