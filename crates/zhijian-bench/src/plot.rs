@@ -177,10 +177,9 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, pts: &[Point], title: 
                 .y_label_area_size(72)
                 .build_cartesian_2d(x_range.log_scale(), y_range)
                 .map_err(fail)?;
-            let (x_desc, formatter): (&str, Box<dyn Fn(&f64) -> String>) = match chart {
-                Chart::Params => ("trainable parameters (log scale)", Box::new(|v: &f64| log_tick(*v, |n| human_count(n).replace(".0", "")))),
-                _ => ("train time, s (log scale; cached features included)", Box::new(|v: &f64| log_tick(*v, |n| n.to_string()))),
-            };
+            let params = matches!(chart, Chart::Params);
+            let x_desc = if params { "trainable parameters (log scale)" } else { "train time, s (log scale; cached features included)" };
+            let formatter = |v: &f64| if params { log_tick(*v, |n| human_count(n).replace(".0", "")) } else { log_tick(*v, |n| n.to_string()) };
             c.configure_mesh()
                 .x_desc(x_desc)
                 .y_desc("test top-1 (%)")
