@@ -50,7 +50,8 @@ commands:
   reference [--steps N] setup, fetch, build; run the same MiniLM training jobs (full fine-tuning, LoRA)
                         in zhijian and in PyTorch + transformers + peft (fp32 and bf16 autocast), one
                         process each, measure the matmul FLOP/s ceiling, print the table and write it
-                        with the raw JSON under results/reference/ (default N = 100 steps of 32, ~11 min)
+                        with the raw JSON under results/reference/ (default N = 100 steps of 32:
+                        10 min on a 2-core CPU without fast bf16; the bf16 jobs add to that)
 
 environment: ZHIJIAN_HOME (default ~/.cache/zhijian; the venv is $ZHIJIAN_HOME/venv),
              ZHIJIAN_CACHE (assets; default ~/.cache/zhijian/assets)";

@@ -20,7 +20,8 @@ use serde_json::{Value, json};
 use super::{DEMO_ASSETS, cargo, fetch_assets, repo_root, setup, spawn, step};
 
 /// Default optimiser steps (of 32 reviews) per job: the whole command then
-/// takes about 11 minutes on the project's 2-core CPU machine, after the build.
+/// took 10 minutes after the build on a 2-core Zen 3 machine, where the bf16
+/// jobs skip themselves (where they run, they add to that).
 pub const DEFAULT_STEPS: usize = 100;
 
 /// One process the command runs.
@@ -387,4 +388,66 @@ fn render(report: &Value) -> Result<String> {
         writeln!(out, "\n**warning:** {note}")?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(side: &str, samples_per_s: f64, tokens: i64) -> Value {
+        json!({
+            "side": side, "samples": 3200, "samples_per_s": samples_per_s, "peak_rss_bytes": 1.5 * 1024.0 * 1024.0 * 1024.0,
+            "test_top1": 0.78, "test_n": 1275, "model_flops_per_s": 7.5e10, "model_flops": 1.0e13, "tokens": tokens,
+            "final_loss": 0.5, "trainable_params": 74498, "threads": 2,
+            "versions": { "torch": "2.11.0", "transformers": "5.23.0", "peft": "0.21.2" },
+        })
+    }
+
+    fn report(with_bf16: bool) -> Value {
+        let mut results = serde_json::Map::new();
+        for method in ["full_finetune", "lora"] {
+            results.insert(format!("zhijian-{method}-fp32"), result("zhijian", 20.0, 1000));
+            results.insert(format!("pytorch-{method}-fp32"), result("pytorch", 25.0, 1000));
+            if with_bf16 {
+                results.insert(format!("pytorch-{method}-bf16"), result("pytorch", 40.0, 1001));
+            }
+        }
+        results.insert("ceiling-zhijian".into(), json!({ "fp32": { "best": 1.5e11 }, "bf16": { "best": 6.0e11 } }));
+        results.insert("ceiling-pytorch".into(), json!({ "fp32": { "best": 1.0e11 }, "bf16": { "best": 7.5e11 } }));
+        results.insert("flops-check".into(), json!({ "full_finetune": { "analytic": 100, "counted": 100 }, "lora": { "analytic": 100, "counted": 98 } }));
+        let skipped = (!with_bf16).then_some("bf16 matmuls are slow here");
+        json!({
+            "meta": { "steps": 100, "commit": "abc1234", "date_utc": "2025-01-01", "cpu": "a CPU", "run_seconds": 600.0,
+                      "command": "cargo xtask reference --steps 100", "bf16_skipped": skipped },
+            "results": results,
+        })
+    }
+
+    #[test]
+    fn table_rows_ratios_and_fractions_of_the_ceiling() {
+        let table = render(&report(true)).unwrap();
+        // zhijian ÷ PyTorch = 20 / 25; 7.5e10 FLOP/s of the higher fp32 ceiling 1.5e11 = 50 %, of the bf16 one 7.5e11 = 10 %.
+        assert!(table.contains("| full fine-tuning, fp32 | 20.0 | 25.0 | 0.80 | 1.50 GiB | 1.50 GiB | 78.00 | 78.00 | 0.075 | 0.075 | 50% | 50% |"), "{table}");
+        assert!(table.contains("| LoRA r8, bf16 autocast | — | 40.0 | 0.50 (zhijian fp32 ÷ PyTorch bf16) | — | 1.50 GiB | — | 78.00 | — | 0.075 | — | 10% |"), "{table}");
+        assert!(table.contains("counts 1.0000 × the formula for full fine-tuning and 0.9800 × for LoRA"), "{table}");
+        // The bf16 jobs here saw other batches than zhijian's: the table says so.
+        assert!(table.contains("**warning:** LoRA r8 bf16: the two sides computed different batches"), "{table}");
+        assert!(!table.contains("fp32: the two sides computed different batches"), "{table}");
+    }
+
+    #[test]
+    fn skipped_bf16_jobs_say_why() {
+        let table = render(&report(false)).unwrap();
+        assert!(table.contains("| full fine-tuning, bf16 autocast | — | skipped ‡ |"), "{table}");
+        assert!(table.contains("‡ bf16 matmuls are slow here."), "{table}");
+        assert!(!table.contains("**warning:**"), "{table}");
+    }
+
+    #[test]
+    fn steps_flag() {
+        assert_eq!(parse_steps(&[]).unwrap(), DEFAULT_STEPS);
+        assert_eq!(parse_steps(&["--steps".into(), "7".into()]).unwrap(), 7);
+        assert!(parse_steps(&["--steps".into(), "0".into()]).is_err());
+        assert!(parse_steps(&["--step".into(), "7".into()]).is_err());
+    }
 }
