@@ -69,7 +69,15 @@ usage: reference_job prepare --steps N --out FILE [--config configs/demo.toml]
 /// The methods both sides run, by the name of their (only) method entry.
 const METHODS: [&str; 2] = ["full_finetune", "lora"];
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        // The chain, not anyhow's Debug form: that adds a backtrace whenever RUST_BACKTRACE is set.
+        eprintln!("reference_job: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if args.is_empty() {
         bail!("no command given\n{USAGE}");

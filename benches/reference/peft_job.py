@@ -128,6 +128,9 @@ def build(plan, tensors, method):
     the parameters that train."""
     from transformers import BertConfig, BertModel
 
+    for path in (plan["weights"]["config"], plan["weights"]["model"]):
+        if not os.path.isfile(path):
+            sys.exit(f"peft_job: no {path}; fetch it with `cargo xtask fetch {plan['weights']['asset']}`")
     config = BertConfig.from_json_file(plan["weights"]["config"])
     config._attn_implementation = "sdpa"
     encoder = BertModel(config, add_pooling_layer=False)
