@@ -61,8 +61,8 @@ fn labels(n: i64) -> Tensor {
     Tensor::randint(2, [n], (Kind::Int64, Device::Cpu))
 }
 
-/// One optimiser step through the engine (AdamW, clipping), the same job as
-/// `examples/train_step.rs` and `benches/reference/train_step.py`.
+/// One optimiser step through the engine (AdamW, clipping); `cargo xtask
+/// reference` runs whole jobs of them side by side with PyTorch.
 fn step(model: &Model, methods: &[Box<dyn Method>], data: &Split, lr: f64) {
     let cfg = TrainConfig { max_steps: 1, batch_size: BATCH, lr, warmup_ratio: 0.0, ..Default::default() };
     black_box(train::train(model, methods, data, None, &cfg, &TrainOptions::default()).expect("step"));

@@ -1,4 +1,4 @@
-//! `cargo xtask`: set-up, fetch, demo, test, fixtures.
+//! `cargo xtask`: set-up, fetch, demo, test, fixtures, reference.
 //!
 //! No LibTorch dependency: `setup` is what installs LibTorch (PyTorch's wheel in
 //! a shared venv) and points `.libtorch` at it, so this must build without it.
@@ -13,6 +13,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+
+mod reference;
 
 /// Assets the workspace tests read; `cargo xtask test` fetches these first.
 const TEST_ASSETS: &[&str] = &["all-minilm-l6-v2", "rotten-tomatoes", "optdigits", "mnist-digits", "efficientnet-lite0", "foolbox-samples"];
@@ -45,6 +47,11 @@ commands:
   test                  setup, fetch the test assets, cargo test --workspace
   demo [--full] [ARGS]  setup, fetch the demo assets, run `zhijian compare configs/demo.toml`
   fixtures              regenerate golden files: run every scripts/gen_*.py with the venv's python
+  reference [--steps N] setup, fetch, build; run the same MiniLM training jobs (full fine-tuning, LoRA)
+                        in zhijian and in PyTorch + transformers + peft (fp32 and bf16 autocast), one
+                        process each, measure the matmul FLOP/s ceiling, print the table and write it
+                        with the raw JSON under results/reference/ (default N = 100 steps of 32:
+                        10 min on a 2-core CPU without fast bf16; the bf16 jobs add to that)
 
 environment: ZHIJIAN_HOME (default ~/.cache/zhijian; the venv is $ZHIJIAN_HOME/venv),
              ZHIJIAN_CACHE (assets; default ~/.cache/zhijian/assets)";
@@ -67,6 +74,7 @@ fn run() -> Result<()> {
         Some("test") => test(),
         Some("demo") => demo(&rest),
         Some("fixtures") => fixtures(),
+        Some("reference") => reference::reference(&rest),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

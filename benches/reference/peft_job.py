@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+"""PyTorch's side of `cargo xtask reference`: the same training jobs as
+`examples/reference_job.rs` runs in zhijian, written the usual PyTorch way with
+Hugging Face transformers (`BertModel`) and peft (`LoraConfig`).
+
+Everything a job needs comes from the file `reference_job prepare` writes: the
+training and test tokens (zhijian's own tokenisation and split of Rotten
+Tomatoes), the initial head and LoRA matrices, and, in its metadata, the plan:
+the hyper-parameters of `configs/demo.toml` as zhijian parsed them. Both sides
+therefore train on the same tokens, in the same order (zhijian's engine draws
+`randperm` right after `manual_seed(seed)`, in the same LibTorch; so does this
+script), from the same starting point, with the same optimiser and schedule.
+
+Subcommands (run with the set-up's venv; nothing is downloaded):
+
+    peft_job.py job --method full_finetune|lora --precision fp32|bf16 --data FILE --out JSON
+    peft_job.py ceiling --out JSON
+    peft_job.py flops-check --data FILE --out JSON
+
+`job` trains for exactly one epoch over the prepared examples and writes the
+same JSON fields as zhijian's job. `bf16` wraps forward and loss in
+`torch.autocast("cpu", dtype=torch.bfloat16)` (PyTorch's fastest CPU setting
+here: bf16 matmuls run ~4x fp32); evaluation then runs under it too.
+
+Model FLOPs follow one convention on both sides (also in reference_job.rs and
+the README): a matmul of [m, k] by [k, n] costs 2mkn; its backward costs 2mkn
+for the input gradient plus 2mkn for the weight gradient when the weight trains.
+Per batch of `rows` sequences padded to `seq` tokens (T = rows * seq):
+
+    2 T (2 P_frozen + 3 P_trained) + 12 L h rows seq^2 + 6 h C rows
+
+where P are the weights of the linear layers applied per token (frozen or
+trained; for LoRA the frozen ones are the whole encoder, the trained ones the
+A and B matrices), the second term is attention's two matmuls (QK^T and AV: 4 L
+h seq^2 per sequence forward, twice that backward since both operands need
+gradients) and the last the classification head. Input gradients are counted
+for every layer: autograd skips a few (LoRA's first layer's frozen
+projections), which `flops-check` measures with torch's FlopCounterMode.
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+import warnings
+
+# Offline: the weights come from zhijian's asset cache, never from the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+# peft calls an API transformers 5 deprecates; the warning says nothing about this job.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def read_data(path):
+    """The prepared tensors and the plan (JSON in the file's metadata)."""
+    if not os.path.isfile(path):
+        sys.exit(f"peft_job: no data file {path}; make it with "
+                 "`cargo run --release --example reference_job -- prepare --steps N --out FILE`")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    if "plan" not in meta:
+        sys.exit(f"peft_job: {path} has no plan in its metadata; was it written by `reference_job prepare`?")
+    return load_file(path), json.loads(meta["plan"])
+
+
+def schedule_factor(kind, step, total, warmup):
+    """zhijian's `Schedule::factor`: linear warm-up (the first step already
+    trains, at 1/warmup), then cosine, linear or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(total - warmup, 1)
+    progress = min((step - warmup) / span, 1.0)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return 1.0 - progress
+    if kind == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule {kind!r}")
+
+
+def train_flops(rows, seq, plan, method):
+    """Model FLOPs of one training step on `rows` sequences padded to `seq`
+    tokens (the convention of the module docstring)."""
+    b = plan["bert"]
+    layers, h, inter, classes = b["num_hidden_layers"], b["hidden_size"], b["intermediate_size"], len(plan["classes"])
+    encoder = layers * (4 * h * h + 2 * h * inter)
+    if method == "full_finetune":
+        frozen, trained = 0, encoder
+    else:
+        frozen, trained = encoder, plan["jobs"]["lora"]["adapter_params"]
+    tokens = rows * seq
+    return 2 * tokens * (2 * frozen + 3 * trained) + 12 * layers * h * rows * seq * seq + 6 * h * classes * rows
+
+
+def trim(ids, mask, idx):
+    """Rows `idx`, cut to their longest real sequence (as zhijian's `Input::select`)."""
+    m = mask[idx]
+    longest = max(int(m.sum(1).max()), 1)
+    return ids[idx, :longest], m[:, :longest]
+
+
+class Classifier(torch.nn.Module):
+    """A BERT encoder, mean pooling over real tokens (zhijian's `Pooling::Mean`,
+    as sentence-transformers) and a linear head."""
+
+    def __init__(self, encoder, head):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, ids, mask):
+        states = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * m).sum(1) / m.sum(1).clamp_min(1e-9)
+        return self.head(pooled)
+
+
+def build(plan, tensors, method):
+    """MiniLM with its real weights, the prepared head (and LoRA matrices), and
+    the parameters that train."""
+    from transformers import BertConfig, BertModel
+
+    for path in (plan["weights"]["config"], plan["weights"]["model"]):
+        if not os.path.isfile(path):
+            sys.exit(f"peft_job: no {path}; fetch it with `cargo xtask fetch {plan['weights']['asset']}`")
+    config = BertConfig.from_json_file(plan["weights"]["config"])
+    config._attn_implementation = "sdpa"
+    encoder = BertModel(config, add_pooling_layer=False)
+    state = load_file(plan["weights"]["model"])
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    # The checkpoint also holds the unused pooler and an old position_ids buffer.
+    unexpected = [k for k in unexpected if not (k.startswith("pooler.") or k == "embeddings.position_ids")]
+    if missing or unexpected:
+        sys.exit(f"peft_job: checkpoint mismatch: missing {missing}, unexpected {unexpected}")
+    head = torch.nn.Linear(config.hidden_size, len(plan["classes"]))
+    with torch.no_grad():
+        head.weight.copy_(tensors["init/head.weight"])
+        head.bias.copy_(tensors["init/head.bias"])
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora import LoraLayer
+
+        lp = plan["jobs"]["lora"]
+        lc = lp["methods"][0]
+        sites = lp["lora_sites"]
+        encoder = get_peft_model(encoder, LoraConfig(
+            r=lc["rank"], lora_alpha=lc["alpha"], lora_dropout=lc["dropout"], target_modules=sites, bias="none"))
+        found = []
+        with torch.no_grad():
+            for name, module in encoder.named_modules():
+                if isinstance(module, LoraLayer):
+                    site = name.removeprefix("base_model.model.")
+                    module.lora_A["default"].weight.copy_(tensors[f"init/lora/{site}.lora_A"])
+                    module.lora_B["default"].weight.copy_(tensors[f"init/lora/{site}.lora_B"])
+                    found.append(site)
+        if sorted(found) != sorted(sites):
+            sys.exit(f"peft_job: peft adapted {sorted(found)}, zhijian {sorted(sites)}")
+    else:
+        for p in encoder.parameters():
+            p.requires_grad_(True)
+    model = Classifier(encoder, head)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return model, trainable
+
+
+def evaluate(model, ids, mask, labels, batch_size, autocast):
+    """Top-1 on the test split, in batches of similar length (as zhijian's `predict`)."""
+    model.eval()
+    order = mask.sum(1).argsort(stable=True)
+    correct = 0
+    with torch.no_grad(), autocast():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            x, m = trim(ids, mask, idx)
+            correct += int((model(x, m).argmax(1) == labels[idx]).sum())
+    return correct / len(labels)
+
+
+def job(args):
+    """Trains one epoch over the prepared examples, evaluates, writes the JSON."""
+    tensors, plan = read_data(args.data)
+    jp = plan["jobs"][args.method]
+    cfg = jp["train"]
+    opt_cfg = cfg["optimizer"]
+    if opt_cfg["kind"] != "adamw":
+        sys.exit(f"peft_job: optimiser {opt_cfg['kind']} not supported (only adamw)")
+    if plan["pooling"] != "mean":
+        sys.exit(f"peft_job: pooling {plan['pooling']} not supported (only mean)")
+    if cfg["label_smoothing"] != 0.0:
+        sys.exit("peft_job: label smoothing not supported")
+    model, trainable = build(plan, tensors, args.method)
+    # zhijian's AdamW decays matrices only, not biases and norm scales.
+    decay = [p for p in trainable if p.dim() >= 2]
+    rest = [p for p in trainable if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
+        lr=cfg["lr"], betas=(opt_cfg["beta1"], opt_cfg["beta2"]), eps=opt_cfg["eps"])
+    ids, mask, labels = tensors["train.ids"], tensors["train.mask"], tensors["train.labels"]
+    n, batch = len(labels), cfg["batch_size"]
+    total = math.ceil(n / batch)
+    warmup = math.floor(cfg["warmup_ratio"] * total + 0.5)  # Rust's round(), half away from zero
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: schedule_factor(cfg["schedule"], k, total, warmup))
+    bf16 = args.precision == "bf16"
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+    label = f"pytorch {args.method} {args.precision}"
+    model.train()
+    torch.manual_seed(cfg["seed"])
+    start = time.perf_counter()
+    order = torch.randperm(n)
+    loss_sum, tokens, flops = 0.0, 0, 0
+    for step in range(total):
+        idx = order[step * batch:(step + 1) * batch]
+        x, m = trim(ids, mask, idx)
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(model(x, m), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
+        opt.step()
+        sched.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            sys.exit(f"peft_job: training diverged (loss {value}) at step {step}")
+        loss_sum += value
+        tokens += x.numel()
+        flops += train_flops(x.shape[0], x.shape[1], plan, args.method)
+        if (step + 1) % 10 == 0 or step + 1 == total:
+            rate = (step + 1) * batch / (time.perf_counter() - start)
+            print(f"  {label}: step {step + 1}/{total}  loss {loss_sum / (step + 1):.4f}  {rate:.1f} samples/s",
+                  flush=True)
+    seconds = time.perf_counter() - start
+    top1 = evaluate(model, tensors["test.ids"], tensors["test.mask"], tensors["test.labels"],
+                    cfg["eval_batch_size"], autocast)
+    samples = min(n, total * batch)
+    out = {
+        "side": "pytorch",
+        "method": args.method,
+        "precision": args.precision,
+        "steps": total,
+        "samples": samples,
+        "seconds": seconds,
+        "samples_per_s": samples / seconds,
+        "final_loss": loss_sum / total,
+        "test_top1": top1,
+        "test_n": len(tensors["test.labels"]),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "tokens": tokens,
+        "model_flops": flops,
+        "model_flops_per_s": flops / seconds,
+        # ru_maxrss is KiB on Linux.
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                     "peft": __import__("peft").__version__ if args.method == "lora" else None},
+    }
+    write_json(args.out, out)
+    print(f"  {label}: {out['samples_per_s']:.1f} samples/s, test top-1 {100 * top1:.2f}%", flush=True)
+
+
+def matmul_rate(n, dtype, min_seconds=0.4, trials=3):
+    """Best sustained FLOP/s of `n`x`n` matmuls over `trials` timed runs of at
+    least `min_seconds` each, after a warm-up."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
+    for _ in range(2):
+        torch.matmul(a, b)
+    t = time.perf_counter()
+    torch.matmul(a, b)
+    reps = max(1, math.ceil(min_seconds / max(time.perf_counter() - t, 1e-6)))
+    best = 0.0
+    for _ in range(trials):
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b)
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
+    return best
+
+
+CEILING_SIZES = [512, 1024, 2048, 4096]
+# A size whose one matmul would take longer than this at the best rate so far is
+# skipped: without AVX-512 BF16 / AMX, bf16 matmuls take a slow path (~0.4
+# GFLOP/s on a Zen 3 core pair), where n = 4096 alone would take minutes.
+MAX_CALL_SECONDS = 10.0
+
+
+def ceiling(args):
+    """Achievable matmul FLOP/s in fp32 and bf16 (square sizes 512-4096)."""
+    out = {"side": "pytorch", "threads": torch.get_num_threads(), "sizes": CEILING_SIZES}
+    for name, dtype in [("fp32", torch.float32), ("bf16", torch.bfloat16)]:
+        rates = []
+        for n in CEILING_SIZES:
+            known = [r for r in rates if r]
+            rates.append(None if known and 2 * n ** 3 / max(known) > MAX_CALL_SECONDS else matmul_rate(n, dtype))
+        out[name] = {"by_size": rates, "best": max(r for r in rates if r)}
+        print(f"  pytorch {name}: " + ", ".join(f"n={n} " + (f"{r / 1e9:.0f}" if r else "skipped (too slow)")
+                                             for n, r in zip(CEILING_SIZES, rates)) + " GFLOP/s", flush=True)
+    write_json(args.out, out)
+
+
+def flops_check(args):
+    """Compares the analytic model FLOPs of one training step with the count of
+    torch's FlopCounterMode (every matmul autograd actually ran), per method."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tensors, plan = read_data(args.data)
+    ids, mask, labels = tensors["train.ids"], tensors["train.mask"], tensors["train.labels"]
+    idx = torch.arange(min(8, len(labels)))
+    x, m = trim(ids, mask, idx)
+    out = {}
+    for method in ["full_finetune", "lora"]:
+        model, _ = build(plan, tensors, method)
+        model.train()
+        with FlopCounterMode(display=False) as counter:
+            torch.nn.functional.cross_entropy(model(x, m), labels[idx]).backward()
+        counted = counter.get_total_flops()
+        analytic = train_flops(x.shape[0], x.shape[1], plan, method)
+        out[method] = {"rows": x.shape[0], "seq": x.shape[1], "analytic": analytic, "counted": counted}
+        print(f"  {method}: analytic {analytic / 1e9:.3f} GFLOP, FlopCounterMode {counted / 1e9:.3f} GFLOP "
+              f"({counted / analytic:.4f})", flush=True)
+    write_json(args.out, out)
+
+
+def write_json(path, value):
+    """Writes JSON atomically (temporary file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("job", help="train one job, write its JSON")
+    p.add_argument("--method", choices=["full_finetune", "lora"], required=True)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=job)
+    p = sub.add_parser("ceiling", help="measure matmul FLOP/s in fp32 and bf16")
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=ceiling)
+    p = sub.add_parser("flops-check", help="analytic model FLOPs against FlopCounterMode")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=flops_check)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

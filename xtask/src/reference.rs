@@ -1,0 +1,453 @@
+//! `cargo xtask reference`: the same training jobs in zhijian and in PyTorch +
+//! transformers + peft, side by side, and the machine's matmul ceiling.
+//!
+//! zhijian's side is `examples/reference_job.rs` (built in release), PyTorch's
+//! `benches/reference/peft_job.py` (run with the set-up's venv). Both read one
+//! file `reference_job prepare` writes (tokens, initial head and LoRA matrices,
+//! hyper-parameters), and every job runs in its own process, so each peak RSS
+//! is that job's own. Jobs of one method run back to back, so a change in the
+//! machine's load hits both sides alike.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::{env, fs};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use super::{DEMO_ASSETS, cargo, fetch_assets, repo_root, setup, spawn, step};
+
+/// Default optimiser steps (of 32 reviews) per job: the whole command then
+/// took 10 minutes after the build on a 2-core Zen 3 machine, where the bf16
+/// jobs skip themselves (where they run, they add to that).
+pub const DEFAULT_STEPS: usize = 100;
+
+/// One process the command runs.
+struct Stage {
+    label: String,
+    command: Command,
+    /// The JSON file the stage writes, if any.
+    out: Option<PathBuf>,
+}
+
+/// Runs one stage in its own process and keeps the JSON it wrote under the file's stem.
+fn run_stage(mut stage: Stage, k: usize, total: usize, t_run: Instant, results: &mut serde_json::Map<String, Value>) -> Result<()> {
+    step(&format!("[{k}/{total}] {} (elapsed {})", stage.label, clock(t_run.elapsed().as_secs_f64())));
+    let t = Instant::now();
+    if let Some(out) = &stage.out {
+        // A stale file from an earlier run must not pass for this one's.
+        let _ = fs::remove_file(out);
+    }
+    let status = spawn(&mut stage.command, &stage.label, "a reference stage")?;
+    if !status.success() {
+        bail!("stage `{}` failed ({status})", stage.label);
+    }
+    step(&format!("[{k}/{total}] {} done in {:.0} s", stage.label, t.elapsed().as_secs_f64()));
+    if let Some(out) = stage.out {
+        let text = fs::read_to_string(&out).with_context(|| format!("stage `{}` wrote no {}", stage.label, out.display()))?;
+        let value: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))?;
+        let name = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        results.insert(name, value);
+    }
+    Ok(())
+}
+
+/// Runs `cargo xtask reference [--steps N]`.
+pub fn reference(args: &[String]) -> Result<()> {
+    let steps = parse_steps(args)?;
+    let t0 = Instant::now();
+    let python = setup()?;
+    fetch_assets(DEMO_ASSETS)?;
+    let root = repo_root();
+    let script = root.join("benches/reference/peft_job.py");
+
+    step("cargo build --release --example reference_job");
+    let t = Instant::now();
+    let status = spawn(
+        cargo().current_dir(&root).args(["build", "--release", "-p", "zhijian", "--example", "reference_job"]),
+        "cargo",
+        "building the reference job",
+    )?;
+    if !status.success() {
+        bail!("building examples/reference_job.rs failed ({status})");
+    }
+    step(&format!("built in {:.0} s", t.elapsed().as_secs_f64()));
+    let exe = target_dir(&root).join("release/examples/reference_job");
+
+    let dir = root.join("results/reference");
+    let jobs_dir = dir.join("jobs");
+    fs::create_dir_all(&jobs_dir).with_context(|| format!("creating {}", jobs_dir.display()))?;
+    let data = dir.join(format!("data-{steps}-steps.safetensors"));
+    let json_out = |name: &str| jobs_dir.join(format!("{name}.json"));
+    let zhijian = |label: &str, args: &[&str], out: Option<PathBuf>| {
+        let mut command = Command::new(&exe);
+        command.current_dir(&root).args(args);
+        if let Some(o) = &out {
+            command.arg("--out").arg(o);
+        }
+        Stage { label: label.to_string(), command, out }
+    };
+    let pytorch = |label: &str, args: &[&str], out: PathBuf| {
+        let mut command = Command::new(&python);
+        command.current_dir(&root).arg(&script).args(args).arg("--out").arg(&out);
+        // No hub access: the weights are zhijian's cached asset files.
+        command.env("HF_HUB_OFFLINE", "1").env("TRANSFORMERS_OFFLINE", "1");
+        Stage { label: label.to_string(), command, out: Some(out) }
+    };
+    let data_arg = data.to_str().context("the repository path is not UTF-8")?;
+    let steps_arg = steps.to_string();
+    let mut prepare = zhijian("prepare the data (zhijian's tokens and split)", &["prepare", "--steps", &steps_arg], None);
+    prepare.command.arg("--out").arg(&data);
+    let first = vec![
+        prepare,
+        zhijian("matmul ceiling, zhijian (tch)", &["ceiling"], Some(json_out("ceiling-zhijian"))),
+        pytorch("matmul ceiling, PyTorch", &["ceiling"], json_out("ceiling-pytorch")),
+        pytorch("model FLOPs: formula vs FlopCounterMode", &["flops-check", "--data", data_arg], json_out("flops-check")),
+    ];
+    // Six jobs follow; bf16 ones only where bf16 matmuls beat fp32 ones.
+    let total = first.len() + 6;
+    let t_run = Instant::now();
+    let mut results = serde_json::Map::new();
+    let mut k = 0;
+    for stage in first {
+        k += 1;
+        run_stage(stage, k, total, t_run, &mut results)?;
+    }
+    let best = |precision: &str| results["ceiling-pytorch"][precision]["best"].as_f64().unwrap_or(0.0);
+    let (fp32, bf16) = (best("fp32"), best("bf16"));
+    let skip_bf16 = (bf16 <= fp32).then(|| {
+        format!(
+            "bf16 matmuls run at {:.1} GFLOP/s on this CPU against {:.0} GFLOP/s in fp32 (no AVX-512 BF16 or AMX), \
+             so fp32 is PyTorch's best setting here and the bf16 autocast jobs were skipped",
+            bf16 / 1e9,
+            fp32 / 1e9
+        )
+    });
+    for method in ["full_finetune", "lora"] {
+        k += 1;
+        let stage = zhijian(
+            &format!("zhijian {method} fp32"),
+            &["job", "--method", method, "--data", data_arg],
+            Some(json_out(&format!("zhijian-{method}-fp32"))),
+        );
+        run_stage(stage, k, total, t_run, &mut results)?;
+        for precision in ["fp32", "bf16"] {
+            k += 1;
+            let label = format!("PyTorch {method} {precision}");
+            if let (Some(why), "bf16") = (&skip_bf16, precision) {
+                step(&format!("[{k}/{total}] {label} skipped: {why}"));
+                continue;
+            }
+            let args = ["job", "--method", method, "--precision", precision, "--data", data_arg];
+            run_stage(pytorch(&label, &args, json_out(&format!("pytorch-{method}-{precision}"))), k, total, t_run, &mut results)?;
+        }
+    }
+    let run_seconds = t_run.elapsed().as_secs_f64();
+    let meta = json!({
+        "bf16_skipped": skip_bf16,
+        "steps": steps,
+        "commit": git(&root, &["describe", "--always", "--dirty"]),
+        "date_utc": today_utc(),
+        "cpu": cpu_model(),
+        "run_seconds": run_seconds,
+        "command": format!("cargo xtask reference --steps {steps}"),
+    });
+    let report = json!({ "meta": meta, "results": results });
+    let table = render(&report)?;
+    println!("\n{table}");
+    write_atomic(&dir.join("reference.json"), &(serde_json::to_string_pretty(&report)? + "\n"))?;
+    write_atomic(&dir.join("table.md"), &table)?;
+    step(&format!(
+        "reference done in {} ({} for the stages after the build); table and raw JSON in {}",
+        clock(t0.elapsed().as_secs_f64()),
+        clock(run_seconds),
+        dir.display()
+    ));
+    Ok(())
+}
+
+fn parse_steps(args: &[String]) -> Result<usize> {
+    match args {
+        [] => Ok(DEFAULT_STEPS),
+        [flag, n] if flag == "--steps" => {
+            let steps: usize = n.parse().with_context(|| format!("--steps takes a positive number, got `{n}`"))?;
+            if steps == 0 {
+                bail!("--steps must be at least 1");
+            }
+            Ok(steps)
+        }
+        _ => bail!("usage: cargo xtask reference [--steps N] (default {DEFAULT_STEPS}); got `{}`", args.join(" ")),
+    }
+}
+
+/// Cargo's target folder: `$CARGO_TARGET_DIR` or `<root>/target`.
+fn target_dir(root: &Path) -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()).map_or_else(|| root.join("target"), PathBuf::from)
+}
+
+/// `m:ss`.
+fn clock(seconds: f64) -> String {
+    let s = seconds.round() as u64;
+    format!("{}:{:02}", s / 60, s % 60)
+}
+
+fn git(root: &Path, args: &[&str]) -> String {
+    Command::new("git")
+        .args(args)
+        .current_dir(root)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or_else(|| "unknown".into(), |o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+/// Today's date in UTC, `YYYY-MM-DD` (Howard Hinnant's civil-from-days).
+fn today_utc() -> String {
+    let days = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() / 86_400) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// The CPU's model name and logical core count, from `/proc/cpuinfo`.
+fn cpu_model() -> String {
+    let info = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = info.lines().find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_string()));
+    let cores = info.lines().filter(|l| l.starts_with("processor")).count();
+    format!("{} ({cores} logical cores)", model.unwrap_or_else(|| "unknown CPU".into()))
+}
+
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+fn bytes(b: f64) -> String {
+    if b >= 1024.0 * 1024.0 * 1024.0 { format!("{:.2} GiB", b / (1024.0f64).powi(3)) } else { format!("{:.0} MiB", b / (1024.0f64).powi(2)) }
+}
+
+/// The markdown report of `cargo xtask reference`'s results.
+fn render(report: &Value) -> Result<String> {
+    let r = &report["results"];
+    let m = &report["meta"];
+    let job = |side: &str, method: &str, precision: &str| -> Option<&Value> {
+        Some(&r[format!("{side}-{method}-{precision}")]).filter(|v| !v.is_null())
+    };
+    let need = |side: &str, method: &str, precision: &str| -> Result<&Value> {
+        job(side, method, precision).with_context(|| format!("no result for {side} {method} {precision}"))
+    };
+    let f = |v: &Value, key: &str| -> Result<f64> { v[key].as_f64().with_context(|| format!("a result lacks `{key}`: {v}")) };
+    let ceiling = |precision: &str| -> Result<f64> {
+        let best = |side: &str| r[format!("ceiling-{side}")][precision]["best"].as_f64();
+        best("zhijian").into_iter().chain(best("pytorch")).reduce(f64::max).context("no ceiling measured")
+    };
+    let version = |v: &Value, package: &str| v["versions"][package].as_str().unwrap_or("?").to_string();
+    let zf = need("zhijian", "full_finetune", "fp32")?;
+    let pf = need("pytorch", "full_finetune", "fp32")?;
+    let pl = need("pytorch", "lora", "fp32")?;
+    let methods = [("full_finetune", "full fine-tuning"), ("lora", "LoRA r8")];
+    let mut out = String::new();
+    writeln!(
+        out,
+        "## zhijian vs PyTorch {} + transformers {} + peft {}\n",
+        version(pf, "torch"),
+        version(pf, "transformers"),
+        version(pl, "peft")
+    )?;
+    writeln!(
+        out,
+        "MiniLM-L6 → Rotten Tomatoes, batch 32, {} steps: one epoch over {} training reviews, the same tokens, batches \
+         and initial head and LoRA matrices on both sides; test top-1 on {} reviews. {}, {} threads. Commit {}, {}, \
+         `{}`, {} after the build.\n",
+        m["steps"],
+        zf["samples"],
+        zf["test_n"],
+        m["cpu"].as_str().unwrap_or("?"),
+        zf["threads"],
+        m["commit"].as_str().unwrap_or("?"),
+        m["date_utc"].as_str().unwrap_or("?"),
+        m["command"].as_str().unwrap_or("?"),
+        clock(f(m, "run_seconds")?),
+    )?;
+    writeln!(
+        out,
+        "| job | samples/s zhijian | samples/s PyTorch | zhijian ÷ PyTorch | peak RSS zhijian | peak RSS PyTorch | \
+         test top-1 zhijian (%) | test top-1 PyTorch (%) | model TFLOP/s zhijian | model TFLOP/s PyTorch | \
+         of ceiling zhijian | of ceiling PyTorch |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+    for (method, name) in methods {
+        let z = need("zhijian", method, "fp32")?;
+        let c = ceiling("fp32")?;
+        let p = need("pytorch", method, "fp32")?;
+        writeln!(
+            out,
+            "| {name}, fp32 | {:.1} | {:.1} | {:.2} | {} | {} | {:.2} | {:.2} | {:.3} | {:.3} | {:.0}% | {:.0}% |",
+            f(z, "samples_per_s")?,
+            f(p, "samples_per_s")?,
+            f(z, "samples_per_s")? / f(p, "samples_per_s")?,
+            bytes(f(z, "peak_rss_bytes")?),
+            bytes(f(p, "peak_rss_bytes")?),
+            100.0 * f(z, "test_top1")?,
+            100.0 * f(p, "test_top1")?,
+            f(z, "model_flops_per_s")? / 1e12,
+            f(p, "model_flops_per_s")? / 1e12,
+            100.0 * f(z, "model_flops_per_s")? / c,
+            100.0 * f(p, "model_flops_per_s")? / c,
+        )?;
+        match job("pytorch", method, "bf16") {
+            Some(p) => {
+                let c = ceiling("bf16")?;
+                writeln!(
+                    out,
+                    "| {name}, bf16 autocast | — | {:.1} | {:.2} (zhijian fp32 ÷ PyTorch bf16) | — | {} | — | {:.2} | — | {:.3} | — | {:.0}% |",
+                    f(p, "samples_per_s")?,
+                    f(z, "samples_per_s")? / f(p, "samples_per_s")?,
+                    bytes(f(p, "peak_rss_bytes")?),
+                    100.0 * f(p, "test_top1")?,
+                    f(p, "model_flops_per_s")? / 1e12,
+                    100.0 * f(p, "model_flops_per_s")? / c,
+                )?;
+            }
+            None => writeln!(out, "| {name}, bf16 autocast | — | skipped ‡ | | | | | | | | | |")?,
+        }
+    }
+    writeln!(out, "\nzhijian has no bf16 path (tch exposes no CPU autocast), so its bf16 cells are empty.")?;
+    if let Some(why) = m["bf16_skipped"].as_str() {
+        writeln!(out, "‡ {why}.")?;
+    }
+
+    writeln!(out, "\n| matmul ceiling (best over n = 512 … 4096) | fp32 TFLOP/s | bf16 TFLOP/s |")?;
+    writeln!(out, "|---|---|---|")?;
+    for (side, name) in [("zhijian", "zhijian (tch)"), ("pytorch", "PyTorch")] {
+        let c = &r[format!("ceiling-{side}")];
+        let best = |p: &str| c[p]["best"].as_f64().map_or("?".into(), |v| format!("{:.3}", v / 1e12));
+        writeln!(out, "| {name} | {} | {} |", best("fp32"), best("bf16"))?;
+    }
+    writeln!(out, "\nA job's fraction is of the higher of the two ceilings at the job's precision.\n")?;
+
+    writeln!(
+        out,
+        "| parity | mean train loss zhijian | mean train loss PyTorch | tokens computed zhijian | tokens computed PyTorch | \
+         trainable params zhijian | trainable params PyTorch |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|---|")?;
+    let mut notes = Vec::new();
+    for (method, name) in methods {
+        let z = need("zhijian", method, "fp32")?;
+        for precision in ["fp32", "bf16"] {
+            let Some(p) = job("pytorch", method, precision) else { continue };
+            let zl = if precision == "fp32" { format!("{:.6}", f(z, "final_loss")?) } else { "—".into() };
+            writeln!(
+                out,
+                "| {name}, {precision} | {zl} | {:.6} | {} | {} | {} | {} |",
+                f(p, "final_loss")?,
+                z["tokens"],
+                p["tokens"],
+                z["trainable_params"],
+                p["trainable_params"]
+            )?;
+            if z["tokens"] != p["tokens"] || z["model_flops"] != p["model_flops"] {
+                notes.push(format!("{name} {precision}: the two sides computed different batches (tokens or model FLOPs differ)"));
+            }
+            if z["trainable_params"] != p["trainable_params"] {
+                notes.push(format!("{name}: the trainable parameter counts differ"));
+            }
+            if z["threads"] != p["threads"] {
+                notes.push(format!("{name} {precision}: the thread counts differ ({} vs {})", z["threads"], p["threads"]));
+            }
+        }
+    }
+    let check = &r["flops-check"];
+    let ratio = |method: &str| -> String {
+        match (check[method]["counted"].as_f64(), check[method]["analytic"].as_f64()) {
+            (Some(c), Some(a)) if a > 0.0 => format!("{:.4}", c / a),
+            _ => "?".into(),
+        }
+    };
+    writeln!(
+        out,
+        "\nModel FLOPs per batch of `rows` sequences padded to `seq` tokens (T = rows·seq): \
+         2·T·(2·P_frozen + 3·P_trained) + 12·L·h·rows·seq² + 6·h·C·rows (see examples/reference_job.rs). \
+         On one batch, torch's FlopCounterMode counts {} × the formula for full fine-tuning and {} × for LoRA \
+         (autograd skips the input gradients of LoRA's first frozen projections).",
+        ratio("full_finetune"),
+        ratio("lora")
+    )?;
+    for note in notes {
+        writeln!(out, "\n**warning:** {note}")?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(side: &str, samples_per_s: f64, tokens: i64) -> Value {
+        json!({
+            "side": side, "samples": 3200, "samples_per_s": samples_per_s, "peak_rss_bytes": 1.5 * 1024.0 * 1024.0 * 1024.0,
+            "test_top1": 0.78, "test_n": 1275, "model_flops_per_s": 7.5e10, "model_flops": 1.0e13, "tokens": tokens,
+            "final_loss": 0.5, "trainable_params": 74498, "threads": 2,
+            "versions": { "torch": "2.11.0", "transformers": "5.23.0", "peft": "0.21.2" },
+        })
+    }
+
+    fn report(with_bf16: bool) -> Value {
+        let mut results = serde_json::Map::new();
+        for method in ["full_finetune", "lora"] {
+            results.insert(format!("zhijian-{method}-fp32"), result("zhijian", 20.0, 1000));
+            results.insert(format!("pytorch-{method}-fp32"), result("pytorch", 25.0, 1000));
+            if with_bf16 {
+                results.insert(format!("pytorch-{method}-bf16"), result("pytorch", 40.0, 1001));
+            }
+        }
+        results.insert("ceiling-zhijian".into(), json!({ "fp32": { "best": 1.5e11 }, "bf16": { "best": 6.0e11 } }));
+        results.insert("ceiling-pytorch".into(), json!({ "fp32": { "best": 1.0e11 }, "bf16": { "best": 7.5e11 } }));
+        results.insert("flops-check".into(), json!({ "full_finetune": { "analytic": 100, "counted": 100 }, "lora": { "analytic": 100, "counted": 98 } }));
+        let skipped = (!with_bf16).then_some("bf16 matmuls are slow here");
+        json!({
+            "meta": { "steps": 100, "commit": "abc1234", "date_utc": "2025-01-01", "cpu": "a CPU", "run_seconds": 600.0,
+                      "command": "cargo xtask reference --steps 100", "bf16_skipped": skipped },
+            "results": results,
+        })
+    }
+
+    #[test]
+    fn table_rows_ratios_and_fractions_of_the_ceiling() {
+        let table = render(&report(true)).unwrap();
+        // zhijian ÷ PyTorch = 20 / 25; 7.5e10 FLOP/s of the higher fp32 ceiling 1.5e11 = 50 %, of the bf16 one 7.5e11 = 10 %.
+        assert!(table.contains("| full fine-tuning, fp32 | 20.0 | 25.0 | 0.80 | 1.50 GiB | 1.50 GiB | 78.00 | 78.00 | 0.075 | 0.075 | 50% | 50% |"), "{table}");
+        assert!(table.contains("| LoRA r8, bf16 autocast | — | 40.0 | 0.50 (zhijian fp32 ÷ PyTorch bf16) | — | 1.50 GiB | — | 78.00 | — | 0.075 | — | 10% |"), "{table}");
+        assert!(table.contains("counts 1.0000 × the formula for full fine-tuning and 0.9800 × for LoRA"), "{table}");
+        // The bf16 jobs here saw other batches than zhijian's: the table says so.
+        assert!(table.contains("**warning:** LoRA r8 bf16: the two sides computed different batches"), "{table}");
+        assert!(!table.contains("fp32: the two sides computed different batches"), "{table}");
+    }
+
+    #[test]
+    fn skipped_bf16_jobs_say_why() {
+        let table = render(&report(false)).unwrap();
+        assert!(table.contains("| full fine-tuning, bf16 autocast | — | skipped ‡ |"), "{table}");
+        assert!(table.contains("‡ bf16 matmuls are slow here."), "{table}");
+        assert!(!table.contains("**warning:**"), "{table}");
+    }
+
+    #[test]
+    fn steps_flag() {
+        assert_eq!(parse_steps(&[]).unwrap(), DEFAULT_STEPS);
+        assert_eq!(parse_steps(&["--steps".into(), "7".into()]).unwrap(), 7);
+        assert!(parse_steps(&["--steps".into(), "0".into()]).is_err());
+        assert!(parse_steps(&["--step".into(), "7".into()]).is_err());
+    }
+}
