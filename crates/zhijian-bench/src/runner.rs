@@ -12,10 +12,10 @@ use zhijian_core::{Error, Method, Model, Registry, Result, Split};
 
 use crate::build::{build_model, image_preset, weights_file};
 use crate::data::load_data;
-use crate::source::Source;
-use crate::features::{feature_key, file_digest, FeatureCache, FeatureOrigin};
 use crate::experiment::{DeviceChoice, Experiment};
+use crate::features::{feature_key, file_digest, FeatureCache, FeatureOrigin};
 use crate::record::{append_record, read_records, Record, SplitScore};
+use crate::source::Source;
 
 /// Options of a comparison that are not part of the experiment file.
 #[derive(Clone, Debug, Default)]
