@@ -69,7 +69,8 @@ impl FeatureCache {
 
     /// The features under `key`: held, read from disk, or computed by `model`
     /// (and then written to disk, atomically). A file that cannot be read or
-    /// does not fit the data is reported and replaced, never trusted.
+    /// does not fit the data is reported and replaced, never trusted; a file
+    /// that cannot be written is reported and the run goes on.
     pub fn get(&mut self, key: &str, model: &Model, data: &Data, batch_size: i64, label: &str) -> Result<(&FeatureSet, FeatureOrigin)> {
         if self.held.as_ref().is_some_and(|(k, _)| k == key) {
             return Ok((&self.held.as_ref().expect("checked").1, FeatureOrigin::Memory));
@@ -98,7 +99,10 @@ impl FeatureCache {
                 if let Some(f) = &file {
                     let named: Vec<(String, Tensor)> =
                         set.splits().enumerate().map(|(i, s)| (tensor_name(i), feature_tensor(s).shallow_clone())).collect();
-                    zhijian_core::save_atomic(&named, f)?;
+                    // A cache that cannot be written costs later runs time, not this run its result.
+                    if let Err(e) = zhijian_core::save_atomic(&named, f) {
+                        eprintln!("{label}: could not keep the features in the cache: {e}");
+                    }
                 }
                 (set, FeatureOrigin::Computed)
             }
