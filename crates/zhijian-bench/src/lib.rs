@@ -8,6 +8,7 @@ pub mod data;
 pub mod experiment;
 pub mod features;
 pub mod plot;
+mod plot_text;
 pub mod record;
 pub mod runner;
 pub mod source;

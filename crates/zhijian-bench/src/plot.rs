@@ -16,6 +16,7 @@ use plotters::style::FontStyle;
 use zhijian_core::weights::tmp_sibling;
 use zhijian_core::{Error, Result};
 
+use crate::plot_text::GlyphText;
 use crate::record::Record;
 use crate::table::{human_count, mean_std};
 
@@ -122,7 +123,7 @@ pub fn write_plots(records: &[Record], dir: &Path, stem: &str) -> Result<Vec<Pat
         let mut svg = String::new();
         draw(SVGBackend::with_string(&mut svg, SIZE).into_drawing_area(), &pts, &title, chart)?;
         let mut rgb = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
-        draw(BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area(), &pts, &title, chart)?;
+        draw(GlyphText::new(BitMapBackend::with_buffer(&mut rgb, SIZE)).into_drawing_area(), &pts, &title, chart)?;
         let mut png = Vec::new();
         image::codecs::png::PngEncoder::new(&mut png)
             .write_image(&rgb, SIZE.0, SIZE.1, image::ExtendedColorType::Rgb8)
@@ -303,7 +304,6 @@ fn marker_outline(shape: usize) -> Vec<(i32, i32)> {
         }
     }
 }
-
 
 /// Label positions at `anchors`, moved down just enough that labels whose
 /// anchors are close horizontally stay at least `gap` pixels apart.
