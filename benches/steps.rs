@@ -63,7 +63,7 @@ fn labels(n: i64) -> Tensor {
 
 /// One optimiser step through the engine (AdamW, clipping); `cargo xtask
 /// reference` runs whole jobs of them side by side with PyTorch.
-fn step(model: &Model, methods: &[Box<dyn Method>], data: &Split, lr: f64) {
+fn step(model: &Model, methods: &mut [Box<dyn Method>], data: &Split, lr: f64) {
     let cfg = TrainConfig { max_steps: 1, batch_size: BATCH, lr, warmup_ratio: 0.0, ..Default::default() };
     black_box(train::train(model, methods, data, None, &cfg, &TrainOptions::default()).expect("step"));
     sync();
@@ -75,13 +75,13 @@ fn train_steps(c: &mut Criterion) {
     tch::manual_seed(1);
     let data = Split { name: "random".into(), input: tokens(BATCH), labels: labels(BATCH) };
     for (method, lr) in [("full_finetune", 5e-5), ("lora", 1e-3)] {
-        let (model, methods) = minilm(method);
-        group.bench_function(method, |b| b.iter(|| step(&model, &methods, &data, lr)));
+        let (model, mut methods) = minilm(method);
+        group.bench_function(method, |b| b.iter(|| step(&model, &mut methods, &data, lr)));
     }
     // The probe's step once features are cached: the head alone on [32, 384].
-    let (model, methods) = minilm("linear_probe");
+    let (model, mut methods) = minilm("linear_probe");
     let features = train::cache_features(&model, &data, BATCH, "bench").expect("features");
-    group.bench_function("linear_probe-cached", |b| b.iter(|| step(&model, &methods, &features, 3e-3)));
+    group.bench_function("linear_probe-cached", |b| b.iter(|| step(&model, &mut methods, &features, 3e-3)));
     group.finish();
 }
 

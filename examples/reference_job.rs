@@ -386,7 +386,7 @@ fn job(method: &str, data: &Path, out: &Path) -> Result<()> {
     let test = Split { name: "test".into(), input: Input::Tokens { ids: get("test.ids")?, mask: get("test.mask")? }, labels: get("test.labels")? };
     let label = format!("zhijian {method} fp32");
     eprintln!("{label}: {desc}, {} training reviews, {} threads", train_split.len(), tch::get_num_threads());
-    let report = train::train(&model, &methods, &train_split, None, &cfg, &TrainOptions { label: label.clone(), checkpoint: None })?;
+    let report = train::train(&model, &mut methods, &train_split, None, &cfg, &TrainOptions { label: label.clone(), checkpoint: None })?;
     let accuracy = train::evaluate(&model, &methods, &test, cfg.eval_batch_size)?;
 
     // The batches the engine made: `randperm` right after seeding, consecutive

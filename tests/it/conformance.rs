@@ -129,7 +129,7 @@ fn every_method_passes_the_conformance_checks() {
         let at = format!("{name} on {toy:?}");
         // 1. Unchanged output at initialisation where promised.
         let plain = logits(&toy_model(toy, 1), &[], &data);
-        let (model, methods) = prepared_on(toy, name, 1);
+        let (model, mut methods) = prepared_on(toy, name, 1);
         if methods[0].identity_at_init() {
             let d = (logits(&model, &methods, &data) - &plain).abs().max().double_value(&[]);
             assert!(d < 1e-6, "{at}: output changed at init by {d}");
@@ -140,7 +140,7 @@ fn every_method_passes_the_conformance_checks() {
         let before = snapshot(&model, &methods);
         let trains: Vec<String> = train::artifact(&model, &methods).into_iter().map(|(n, _)| n).collect();
         let cfg = TrainConfig { max_steps: 1, batch_size: 12, lr: 1e-2, warmup_ratio: 0.0, ..Default::default() };
-        train::train(&model, &methods, &data, None, &cfg, &TrainOptions::default()).unwrap();
+        train::train(&model, &mut methods, &data, None, &cfg, &TrainOptions::default()).unwrap();
         let after = snapshot(&model, &methods);
         let mut moved = 0;
         for (n, t) in &before {
@@ -215,11 +215,11 @@ fn linear_probe_caches_features_and_lora_does_not() {
         train::prepare(&model, &mut methods, 0).unwrap();
         (model, methods)
     };
-    let (direct, m1) = probe(3);
-    train::train(&direct, &m1, &data, None, &cfg, &TrainOptions::default()).unwrap();
-    let (cached, m2) = probe(3);
+    let (direct, mut m1) = probe(3);
+    train::train(&direct, &mut m1, &data, None, &cfg, &TrainOptions::default()).unwrap();
+    let (cached, mut m2) = probe(3);
     let features = train::cache_features(&cached, &data, 64, "test").unwrap();
-    train::train(&cached, &m2, &features, None, &cfg, &TrainOptions::default()).unwrap();
+    train::train(&cached, &mut m2, &features, None, &cfg, &TrainOptions::default()).unwrap();
     let (a, b) = (&direct.vs.variables()["head.weight"], &cached.vs.variables()["head.weight"]);
     assert!(a.allclose(b, 1e-5, 1e-6, false));
 }
@@ -229,10 +229,10 @@ fn training_repeats_exactly_with_the_same_seed() {
     let _rng = crate::rng_lock();
     let data = batch();
     let run = |seed: u64| {
-        let (model, methods) = prepared("lora", 5);
+        let (model, mut methods) = prepared("lora", 5);
         perturb(&methods);
         let cfg = TrainConfig { max_steps: 3, batch_size: 4, lr: 1e-2, seed, ..Default::default() };
-        train::train(&model, &methods, &data, None, &cfg, &TrainOptions::default()).unwrap();
+        train::train(&model, &mut methods, &data, None, &cfg, &TrainOptions::default()).unwrap();
         snapshot(&model, &methods)
     };
     let (a, b, c) = (run(1), run(1), run(2));
@@ -261,10 +261,10 @@ fn checkpoint_after_each_epoch_restores_the_trained_state() {
     let data = batch();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ckpt/lora.safetensors");
-    let (model, methods) = prepared("lora", 2);
+    let (model, mut methods) = prepared("lora", 2);
     let cfg = TrainConfig { epochs: 2, batch_size: 6, lr: 1e-2, ..Default::default() };
     let opts = TrainOptions { label: "ckpt".into(), checkpoint: Some(path.clone()) };
-    let report = train::train(&model, &methods, &data, Some(&data), &cfg, &opts).unwrap();
+    let report = train::train(&model, &mut methods, &data, Some(&data), &cfg, &opts).unwrap();
     assert_eq!((report.steps, report.val_top1.len()), (4, 2));
     // Only the checkpoint is in its folder: the temporary file was renamed over it.
     assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);

@@ -92,7 +92,7 @@ fn lazy_training_augments_per_epoch_and_repeats_for_a_seed() {
         let mut methods = full_finetune();
         train::prepare(&model, &mut methods, 0).unwrap();
         let cfg = TrainConfig { epochs: 2, batch_size: 4, lr: 1e-2, seed, ..Default::default() };
-        train::train(&model, &methods, &split(source.clone()), None, &cfg, &TrainOptions::default()).unwrap();
+        train::train(&model, &mut methods, &split(source.clone()), None, &cfg, &TrainOptions::default()).unwrap();
         let seeds = source.seeds.lock().unwrap().clone();
         (model.vs.variables()["head.weight"].copy(), seeds)
     };
@@ -112,7 +112,7 @@ fn a_batch_that_cannot_be_made_stops_training_with_its_error() {
     let mut methods = full_finetune();
     train::prepare(&model, &mut methods, 0).unwrap();
     let cfg = TrainConfig { epochs: 1, batch_size: 4, ..Default::default() };
-    let err = train::train(&model, &methods, &split(Arc::new(ToySource::new(Some(7)))), None, &cfg, &TrainOptions::default()).unwrap_err();
+    let err = train::train(&model, &mut methods, &split(Arc::new(ToySource::new(Some(7)))), None, &cfg, &TrainOptions::default()).unwrap_err();
     assert!(err.to_string().contains("image 7 cannot be decoded"), "{err}");
     let err = predict(&model, &[], &Input::Lazy(Arc::new(ToySource::new(Some(2)))), 4).unwrap_err();
     assert!(matches!(err, Error::Data(_)), "{err}");

@@ -110,7 +110,8 @@ impl Method for Lora {
         if !(0.0..1.0).contains(&c.dropout) {
             return Err(Error::MethodConfig { method: "lora".into(), message: format!("dropout must be in [0, 1), got {}", c.dropout) });
         }
-        let all = model.sites();
+        // Norm layers have no weight matrix to update.
+        let all: Vec<Site> = model.sites().into_iter().filter(|s| s.role != Role::Norm).collect();
         let sites = if c.targets.is_empty() {
             let with_role = |roles: &[Role]| all.iter().filter(|s| roles.contains(&s.role)).cloned().collect::<Vec<_>>();
             let mut s = with_role(&[Role::Query, Role::Value, Role::Qkv]);
@@ -141,8 +142,8 @@ impl Method for Lora {
         Ok(())
     }
 
-    fn linear(&self, site: &str, x: &Tensor, out: Tensor, train: bool) -> Tensor {
-        match self.pairs.get(site) {
+    fn linear(&self, site: &Site, x: &Tensor, out: Tensor, train: bool) -> Tensor {
+        match self.pairs.get(&site.path) {
             Some(pair) if !self.merged => {
                 let x = if train && self.config.dropout > 0.0 { x.dropout(self.config.dropout, true) } else { x.shallow_clone() };
                 out + x.linear::<Tensor>(&pair.a, None).linear::<Tensor>(&pair.b, None) * self.scale()
@@ -262,10 +263,12 @@ mod tests {
         tch::no_grad(|| pair.b.shallow_clone().copy_(&Tensor::randn([3, 2], (Kind::Float, Device::Cpu))));
         let x = Tensor::randn([5, 4], (Kind::Float, Device::Cpu));
         let base = Tensor::randn([5, 3], (Kind::Float, Device::Cpu));
-        let got = lora.linear("proj", &x, base.shallow_clone(), false);
+        let site = model.sites()[0].clone();
+        let other = Site::new("other".into(), 4, 3, Role::Query);
+        let got = lora.linear(&site, &x, base.shallow_clone(), false);
         let want = &base + x.matmul(&pair.a.tr()).matmul(&pair.b.tr()) * 3.0;
         assert!(got.allclose(&want, 1e-5, 1e-6, false));
-        assert!(lora.linear("other", &x, base.shallow_clone(), false).equal(&base));
+        assert!(lora.linear(&other, &x, base.shallow_clone(), false).equal(&base));
 
         let w0 = model.vs.variables()["proj.weight"].copy();
         let delta = pair.b.matmul(&pair.a) * 3.0;
@@ -273,7 +276,7 @@ mod tests {
         let w1 = model.vs.variables()["proj.weight"].copy();
         assert!(w1.allclose(&(&w0 + &delta), 1e-5, 1e-6, false));
         // While merged the hook adds nothing (the update is in W already).
-        assert!(lora.linear("proj", &x, base.shallow_clone(), false).equal(&base));
+        assert!(lora.linear(&site, &x, base.shallow_clone(), false).equal(&base));
         lora.unmerge(&model).unwrap();
         assert!(model.vs.variables()["proj.weight"].allclose(&w0, 1e-5, 1e-6, false));
     }

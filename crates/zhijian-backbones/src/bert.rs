@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn;
 use tch::{Kind, Tensor};
 use zhijian_core::layers::{attention, dropout, Embedding, LayerNorm, Linear, Role, Site};
-use zhijian_core::{block_index, Backbone, Ctx, Error, Input, ParamGroup, Result, Tap};
+use zhijian_core::{block_index, Backbone, Ctx, Error, Input, Kv, Layout, ParamGroup, Result, SubLayer, Tap, Tokens};
 
 /// How token states become one feature vector.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,18 +129,36 @@ impl Layer {
         }
     }
 
-    fn linears(&self) -> [&Linear; 6] {
-        [&self.query, &self.key, &self.value, &self.attn_out, &self.up, &self.down]
+    /// Every hook site of the layer, in forward order.
+    fn sites(&self) -> [Site; 8] {
+        let linear = |l: &Linear| l.site().clone();
+        [
+            linear(&self.query),
+            linear(&self.key),
+            linear(&self.value),
+            linear(&self.attn_out),
+            self.attn_norm.site().clone(),
+            linear(&self.up),
+            linear(&self.down),
+            self.out_norm.site().clone(),
+        ]
     }
 
-    fn forward(&self, cx: &Ctx, x: &Tensor, keep: &Tensor, c: &BertConfig) -> Tensor {
-        let (q, k, v) = (self.query.forward(cx, x), self.key.forward(cx, x), self.value.forward(cx, x));
-        let a = attention(cx, &q, &k, &v, Some(keep), c.num_attention_heads, c.attention_probs_dropout_prob);
-        let a = dropout(cx, &self.attn_out.forward(cx, &a), c.hidden_dropout_prob);
-        let x = self.attn_norm.forward(&(a + x));
+    /// Post-norm block: `x ← LN(x + Attn(x))`, `x ← LN(x + FFN(x))`, with the
+    /// block-input, key/value and sub-layer hooks at their places.
+    fn forward(&self, cx: &Ctx, block: usize, t: Tokens, c: &BertConfig) -> Tokens {
+        let t = cx.block_input(block, t);
+        let x = &t.x;
+        let q = self.query.forward(cx, x);
+        let kv = cx.attn_kv(block, Kv { k: self.key.forward(cx, x), v: self.value.forward(cx, x), keep: t.attention_mask() });
+        let a = attention(cx, &q, &kv.k, &kv.v, kv.keep.as_ref(), c.num_attention_heads, c.attention_probs_dropout_prob);
+        let a = cx.sublayer(block, SubLayer::Attn, x, self.attn_out.forward(cx, &a), &t.layout);
+        let x = self.attn_norm.forward(cx, &(dropout(cx, &a, c.hidden_dropout_prob) + x));
         // Hugging Face's "gelu" is the exact erf form, not the tanh approximation.
         let f = self.down.forward(cx, &self.up.forward(cx, &x).gelu("none"));
-        self.out_norm.forward(&(dropout(cx, &f, c.hidden_dropout_prob) + x))
+        let f = cx.sublayer(block, SubLayer::Mlp, &x, f, &t.layout);
+        let x = self.out_norm.forward(cx, &(dropout(cx, &f, c.hidden_dropout_prob) + x));
+        Tokens { x, ..t }
     }
 }
 
@@ -176,21 +194,22 @@ impl Bert {
         &self.config
     }
 
-    /// Token states after the last layer.
+    /// Token states after the last layer, with their layout: `[CLS]` leads,
+    /// tokens that methods insert (prompts) follow it.
     ///
     /// # Shapes
-    /// `ids`, `mask`: `[batch, seq]` int64 → `[batch, seq, hidden]`.
-    pub fn encode(&self, cx: &Ctx, ids: &Tensor, mask: &Tensor) -> Tensor {
+    /// `ids`, `mask`: `[batch, seq]` int64 → `[batch, seq + inserted, hidden]`.
+    pub fn encode(&self, cx: &Ctx, ids: &Tensor, mask: &Tensor) -> Tokens {
         let seq = ids.size()[1];
         let positions = Tensor::arange(seq, (Kind::Int64, ids.device())).unsqueeze(0);
         let x = self.word.forward(ids) + self.position.forward(&positions) + self.token_type.forward(&ids.zeros_like());
-        let mut x = dropout(cx, &self.norm.forward(&x), self.config.hidden_dropout_prob);
-        let keep = mask.gt(0).view([mask.size()[0], 1, 1, seq]);
+        let x = dropout(cx, &self.norm.forward(cx, &x), self.config.hidden_dropout_prob);
+        let mut t = Tokens { x, keep: Some(mask.gt(0)), layout: Layout { lead: 1, inserted: 0, grid: None } };
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(cx, &x, &keep, &self.config);
-            cx.tap(Tap::Block(i), &x);
+            t = layer.forward(cx, i, t, &self.config);
+            cx.tap(Tap::Block(i), &t.x);
         }
-        x
+        t
     }
 }
 
@@ -208,7 +227,7 @@ impl Backbone for Bert {
     }
 
     fn sites(&self) -> Vec<Site> {
-        self.layers.iter().flat_map(|l| l.linears().map(|x| x.site().clone())).collect()
+        std::iter::once(self.norm.site().clone()).chain(self.layers.iter().flat_map(Layer::sites)).collect()
     }
 
     fn group(&self, param: &str) -> ParamGroup {
@@ -222,10 +241,12 @@ impl Backbone for Bert {
         let Input::Tokens { ids, mask } = input else {
             panic!("bert takes Input::Tokens; the data config must produce tokens")
         };
-        let states = self.encode(cx, ids, mask);
+        let tokens = self.encode(cx, ids, mask);
         match self.config.pooling {
-            Pooling::Cls => states.select(1, 0),
+            Pooling::Cls => tokens.x.select(1, 0),
             Pooling::Mean => {
+                // Over the real tokens of the input: inserted tokens are not part of the text.
+                let states = tokens.layout.own_tokens(&tokens.x);
                 let m = mask.unsqueeze(-1).to_kind(states.kind());
                 (states * &m).sum_dim_intlist(1, false, None) / m.sum_dim_intlist(1, false, None).clamp_min(1e-9)
             }

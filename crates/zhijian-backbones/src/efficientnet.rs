@@ -240,7 +240,7 @@ impl Backbone for EfficientNetLite {
 
     fn sites(&self) -> Vec<Site> {
         let blocks = self.stages.iter().flatten().flat_map(Block::convs);
-        std::iter::once(&self.stem).chain(blocks).chain([&self.head]).map(|c| c.conv.site().clone()).collect()
+        std::iter::once(&self.stem).chain(blocks).chain([&self.head]).flat_map(|c| [c.conv.site().clone(), c.bn.site().clone()]).collect()
     }
 
     fn group(&self, param: &str) -> ParamGroup {

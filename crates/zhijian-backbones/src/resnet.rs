@@ -206,7 +206,7 @@ impl Backbone for ResNet {
     fn sites(&self) -> Vec<Site> {
         let blocks = self.stages.iter().flatten();
         let units = blocks.flat_map(|b| b.units.iter().chain(&b.downsample));
-        std::iter::once(&self.stem).chain(units).map(|u| u.conv.site().clone()).collect()
+        std::iter::once(&self.stem).chain(units).flat_map(|u| [u.conv.site().clone(), u.bn.site().clone()]).collect()
     }
 
     fn group(&self, param: &str) -> ParamGroup {

@@ -183,7 +183,7 @@ impl Backbone for SmallCnn {
     }
 
     fn sites(&self) -> Vec<Site> {
-        self.stages.iter().map(|(conv, _)| conv.site().clone()).collect()
+        self.stages.iter().flat_map(|(conv, bn)| [conv.site().clone(), bn.site().clone()]).collect()
     }
 
     fn group(&self, param: &str) -> ParamGroup {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 use zhijian_core::layers::{attention, dropout, Conv2d, LayerNorm, Linear, Padding, Role, Site};
-use zhijian_core::{block_index, Backbone, Ctx, Error, ImagePreset, Input, ParamGroup, Result, Tap};
+use zhijian_core::{block_index, Backbone, Ctx, Error, ImagePreset, Input, Kv, Layout, ParamGroup, Result, SubLayer, Tap, Tokens};
 
 /// How token states become one feature vector.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,13 +143,34 @@ impl Block {
         }
     }
 
-    fn forward(&self, cx: &Ctx, x: &Tensor, c: &VitConfig) -> Tensor {
+    /// Every hook site of the block, in forward order.
+    fn sites(&self) -> [Site; 6] {
+        [
+            self.norm1.site().clone(),
+            self.qkv.site().clone(),
+            self.proj.site().clone(),
+            self.norm2.site().clone(),
+            self.fc1.site().clone(),
+            self.fc2.site().clone(),
+        ]
+    }
+
+    /// Pre-norm block: `x ← x + Attn(LN(x))`, `x ← x + MLP(LN(x))`, with the
+    /// block-input, key/value and sub-layer hooks at their places.
+    fn forward(&self, cx: &Ctx, block: usize, t: Tokens, c: &VitConfig) -> Tokens {
+        let t = cx.block_input(block, t);
+        let x = &t.x;
+        let h = self.norm1.forward(cx, x);
         // timm's fused qkv lays out the output as [q | k | v].
-        let qkv = self.qkv.forward(cx, &self.norm1.forward(x)).chunk(3, -1);
-        let a = attention(cx, &qkv[0], &qkv[1], &qkv[2], None, c.num_heads, 0.0);
-        let x = x + dropout(cx, &self.proj.forward(cx, &a), c.dropout);
-        let h = self.fc1.forward(cx, &self.norm2.forward(&x)).gelu("none");
-        &x + dropout(cx, &self.fc2.forward(cx, &h), c.dropout)
+        let qkv = self.qkv.forward(cx, &h).chunk(3, -1);
+        let kv = cx.attn_kv(block, Kv { k: qkv[1].shallow_clone(), v: qkv[2].shallow_clone(), keep: t.attention_mask() });
+        let a = attention(cx, &qkv[0], &kv.k, &kv.v, kv.keep.as_ref(), c.num_heads, 0.0);
+        let a = cx.sublayer(block, SubLayer::Attn, &h, self.proj.forward(cx, &a), &t.layout);
+        let x = x + dropout(cx, &a, c.dropout);
+        let h = self.norm2.forward(cx, &x);
+        let f = self.fc2.forward(cx, &self.fc1.forward(cx, &h).gelu("none"));
+        let f = cx.sublayer(block, SubLayer::Mlp, &h, f, &t.layout);
+        Tokens { x: &x + dropout(cx, &f, c.dropout), ..t }
     }
 }
 
@@ -207,21 +228,24 @@ impl Vit {
         Tensor::cat(&[prefix, resized], 1)
     }
 
-    /// Token states after the last block (before the final norm).
+    /// Token states after the last block (before the final norm), with their
+    /// layout: the class token leads, tokens that methods insert (prompts)
+    /// follow it, then the patches.
     ///
     /// # Shapes
     /// `images`: `[batch, in_chans, h, w]`, h and w multiples of the patch size →
-    /// `[batch, 1 + (h/patch)·(w/patch), embed_dim]`.
-    pub fn encode(&self, cx: &Ctx, images: &Tensor) -> Tensor {
+    /// `[batch, 1 + inserted + (h/patch)·(w/patch), embed_dim]`.
+    pub fn encode(&self, cx: &Ctx, images: &Tensor) -> Tokens {
         let patches = self.patch_embed.forward(cx, images);
         let (b, d, gh, gw) = patches.size4().expect("conv output is 4-d");
         let tokens = patches.flatten(2, 3).transpose(1, 2);
-        let mut x = Tensor::cat(&[self.cls_token.expand([b, 1, d], false), tokens], 1) + self.pos_embed_for(gh, gw);
+        let x = Tensor::cat(&[self.cls_token.expand([b, 1, d], false), tokens], 1) + self.pos_embed_for(gh, gw);
+        let mut t = Tokens { x, keep: None, layout: Layout { lead: 1, inserted: 0, grid: Some([gh, gw]) } };
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(cx, &x, &self.config);
-            cx.tap(Tap::Block(i), &x);
+            t = block.forward(cx, i, t, &self.config);
+            cx.tap(Tap::Block(i), &t.x);
         }
-        x
+        t
     }
 
     /// The configuration.
@@ -249,8 +273,8 @@ impl Backbone for Vit {
     }
 
     fn sites(&self) -> Vec<Site> {
-        let linears = self.blocks.iter().flat_map(|b| [&b.qkv, &b.proj, &b.fc1, &b.fc2].map(|l| l.site().clone()));
-        std::iter::once(self.patch_embed.site().clone()).chain(linears).collect()
+        let blocks = self.blocks.iter().flat_map(Block::sites);
+        std::iter::once(self.patch_embed.site().clone()).chain(blocks).chain([self.final_norm.site().clone()]).collect()
     }
 
     fn group(&self, param: &str) -> ParamGroup {
@@ -262,10 +286,13 @@ impl Backbone for Vit {
 
     fn forward(&self, cx: &Ctx, input: &Input) -> Tensor {
         let Input::Images(images) = input else { panic!("vit takes Input::Images; the data config must produce images") };
-        let x = self.encode(cx, images);
+        let Tokens { x, layout, .. } = self.encode(cx, images);
         match self.config.pooling {
-            VitPooling::Token => self.final_norm.forward(&x).select(1, 0),
-            VitPooling::Avg => self.final_norm.forward(&x.narrow(1, 1, x.size()[1] - 1).mean_dim(1, false, None)),
+            VitPooling::Token => self.final_norm.forward(cx, &x).select(1, 0),
+            VitPooling::Avg => {
+                let start = layout.content_start();
+                self.final_norm.forward(cx, &x.narrow(1, start, x.size()[1] - start).mean_dim(1, false, None))
+            }
         }
     }
 }

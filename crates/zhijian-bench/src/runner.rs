@@ -211,7 +211,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
         } else {
             (&data.train, &data.val, &data.test, &data.ood)
         };
-        let report = train::train(&model, &methods, train_split, Some(val_split), &cfg, &TrainOptions { label: label.clone(), checkpoint: None })?;
+        let report = train::train(&model, &mut methods, train_split, Some(val_split), &cfg, &TrainOptions { label: label.clone(), checkpoint: None })?;
         let test = train::evaluate(&model, &methods, test_split, cfg.eval_batch_size)?;
         let top5 = |a: &zhijian_core::Accuracy| (data.classes.len() > 5).then(|| a.top5());
         let ood = ood_splits

@@ -11,11 +11,12 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use crate::hooks::{Kv, Layout, SubLayer, Tokens};
 use crate::layers::Site;
 use crate::method::Method;
 
 /// An intermediate a method (or the caller) can ask a backbone to record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Tap {
     /// The output of block `i` (0-based), before pooling: `[batch, tokens, hidden]`
@@ -23,6 +24,9 @@ pub enum Tap {
     Block(usize),
     /// The pooled feature vector the head sees: `[batch, hidden]`.
     Pooled,
+    /// The output of the hook site at this path (a linear layer, convolution
+    /// or norm), after every method acted on it.
+    Site(String),
 }
 
 /// The context of one forward pass.
@@ -49,28 +53,72 @@ impl<'a> Ctx<'a> {
         self.train
     }
 
+    /// Called by a hookable linear layer with its input before the matmul;
+    /// returns the input after every method (IA3 scales FFN activations here).
+    pub fn linear_input(&self, site: &Site, x: &Tensor) -> Tensor {
+        self.methods.iter().fold(x.shallow_clone(), |x, m| m.linear_input(site, x, self.train))
+    }
+
     /// Called by a hookable linear layer at `site` with its input
     /// and the frozen layer's output; returns the output after every method.
-    pub fn linear(&self, site: &str, x: &Tensor, base: Tensor) -> Tensor {
-        self.methods.iter().fold(base, |out, m| m.linear(site, x, out, self.train))
+    pub fn linear(&self, site: &Site, x: &Tensor, base: Tensor) -> Tensor {
+        let out = self.methods.iter().fold(base, |out, m| m.linear(site, x, out, self.train));
+        self.tap_site(site, out)
     }
 
     /// Called by a hookable convolution with its (padded) input and the frozen
     /// layer's output; returns the output after every method.
     pub fn conv(&self, site: &Site, x: &Tensor, base: Tensor) -> Tensor {
-        self.methods.iter().fold(base, |out, m| m.conv(site, x, out, self.train))
+        let out = self.methods.iter().fold(base, |out, m| m.conv(site, x, out, self.train));
+        self.tap_site(site, out)
+    }
+
+    /// Called by a norm layer (LayerNorm, BatchNorm) with its input and its
+    /// affine output; returns the output after every method (SSF, LN-tuning).
+    pub fn norm(&self, site: &Site, x: &Tensor, base: Tensor) -> Tensor {
+        let out = self.methods.iter().fold(base, |out, m| m.norm(site, x, out, self.train));
+        self.tap_site(site, out)
+    }
+
+    /// Called by a transformer before block `block` with the tokens entering
+    /// it; returns them after every method (VPT inserts prompt tokens here).
+    pub fn block_input(&self, block: usize, tokens: Tokens) -> Tokens {
+        self.methods.iter().fold(tokens, |t, m| m.block_input(block, t, self.train))
+    }
+
+    /// Called by block `block`'s attention with its keys and values; returns
+    /// them after every method (prefix tuning prepends keys and values here).
+    pub fn attn_kv(&self, block: usize, kv: Kv) -> Kv {
+        self.methods.iter().fold(kv, |kv, m| m.attn_kv(block, kv, self.train))
+    }
+
+    /// Called by block `block` around its sub-layer `at`, with what the
+    /// sub-layer saw (`x`, after any pre-norm) and its output (before dropout
+    /// and the residual); returns the output after every method (adapters).
+    pub fn sublayer(&self, block: usize, at: SubLayer, x: &Tensor, out: Tensor, layout: &Layout) -> Tensor {
+        self.methods.iter().fold(out, |out, m| m.sublayer(block, at, x, out, layout, self.train))
+    }
+
+    fn tap_site(&self, site: &Site, out: Tensor) -> Tensor {
+        if !self.wanted.is_empty() {
+            let tap = Tap::Site(site.path.clone());
+            if self.wanted.contains(&tap) {
+                self.taps.borrow_mut().insert(tap, out.shallow_clone());
+            }
+        }
+        out
     }
 
     /// Records `value` under `tap` if someone asked for it.
     pub fn tap(&self, tap: Tap, value: &Tensor) {
-        if self.wanted.contains(&tap) {
+        if !self.wanted.is_empty() && self.wanted.contains(&tap) {
             self.taps.borrow_mut().insert(tap, value.shallow_clone());
         }
     }
 
     /// Whether `tap` was requested (lets a backbone skip work nobody reads).
-    pub fn wants(&self, tap: Tap) -> bool {
-        self.wanted.contains(&tap)
+    pub fn wants(&self, tap: &Tap) -> bool {
+        self.wanted.contains(tap)
     }
 
     /// Takes the recorded taps, leaving the context empty.

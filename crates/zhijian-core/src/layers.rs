@@ -39,6 +39,8 @@ pub enum Role {
     Spatial,
     /// A depthwise (one filter per channel) convolution.
     Depthwise,
+    /// A normalisation layer (LayerNorm, BatchNorm): its affine output is a site.
+    Norm,
     /// Anything else (poolers, stems, …).
     Other,
 }
@@ -57,6 +59,17 @@ pub struct Site {
     /// For a convolution: how it slides over its input.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conv: Option<ConvGeometry>,
+    /// The block the layer belongs to, if any ([`crate::Model::sites`] fills it
+    /// in from the backbone's parameter groups).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block: Option<usize>,
+}
+
+impl Site {
+    /// A site of a layer at `path` mapping `in_features` to `out_features`.
+    pub fn new(path: String, in_features: i64, out_features: i64, role: Role) -> Site {
+        Site { path, in_features, out_features, role, conv: None, block: None }
+    }
 }
 
 /// How a convolution slides: what a method needs to run a convolution of its
@@ -97,7 +110,7 @@ impl Linear {
         let bound = 1.0 / (in_features as f64).sqrt();
         let ws = p.var("weight", &[out_features, in_features], Init::Uniform { lo: -bound, up: bound });
         let bs = bias.then(|| p.var("bias", &[out_features], Init::Uniform { lo: -bound, up: bound }));
-        Linear { ws, bs, site: Site { path: path_name(&p), in_features, out_features, role, conv: None } }
+        Linear { ws, bs, site: Site::new(path_name(&p), in_features, out_features, role) }
     }
 
     /// The layer's hook site.
@@ -108,8 +121,9 @@ impl Linear {
     /// # Shapes
     /// `x`: `[..., in_features]` → `[..., out_features]`.
     pub fn forward(&self, cx: &Ctx, x: &Tensor) -> Tensor {
+        let x = cx.linear_input(&self.site, x);
         let base = x.linear(&self.ws, self.bs.as_ref());
-        cx.linear(&self.site.path, x, base)
+        cx.linear(&self.site, &x, base)
     }
 }
 
@@ -121,19 +135,27 @@ pub struct LayerNorm {
     /// Shift `[dim]`.
     pub bs: Tensor,
     eps: f64,
-    dim: i64,
+    site: Site,
 }
 
 impl LayerNorm {
     /// Creates `p.weight` (ones) and `p.bias` (zeros).
     pub fn new(p: Path, dim: i64, eps: f64) -> LayerNorm {
-        LayerNorm { ws: p.ones("weight", &[dim]), bs: p.zeros("bias", &[dim]), eps, dim }
+        LayerNorm { ws: p.ones("weight", &[dim]), bs: p.zeros("bias", &[dim]), eps, site: Site::new(path_name(&p), dim, dim, Role::Norm) }
     }
 
+    /// The layer's hook site ([`Role::Norm`]).
+    pub fn site(&self) -> &Site {
+        &self.site
+    }
+
+    /// Normalises, then lets every active method transform the output (`cx.norm`).
+    ///
     /// # Shapes
     /// `x`: `[..., dim]` → same.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm([self.dim], Some(&self.ws), Some(&self.bs), self.eps, true)
+    pub fn forward(&self, cx: &Ctx, x: &Tensor) -> Tensor {
+        let out = x.layer_norm([self.site.in_features], Some(&self.ws), Some(&self.bs), self.eps, true);
+        cx.norm(&self.site, x, out)
     }
 }
 
@@ -231,11 +253,8 @@ impl Conv2d {
             bs: bias.then(|| p.var("bias", &[c_out], init)),
             padding,
             site: Site {
-                path: path_name(&p),
-                in_features: c_in,
-                out_features: c_out,
-                role,
                 conv: Some(ConvGeometry { kernel: [kernel; 2], stride, padding: hook_padding, groups }),
+                ..Site::new(path_name(&p), c_in, c_out, role)
             },
         }
     }
@@ -282,6 +301,7 @@ pub struct BatchNorm2d {
     batches_tracked: Tensor,
     eps: f64,
     momentum: f64,
+    site: Site,
 }
 
 impl BatchNorm2d {
@@ -295,7 +315,13 @@ impl BatchNorm2d {
             batches_tracked: p.add("num_batches_tracked", Tensor::zeros([], (tch::Kind::Int64, p.device())), false),
             eps,
             momentum,
+            site: Site::new(path_name(&p), c, c, Role::Norm),
         }
+    }
+
+    /// The layer's hook site ([`Role::Norm`]).
+    pub fn site(&self) -> &Site {
+        &self.site
     }
 
     /// Uses batch statistics (and updates the running ones) only in a training
@@ -312,6 +338,7 @@ impl BatchNorm2d {
                 let _ = self.batches_tracked.shallow_clone().g_add_scalar_(1);
             });
         }
-        x.batch_norm(Some(&self.ws), Some(&self.bs), Some(&self.running_mean), Some(&self.running_var), train, self.momentum, self.eps, false)
+        let out = x.batch_norm(Some(&self.ws), Some(&self.bs), Some(&self.running_mean), Some(&self.running_var), train, self.momentum, self.eps, false);
+        cx.norm(&self.site, x, out)
     }
 }

@@ -9,6 +9,7 @@
 pub mod backbone;
 pub mod ctx;
 pub mod error;
+pub mod hooks;
 pub mod layers;
 pub mod method;
 pub mod metrics;
@@ -22,8 +23,9 @@ pub mod weights;
 pub use backbone::{block_index, Backbone, ImagePreset, ImageSource, Input, ParamGroup};
 pub use ctx::{Ctx, Tap};
 pub use error::{Error, Result};
+pub use hooks::{Kv, Layout, SubLayer, Tokens};
 pub use layers::{Linear, Role, Site};
-pub use method::{Method, Stage, StepOutput};
+pub use method::{Method, Stage, StepCx, StepOutput};
 pub use metrics::Accuracy;
 pub use model::Model;
 pub use pth::{convert_pth, read_pth, ConvertReport, PthContents, PthFormat, Skipped};

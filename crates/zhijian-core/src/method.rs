@@ -8,8 +8,10 @@ use tch::Tensor;
 
 use crate::ctx::Tap;
 use crate::error::{Error, Result};
+use crate::hooks::{Kv, Layout, SubLayer, Tokens};
 use crate::layers::Site;
 use crate::model::Model;
+use crate::train::{ParamOpts, Split, TrainConfig};
 
 /// The three stages of model reuse (as in LAMDA-ZhiJian).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -33,11 +35,30 @@ pub struct StepOutput {
     pub taps: BTreeMap<Tap, Tensor>,
 }
 
+/// Where training stands, for the hooks called around each optimiser step.
+pub struct StepCx<'a> {
+    /// The model being trained (its tensors may be changed in place under `no_grad`).
+    pub model: &'a Model,
+    /// Optimiser steps taken so far (1 in the first `after_step`).
+    pub step: usize,
+    /// Steps the run will take.
+    pub total: usize,
+    /// The learning rate of this step, after the schedule.
+    pub lr: f64,
+}
+
 /// A reuse method: one file per method, registered by name.
 ///
 /// Life cycle: the engine freezes the backbone (the head stays trainable), calls
-/// [`Method::prepare`] on each method in strategy order, then trains with every
-/// method active at each hook site.
+/// [`Method::prepare`] on each method in strategy order, then
+/// [`Method::before_train`] with the training split, trains with every method
+/// active at each hook site ([`Method::after_backward`] and
+/// [`Method::after_step`] around each optimiser step), and calls
+/// [`Method::after_train`] at the end. Every hook is the identity by default.
+///
+/// Parameters live in the method's own [`VarStore`]: its trainable variables
+/// train; its variables without gradient are persistent state (masks, indices,
+/// statistics) that the artifact keeps and restores with them.
 pub trait Method: Send {
     /// Registered name (`lora`).
     fn name(&self) -> &'static str;
@@ -50,8 +71,13 @@ pub trait Method: Send {
     /// trains in the backbone. Called once, before training.
     fn prepare(&mut self, model: &Model) -> Result<()>;
 
+    /// Transforms the input `x` of the linear layer at `site` before its matmul.
+    fn linear_input(&self, _site: &Site, x: Tensor, _train: bool) -> Tensor {
+        x
+    }
+
     /// Transforms the output `out` of the linear layer at `site`, given its input `x`.
-    fn linear(&self, _site: &str, _x: &Tensor, out: Tensor, _train: bool) -> Tensor {
+    fn linear(&self, _site: &Site, _x: &Tensor, out: Tensor, _train: bool) -> Tensor {
         out
     }
 
@@ -59,6 +85,59 @@ pub trait Method: Send {
     /// [`crate::layers::ConvGeometry`] says how it slides), given its input `x`.
     fn conv(&self, _site: &Site, _x: &Tensor, out: Tensor, _train: bool) -> Tensor {
         out
+    }
+
+    /// Transforms the output `out` of the norm layer at `site` (LayerNorm or
+    /// BatchNorm, [`crate::Role::Norm`]), given its input `x`.
+    fn norm(&self, _site: &Site, _x: &Tensor, out: Tensor, _train: bool) -> Tensor {
+        out
+    }
+
+    /// Transforms the tokens entering transformer block `block` (may lengthen
+    /// the sequence through [`Tokens::insert`]).
+    fn block_input(&self, _block: usize, tokens: Tokens, _train: bool) -> Tokens {
+        tokens
+    }
+
+    /// Transforms the keys and values of block `block`'s attention (may
+    /// prepend some through [`Kv::prepend`]).
+    fn attn_kv(&self, _block: usize, kv: Kv, _train: bool) -> Kv {
+        kv
+    }
+
+    /// Transforms the output `out` of sub-layer `at` of block `block`, given
+    /// what the sub-layer saw (`x`, after any pre-norm) and the token layout.
+    fn sublayer(&self, _block: usize, _at: SubLayer, _x: &Tensor, out: Tensor, _layout: &Layout, _train: bool) -> Tensor {
+        out
+    }
+
+    /// Called once before the first step, with the training split (selection
+    /// of sparse parameters from gradients, feature statistics).
+    fn before_train(&mut self, _model: &Model, _train: &Split, _cfg: &TrainConfig) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called after each backward pass, before clipping and the optimiser
+    /// step (gradient masks).
+    fn after_backward(&mut self, _cx: &StepCx) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called after each optimiser step (projections, constraints).
+    fn after_step(&mut self, _cx: &StepCx) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called once after the last step, with the training split (a final
+    /// pruning cut, class prototypes).
+    fn after_train(&mut self, _model: &Model, _train: &Split) -> Result<()> {
+        Ok(())
+    }
+
+    /// Optimiser options of the method's own parameter `name` (as named in its
+    /// [`VarStore`]): learning-rate scale and weight decay.
+    fn param_opts(&self, _name: &str) -> ParamOpts {
+        ParamOpts::default()
     }
 
     /// Whether the method changes the backbone's forward pass (if no method does

@@ -47,11 +47,21 @@ impl Model {
         self.head.site().out_features
     }
 
-    /// Every hook site, the head's last.
+    /// Every hook site, the head's last, each with its block index.
     pub fn sites(&self) -> Vec<Site> {
         let mut sites = self.backbone.sites();
+        for site in &mut sites {
+            if let ParamGroup::Block(i) = self.backbone.group(&format!("{}.weight", site.path)) {
+                site.block = Some(i);
+            }
+        }
         sites.push(self.head.site().clone());
         sites
+    }
+
+    /// The variable named `name` (a checkpoint key), or an error naming it.
+    pub fn variable(&self, name: &str) -> crate::Result<Tensor> {
+        self.vs.variables().remove(name).ok_or_else(|| crate::Error::MissingWeights { path: "<model>".into(), names: vec![name.to_string()] })
     }
 
     /// The group of a parameter of `vs`.

@@ -45,7 +45,7 @@ mod tests {
     fn sites() -> Vec<Site> {
         ["l.0.attn.query", "l.0.attn.value", "l.1.attn.query", "l.1.attn.value", "head"]
             .iter()
-            .map(|p| Site { path: p.to_string(), in_features: 4, out_features: 4, role: Role::Other, conv: None })
+            .map(|p| Site::new(p.to_string(), 4, 4, Role::Other))
             .collect()
     }
 

@@ -7,12 +7,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor};
 
-use super::optim::{Optimizer, OptimizerConfig};
+use super::optim::{Optimizer, OptimizerConfig, ParamOpts};
 use super::schedule::Schedule;
 use crate::backbone::Input;
 use crate::ctx::{Ctx, Tap};
 use crate::error::{Error, Result};
-use crate::method::{Method, StepOutput};
+use crate::method::{Method, StepCx, StepOutput};
 use crate::metrics::Accuracy;
 use crate::model::Model;
 use crate::weights::save_atomic;
@@ -131,17 +131,33 @@ pub fn prepare(model: &Model, methods: &mut [Box<dyn Method>], seed: u64) -> Res
     Ok(())
 }
 
-/// Every variable of every method, named `method/param` (the names artifacts
-/// use), sorted within each method.
+/// The name each method instance's variables go under in artifacts: the
+/// method's name, and `name#k` for its `k`-th use in one strategy (k ≥ 2), so
+/// two LoRA configurations on different sites keep apart.
+pub fn instance_names(methods: &[Box<dyn Method>]) -> Vec<String> {
+    let mut seen = std::collections::HashMap::<&str, usize>::new();
+    methods
+        .iter()
+        .map(|m| {
+            let k = seen.entry(m.name()).or_default();
+            *k += 1;
+            if *k == 1 { m.name().to_string() } else { format!("{}#{k}", m.name()) }
+        })
+        .collect()
+}
+
+/// Every variable of every method (trainable parameters and persistent
+/// state), named `instance/param` (the names artifacts use, see
+/// [`instance_names`]), sorted within each method.
 pub fn method_variables(methods: &[Box<dyn Method>]) -> Vec<(String, Tensor)> {
     let mut all = Vec::new();
-    for m in methods {
+    for (m, instance) in methods.iter().zip(instance_names(methods)) {
         let mut own: Vec<_> = m
             .var_store()
             .map(|vs| vs.variables())
             .unwrap_or_default()
             .into_iter()
-            .map(|(n, t)| (format!("{}/{n}", m.name()), t))
+            .map(|(n, t)| (format!("{instance}/{n}"), t))
             .collect();
         own.sort_by(|a, b| a.0.cmp(&b.0));
         all.extend(own);
@@ -150,18 +166,32 @@ pub fn method_variables(methods: &[Box<dyn Method>]) -> Vec<(String, Tensor)> {
 }
 
 /// Every parameter that trains: the model's, then each method's (named
-/// `method/param`), sorted within each group.
+/// `instance/param`), sorted within each group.
 pub fn trainable(model: &Model, methods: &[Box<dyn Method>]) -> Vec<(String, Tensor)> {
     let mut all = model.trainable();
     all.extend(method_variables(methods).into_iter().filter(|(_, t)| t.requires_grad()));
     all
 }
 
-/// What a run's artifact holds: every trainable tensor, plus the buffers
-/// (BatchNorm running statistics) of layers whose parameters train, since
-/// training changed those too.
+/// Every trainable parameter with its optimiser options: the model's take the
+/// defaults, each method's are the method's [`Method::param_opts`].
+fn trainable_with_options(model: &Model, methods: &[Box<dyn Method>]) -> Vec<(Tensor, ParamOpts)> {
+    let mut all: Vec<_> = model.trainable().into_iter().map(|(_, t)| (t, ParamOpts::default())).collect();
+    for m in methods {
+        let mut own: Vec<_> = m.var_store().map(|vs| vs.variables()).unwrap_or_default().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        own.sort_by(|a, b| a.0.cmp(&b.0));
+        all.extend(own.into_iter().map(|(n, t)| (t, m.param_opts(&n))));
+    }
+    all
+}
+
+/// What a run's artifact holds: every trainable tensor, every method's
+/// persistent state (its variables without gradient: masks, indices), plus the
+/// buffers (BatchNorm running statistics) of layers whose parameters train,
+/// since training changed those too.
 pub fn artifact(model: &Model, methods: &[Box<dyn Method>]) -> Vec<(String, Tensor)> {
-    let mut all = trainable(model, methods);
+    let mut all = model.trainable();
+    all.extend(method_variables(methods));
     let params = model.vs.variables();
     let mut buffers: Vec<(String, Tensor)> = params
         .iter()
@@ -326,18 +356,21 @@ pub struct TrainOptions {
 /// (call [`prepare`] first). The same seed on CPU repeats the run exactly.
 pub fn train(
     model: &Model,
-    methods: &[Box<dyn Method>],
+    methods: &mut [Box<dyn Method>],
     train: &Split,
     val: Option<&Split>,
     cfg: &TrainConfig,
     opts: &TrainOptions,
 ) -> Result<TrainReport> {
     cfg.validate()?;
-    let params = trainable(model, methods);
+    for m in methods.iter_mut() {
+        m.before_train(model, train, cfg)?;
+    }
+    let params = trainable_with_options(model, methods);
     if params.is_empty() {
         return Err(Error::Config("nothing to train: every parameter is frozen".into()));
     }
-    let mut opt = Optimizer::new(cfg.optimizer.clone(), params.iter().map(|(_, t)| t.shallow_clone()).collect(), cfg.weight_decay);
+    let mut opt = Optimizer::with_options(cfg.optimizer.clone(), params, cfg.weight_decay);
     let total = cfg.total_steps(train.len());
     let warmup = (cfg.warmup_ratio * total as f64).round() as usize;
     let taps: Vec<Tap> = methods.iter().flat_map(|m| m.taps()).collect();
@@ -361,17 +394,28 @@ pub fn train(
             }
             let input = input.to_device(device);
             let labels = train.labels.index_select(0, idx).to_device(device);
-            let cx = Ctx::new(true, methods, taps.clone());
-            let logits = model.forward(&cx, &input);
-            let task = logits.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, cfg.label_smoothing);
-            let step = StepOutput { logits, labels, taps: cx.take_taps() };
-            let loss = methods.iter().filter_map(|m| m.extra_loss(&step)).fold(task.shallow_clone(), |a, b| a + b);
+            let (task, loss) = {
+                let cx = Ctx::new(true, methods, taps.clone());
+                let logits = model.forward(&cx, &input);
+                let task = logits.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, cfg.label_smoothing);
+                let step = StepOutput { logits, labels, taps: cx.take_taps() };
+                let loss = methods.iter().filter_map(|m| m.extra_loss(&step)).fold(task.shallow_clone(), |a, b| a + b);
+                (task, loss)
+            };
             opt.zero_grad();
             loss.backward();
+            let lr = cfg.lr * cfg.schedule.factor(report.steps, total, warmup);
+            let step_cx = StepCx { model, step: report.steps + 1, total, lr };
+            for m in methods.iter_mut() {
+                m.after_backward(&step_cx)?;
+            }
             if cfg.grad_clip > 0.0 {
                 opt.clip_grad_norm(cfg.grad_clip);
             }
-            opt.step(cfg.lr * cfg.schedule.factor(report.steps, total, warmup));
+            opt.step(lr);
+            for m in methods.iter_mut() {
+                m.after_step(&step_cx)?;
+            }
             let task_loss = task.double_value(&[]);
             if !task_loss.is_finite() {
                 bar.abandon();
@@ -398,6 +442,9 @@ pub fn train(
         if let Some(path) = &opts.checkpoint {
             save_atomic(&artifact(model, methods), path)?;
         }
+    }
+    for m in methods.iter_mut() {
+        m.after_train(model, train)?;
     }
     report.seconds = start.elapsed().as_secs_f64() - report.eval_seconds;
     bar.finish_and_clear();

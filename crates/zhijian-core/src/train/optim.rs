@@ -53,9 +53,27 @@ impl Default for OptimizerConfig {
     }
 }
 
+/// Per-parameter optimiser options (timm's `no_weight_decay`, per-group
+/// learning rates).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ParamOpts {
+    /// Multiplies the step's learning rate. Default 1.
+    pub lr_scale: f64,
+    /// Whether weight decay applies; `None` (the default): to matrices and
+    /// kernels only, not to biases and norm scales.
+    pub decay: Option<bool>,
+}
+
+impl Default for ParamOpts {
+    fn default() -> Self {
+        ParamOpts { lr_scale: 1.0, decay: None }
+    }
+}
+
 struct Slot {
     param: Tensor,
     decay: bool,
+    lr_scale: f64,
     first: Option<Tensor>,
     second: Option<Tensor>,
 }
@@ -72,9 +90,14 @@ impl Optimizer {
     /// Optimises `params`; weight decay applies to matrices only, not to biases
     /// and norm scales (the usual practice, as in BERT and timm).
     pub fn new(config: OptimizerConfig, params: Vec<Tensor>, weight_decay: f64) -> Self {
+        Self::with_options(config, params.into_iter().map(|p| (p, ParamOpts::default())).collect(), weight_decay)
+    }
+
+    /// Optimises `params`, each with its own [`ParamOpts`].
+    pub fn with_options(config: OptimizerConfig, params: Vec<(Tensor, ParamOpts)>, weight_decay: f64) -> Self {
         let slots = params
             .into_iter()
-            .map(|param| Slot { decay: param.dim() >= 2, param, first: None, second: None })
+            .map(|(param, o)| Slot { decay: o.decay.unwrap_or(param.dim() >= 2), lr_scale: o.lr_scale, param, first: None, second: None })
             .collect();
         Optimizer { config, weight_decay, slots, steps: 0 }
     }
@@ -125,6 +148,7 @@ impl Optimizer {
                     continue;
                 }
                 let decay = if s.decay { wd } else { 0.0 };
+                let lr = lr * s.lr_scale;
                 match config {
                     OptimizerConfig::Adamw { beta1, beta2, eps } => {
                         let _ = s.param.g_mul_scalar_(1.0 - lr * decay);
