@@ -8,6 +8,9 @@ pub mod full_finetune;
 pub mod linear_probe;
 pub mod lora;
 
+#[cfg(test)]
+pub(crate) mod testing;
+
 pub use full_finetune::{FullFinetune, FullFinetuneConfig};
 pub use linear_probe::{LinearProbe, LinearProbeConfig};
 pub use lora::{Lora, LoraConfig};

@@ -122,8 +122,12 @@ fn corrupt_checkpoint_is_reported_with_its_path() {
 fn sites_and_groups_follow_checkpoint_keys() {
     let model = bert_model(&tiny_config());
     let sites = model.sites();
-    assert_eq!(sites.len(), 2 * 6 + 1);
-    assert_eq!(sites[0].path, "encoder.layer.0.attention.self.query");
+    // The embeddings' LayerNorm, then 6 linear layers and 2 LayerNorms a layer, then the head.
+    assert_eq!(sites.len(), 1 + 2 * 8 + 1);
+    assert_eq!(sites[0].path, "embeddings.LayerNorm");
+    assert_eq!(sites[1].path, "encoder.layer.0.attention.self.query");
+    assert_eq!((sites[1].block, sites[0].block), (Some(0), None));
+    assert_eq!(sites[16].path, "encoder.layer.1.output.LayerNorm");
     assert_eq!(sites.last().unwrap().path, "head");
     use zhijian_core::ParamGroup::*;
     assert_eq!(model.group("embeddings.word_embeddings.weight"), Stem);

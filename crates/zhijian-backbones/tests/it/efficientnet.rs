@@ -52,7 +52,9 @@ fn efficientnet_lite_presets_count_like_timm_and_expose_sites() {
     let count = |role: Role| sites.iter().filter(|s| s.role == role).count();
     // 16 blocks: 16 depthwise; 15 expansions + 16 projections + the 1×1 head conv; one stem.
     assert_eq!((count(Role::Stem), count(Role::Depthwise), count(Role::Pointwise)), (1, 16, 32));
-    assert_eq!(sites[1].path, "_blocks.0._depthwise_conv");
+    // A BatchNorm after every convolution.
+    assert_eq!(count(Role::Norm), 1 + 16 + 32);
+    assert_eq!((sites[1].path.as_str(), sites[2].path.as_str()), ("_bn0", "_blocks.0._depthwise_conv"));
     assert_eq!(model.group("_blocks.0._bn1.weight"), ParamGroup::Block(0));
     assert_eq!(model.group("_blocks.15._project_conv.weight"), ParamGroup::Block(6));
     assert_eq!(model.group("_bn0.bias"), ParamGroup::Stem);

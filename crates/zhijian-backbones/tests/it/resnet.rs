@@ -69,8 +69,9 @@ fn resnet_presets_count_like_torchvision_and_group_by_stage() {
     // ResNet-18: the stem, 16 convolutions in the blocks, 3 downsampling shortcuts, then the head.
     let model = Model::new(Device::Cpu, 10, |p| Box::new(ResNet::new(p, &ResNetConfig::resnet18()).unwrap()));
     let sites = model.sites();
-    assert_eq!(sites.len(), 21);
-    assert_eq!(sites[20].path, "fc");
+    // 20 convolutions, each followed by its BatchNorm, and the head.
+    assert_eq!(sites.len(), 41);
+    assert_eq!(sites[40].path, "fc");
     assert_eq!((sites[0].path.as_str(), sites[0].role), ("conv1", zhijian_core::Role::Stem));
     assert!(sites.iter().any(|s| s.path == "layer2.0.downsample.0" && s.role == zhijian_core::Role::Pointwise));
     let model = Model::new(Device::Cpu, 3, |p| Box::new(ResNet::new(p, &tiny(BlockKind::Basic)).unwrap()));

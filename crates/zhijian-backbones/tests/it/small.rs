@@ -22,7 +22,7 @@ fn small_backbones_run_and_expose_their_layers() {
     // Two 2×2 max-pools: 28 → 14 → 7.
     assert_eq!((taps[&Tap::Block(1)].size(), taps[&Tap::Block(2)].size()), (vec![5, 64, 7, 7], vec![5, 128, 7, 7]));
     let roles: Vec<Role> = cnn.sites().iter().map(|s| s.role).collect();
-    assert_eq!(roles, [Role::Stem, Role::Spatial, Role::Spatial, Role::Head]);
+    assert_eq!(roles, [Role::Stem, Role::Norm, Role::Spatial, Role::Norm, Role::Spatial, Role::Norm, Role::Head]);
     assert_eq!(cnn.group("features.2.bn.weight"), ParamGroup::Block(2));
     // 3·32·9 + 32·64·9 + 64·128·9 convolution weights, 2·(32+64+128) BatchNorm, 128·10+10 head.
     assert_eq!(cnn.num_params(), 864 + 18_432 + 73_728 + 448 + 1_290);

@@ -58,7 +58,10 @@ fn vit_matches_timm_with_both_poolings_and_resampled_positions() {
 fn vit_sites_groups_and_presets() {
     let model = Model::new(Device::Cpu, 3, |p| Box::new(Vit::new(p, &config(VitPooling::Token)).unwrap()));
     let sites: Vec<String> = model.sites().into_iter().map(|s| s.path).collect();
-    assert_eq!(&sites[..5], ["patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]);
+    assert_eq!(
+        &sites[..7],
+        ["patch_embed.proj", "blocks.0.norm1", "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.norm2", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
+    );
     assert_eq!(model.group("pos_embed"), ParamGroup::Stem);
     assert_eq!(model.group("blocks.1.norm2.weight"), ParamGroup::Block(1));
     assert_eq!(model.group("norm.bias"), ParamGroup::Neck);

@@ -1,0 +1,65 @@
+//! Tiny random-init backbones of every family for the methods' unit tests
+//! (no download): a 2-layer BERT, a 2-block ViT, an EfficientNet-Lite and a
+//! small CNN, with inputs that fit them.
+
+use tch::{Device, Kind, Tensor};
+use zhijian_backbones::{Bert, BertConfig, EfficientNetLite, EfficientNetLiteConfig, SmallCnn, SmallCnnConfig, Vit, VitConfig};
+use zhijian_core::{Input, Model};
+
+/// A 2-layer BERT (hidden 16, 2 heads, vocabulary 50), 3 classes, no dropout.
+pub fn bert(seed: i64) -> Model {
+    tch::manual_seed(seed);
+    let config = BertConfig {
+        hidden_dropout_prob: 0.0,
+        attention_probs_dropout_prob: 0.0,
+        vocab_size: 50,
+        hidden_size: 16,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 32,
+        max_position_embeddings: 16,
+        ..BertConfig::minilm_l6()
+    };
+    Model::new(Device::Cpu, 3, |p| Box::new(Bert::new(p, &config).unwrap()))
+}
+
+/// A 2-block ViT on 16 px images (patch 4, width 16, 2 heads), 3 classes.
+pub fn vit(seed: i64) -> Model {
+    tch::manual_seed(seed);
+    let config = VitConfig { img_size: 16, patch_size: 4, embed_dim: 16, depth: 2, num_heads: 2, dropout: 0.0, ..VitConfig::tiny_patch4_32() };
+    Model::new(Device::Cpu, 3, |p| Box::new(Vit::new(p, &config).unwrap()))
+}
+
+/// An EfficientNet-Lite at width 0.25, depth 0.5, on 16 px images, 3 classes.
+pub fn efficientnet(seed: i64) -> Model {
+    tch::manual_seed(seed);
+    let config = EfficientNetLiteConfig { width: 0.25, depth: 0.5, image_size: 16, in_chans: 3 };
+    Model::new(Device::Cpu, 3, |p| Box::new(EfficientNetLite::new(p, &config).unwrap()))
+}
+
+/// A 2-stage CNN (4 and 8 channels) on 16 px images, 3 classes.
+pub fn cnn(seed: i64) -> Model {
+    tch::manual_seed(seed);
+    let config = SmallCnnConfig { image_size: 16, in_chans: 3, channels: vec![4, 8] };
+    Model::new(Device::Cpu, 3, |p| Box::new(SmallCnn::new(p, &config).unwrap()))
+}
+
+/// 6 token sequences of length 8 (ids 1‥49); the first 2 end with 3 padding tokens.
+pub fn tokens() -> Input {
+    tch::manual_seed(7);
+    let ids = Tensor::randint_low(1, 50, [6, 8], (Kind::Int64, Device::Cpu));
+    let mask = Tensor::ones([6, 8], (Kind::Int64, Device::Cpu));
+    let _ = mask.narrow(1, 5, 3).narrow(0, 0, 2).fill_(0);
+    Input::Tokens { ids, mask }
+}
+
+/// 6 random 3×16×16 images.
+pub fn images() -> Input {
+    tch::manual_seed(7);
+    Input::Images(Tensor::randn([6, 3, 16, 16], (Kind::Float, Device::Cpu)))
+}
+
+/// 6 random labels in 0‥3.
+pub fn labels() -> Tensor {
+    Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2])
+}
