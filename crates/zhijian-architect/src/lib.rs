@@ -4,16 +4,22 @@
 //! Each method is usable on its own, without the registry or TOML:
 //! `Lora::new(LoraConfig { rank: 4, ..Default::default() })`.
 
+pub mod bitfit;
 pub mod full_finetune;
 pub mod linear_probe;
+pub mod ln_tuning;
 pub mod lora;
+pub mod partial_k;
 
 #[cfg(test)]
 pub(crate) mod testing;
 
+pub use bitfit::{BitFit, BitFitConfig};
 pub use full_finetune::{FullFinetune, FullFinetuneConfig};
 pub use linear_probe::{LinearProbe, LinearProbeConfig};
+pub use ln_tuning::{LnTuning, LnTuningConfig};
 pub use lora::{Lora, LoraConfig};
+pub use partial_k::{PartialK, PartialKConfig};
 
 use zhijian_core::{parse_config, Registry, Stage};
 
@@ -27,5 +33,14 @@ pub fn register(r: &mut Registry) {
     });
     r.register("lora", Stage::Architect, "low-rank updates B·A on chosen linear layers (Hu et al. 2021)", |c| {
         Ok(Box::new(Lora::new(parse_config("lora", c)?)))
+    });
+    r.register("bitfit", Stage::Architect, "train only the bias terms (Ben Zaken et al. 2022)", |c| {
+        Ok(Box::new(BitFit::new(parse_config("bitfit", c)?)))
+    });
+    r.register("ln_tuning", Stage::Architect, "train only the norms' scales and shifts (Qi et al. 2022; BatchNorm affine on CNNs)", |c| {
+        Ok(Box::new(LnTuning::new(parse_config("ln_tuning", c)?)))
+    });
+    r.register("partial_k", Stage::Architect, "train only the last k blocks (Yosinski et al. 2014)", |c| {
+        Ok(Box::new(PartialK::new(parse_config("partial_k", c)?)))
     });
 }
