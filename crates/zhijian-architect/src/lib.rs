@@ -10,6 +10,7 @@ pub mod linear_probe;
 pub mod ln_tuning;
 pub mod lora;
 pub mod partial_k;
+pub mod vqt;
 
 #[cfg(test)]
 pub(crate) mod testing;
@@ -20,6 +21,7 @@ pub use linear_probe::{LinearProbe, LinearProbeConfig};
 pub use ln_tuning::{LnTuning, LnTuningConfig};
 pub use lora::{Lora, LoraConfig};
 pub use partial_k::{PartialK, PartialKConfig};
+pub use vqt::{Vqt, VqtConfig};
 
 use zhijian_core::{parse_config, Registry, Stage};
 
@@ -42,5 +44,8 @@ pub fn register(r: &mut Registry) {
     });
     r.register("partial_k", Stage::Architect, "train only the last k blocks (Yosinski et al. 2014)", |c| {
         Ok(Box::new(PartialK::new(parse_config("partial_k", c)?)))
+    });
+    r.register("vqt", Stage::Architect, "learned query tokens summarise every block for the head; backbone untouched (Tu et al. 2023)", |c| {
+        Ok(Box::new(Vqt::new(parse_config("vqt", c)?)))
     });
 }

@@ -204,7 +204,7 @@ impl Bert {
         let positions = Tensor::arange(seq, (Kind::Int64, ids.device())).unsqueeze(0);
         let x = self.word.forward(ids) + self.position.forward(&positions) + self.token_type.forward(&ids.zeros_like());
         let x = dropout(cx, &self.norm.forward(cx, &x), self.config.hidden_dropout_prob);
-        let mut t = Tokens { x, keep: Some(mask.gt(0)), layout: Layout { lead: 1, inserted: 0, grid: None } };
+        let mut t = Tokens { x, keep: Some(mask.gt(0)), layout: Layout { lead: 1, ..Default::default() } };
         for (i, layer) in self.layers.iter().enumerate() {
             t = layer.forward(cx, i, t, &self.config);
             cx.tap(Tap::Block(i), &t.x);

@@ -240,7 +240,7 @@ impl Vit {
         let (b, d, gh, gw) = patches.size4().expect("conv output is 4-d");
         let tokens = patches.flatten(2, 3).transpose(1, 2);
         let x = Tensor::cat(&[self.cls_token.expand([b, 1, d], false), tokens], 1) + self.pos_embed_for(gh, gw);
-        let mut t = Tokens { x, keep: None, layout: Layout { lead: 1, inserted: 0, grid: Some([gh, gw]) } };
+        let mut t = Tokens { x, keep: None, layout: Layout { lead: 1, grid: Some([gh, gw]), ..Default::default() } };
         for (i, block) in self.blocks.iter().enumerate() {
             t = block.forward(cx, i, t, &self.config);
             cx.tap(Tap::Block(i), &t.x);

@@ -39,7 +39,14 @@ pub struct Ctx<'a> {
 
 impl<'a> Ctx<'a> {
     /// A context with active methods and the taps to record.
-    pub fn new(train: bool, methods: &'a [Box<dyn Method>], wanted: Vec<Tap>) -> Self {
+    /// Taps methods read in every forward pass ([`Method::forward_taps`]) are
+    /// recorded too.
+    pub fn new(train: bool, methods: &'a [Box<dyn Method>], mut wanted: Vec<Tap>) -> Self {
+        for tap in methods.iter().flat_map(|m| m.forward_taps()) {
+            if !wanted.contains(&tap) {
+                wanted.push(tap);
+            }
+        }
         Ctx { train, methods, wanted, taps: RefCell::new(BTreeMap::new()) }
     }
 
@@ -97,6 +104,15 @@ impl<'a> Ctx<'a> {
     /// and the residual); returns the output after every method (adapters).
     pub fn sublayer(&self, block: usize, at: SubLayer, x: &Tensor, out: Tensor, layout: &Layout) -> Tensor {
         self.methods.iter().fold(out, |out, m| m.sublayer(block, at, x, out, layout, self.train))
+    }
+
+    /// Called by the model with the head's logits; returns them after every method.
+    pub fn logits(&self, logits: Tensor) -> Tensor {
+        if self.methods.is_empty() {
+            return logits;
+        }
+        let taps = self.taps.borrow();
+        self.methods.iter().fold(logits, |l, m| m.logits(l, &taps, self.train))
     }
 
     fn tap_site(&self, site: &Site, out: Tensor) -> Tensor {

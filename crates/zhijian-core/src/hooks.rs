@@ -13,13 +13,17 @@ use tch::{Kind, Tensor};
 ///
 /// `lead` tokens are the backbone's special tokens at the front (ViT's class
 /// token); methods insert their tokens right after them; `content` is the rest
-/// (patches, or BERT's word pieces from the first one after `[CLS]`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// (patches, or BERT's word pieces from the first one after `[CLS]`). The
+/// last `observers` inserted tokens only observe: no token attends to them,
+/// so they read every layer without changing what the backbone computes (VQT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Layout {
     /// Backbone tokens before the insertion point (1 for a class token).
     pub lead: i64,
-    /// Tokens methods inserted after `lead`.
+    /// Tokens methods inserted after `lead` (observers included).
     pub inserted: i64,
+    /// How many of the inserted tokens, at the end of their range, are observers.
+    pub observers: i64,
     /// The patch grid `[rows, cols]` of the content tokens, for ViTs.
     pub grid: Option<[i64; 2]>,
 }
@@ -28,6 +32,11 @@ impl Layout {
     /// Index of the first content token.
     pub fn content_start(&self) -> i64 {
         self.lead + self.inserted
+    }
+
+    /// Index of the first observer token.
+    pub fn observers_start(&self) -> i64 {
+        self.content_start() - self.observers
     }
 
     /// The backbone's own tokens of `x` (lead and content), without the inserted ones.
@@ -71,20 +80,57 @@ impl Tokens {
         Tokens { x, keep, layout: Layout { inserted: self.layout.inserted + k, ..self.layout } }
     }
 
+    /// Inserts `new` (`[batch, k, hidden]`) as observers, at the end of the
+    /// inserted range: they attend to the backbone's tokens, nothing attends to them.
+    pub fn insert_observers(self, new: &Tensor) -> Tokens {
+        let k = new.size()[1];
+        let at = self.layout.content_start();
+        let t = self.x.size()[1];
+        let x = Tensor::cat(&[self.x.narrow(1, 0, at), new.to_kind(self.x.kind()), self.x.narrow(1, at, t - at)], 1);
+        let keep = self.keep.map(|keep| {
+            let ones = Tensor::ones([keep.size()[0], k], (Kind::Bool, keep.device()));
+            Tensor::cat(&[keep.narrow(1, 0, at), ones, keep.narrow(1, at, t - at)], 1)
+        });
+        let layout = Layout { inserted: self.layout.inserted + k, observers: self.layout.observers + k, ..self.layout };
+        Tokens { x, keep, layout }
+    }
+
     /// Replaces the first `new.size()[1]` inserted tokens with `new` (VPT-deep:
     /// each block's own prompts take the place of the previous block's).
     pub fn replace_inserted(self, new: &Tensor) -> Tokens {
         let k = new.size()[1];
-        assert!(k <= self.layout.inserted, "replacing {k} inserted tokens, but only {} were inserted", self.layout.inserted);
+        assert!(k <= self.layout.inserted - self.layout.observers, "replacing {k} inserted tokens, but only {} were inserted", self.layout.inserted);
         let start = self.layout.lead;
-        let t = self.x.size()[1];
+        self.replace_at(start, new)
+    }
+
+    /// Replaces the first `new.size()[1]` observers with `new` (VQT: each
+    /// block's own queries take the place of the previous block's).
+    pub fn replace_observers(self, new: &Tensor) -> Tokens {
+        let k = new.size()[1];
+        assert!(k <= self.layout.observers, "replacing {k} observers, but only {} were inserted", self.layout.observers);
+        let start = self.layout.observers_start();
+        self.replace_at(start, new)
+    }
+
+    fn replace_at(self, start: i64, new: &Tensor) -> Tokens {
+        let (k, t) = (new.size()[1], self.x.size()[1]);
         let x = Tensor::cat(&[self.x.narrow(1, 0, start), new.to_kind(self.x.kind()), self.x.narrow(1, start + k, t - start - k)], 1);
         Tokens { x, ..self }
     }
 
-    /// The key mask as attention takes it: `[batch, 1, 1, tokens]`.
+    /// The key mask as attention takes it: `[batch, 1, 1, tokens]`, false at
+    /// padding and at observers (observers read, nobody reads them).
     pub fn attention_mask(&self) -> Option<Tensor> {
-        self.keep.as_ref().map(|k| k.view([k.size()[0], 1, 1, k.size()[1]]))
+        let mask = |keep: &Tensor| keep.view([keep.size()[0], 1, 1, keep.size()[1]]);
+        if self.layout.observers == 0 {
+            return self.keep.as_ref().map(mask);
+        }
+        let (b, t) = (self.x.size()[0], self.x.size()[1]);
+        let keep = self.keep.as_ref().map_or_else(|| Tensor::ones([b, t], (Kind::Bool, self.x.device())), Tensor::shallow_clone);
+        let hidden = keep.zeros_like();
+        let _ = hidden.narrow(1, self.layout.observers_start(), self.layout.observers).fill_(1);
+        Some(mask(&keep.logical_and(&hidden.logical_not())))
     }
 }
 
@@ -131,7 +177,7 @@ mod tests {
 
     #[test]
     fn insert_goes_after_the_lead_and_own_tokens_removes_it() {
-        let t = Tokens { x: seq(&[0., 1., 2.]), keep: Some(Tensor::from_slice(&[true, true, false]).view([1, 3])), layout: Layout { lead: 1, inserted: 0, grid: None } };
+        let t = Tokens { x: seq(&[0., 1., 2.]), keep: Some(Tensor::from_slice(&[true, true, false]).view([1, 3])), layout: Layout { lead: 1, ..Default::default() } };
         let t = t.insert(&seq(&[9., 8.]));
         assert_eq!(Vec::<f32>::try_from(t.x.flatten(0, -1)).unwrap(), [0., 9., 8., 1., 2.]);
         assert_eq!(Vec::<bool>::try_from(t.keep.as_ref().unwrap().flatten(0, -1)).unwrap(), [true, true, true, true, false]);
@@ -140,6 +186,18 @@ mod tests {
         let t = t.replace_inserted(&seq(&[7.]));
         assert_eq!(Vec::<f32>::try_from(t.x.flatten(0, -1)).unwrap(), [0., 7., 8., 1., 2.]);
         assert_eq!(t.attention_mask().unwrap().size(), [1, 1, 1, 5]);
+    }
+
+    #[test]
+    fn observers_sit_after_the_inserted_tokens_and_are_hidden_from_attention() {
+        let t = Tokens { x: seq(&[0., 1., 2.]), keep: None, layout: Layout { lead: 1, ..Default::default() } };
+        let t = t.insert(&seq(&[9.])).insert_observers(&seq(&[5., 6.]));
+        assert_eq!(Vec::<f32>::try_from(t.x.flatten(0, -1)).unwrap(), [0., 9., 5., 6., 1., 2.]);
+        assert_eq!((t.layout.observers_start(), t.layout.content_start()), (2, 4));
+        let mask = t.attention_mask().unwrap();
+        assert_eq!(Vec::<bool>::try_from(mask.flatten(0, -1)).unwrap(), [true, true, false, false, true, true]);
+        let t = t.replace_observers(&seq(&[7.])).replace_inserted(&seq(&[8.]));
+        assert_eq!(Vec::<f32>::try_from(t.x.flatten(0, -1)).unwrap(), [0., 8., 7., 6., 1., 2.]);
     }
 
     #[test]

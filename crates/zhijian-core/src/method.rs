@@ -152,9 +152,21 @@ pub trait Method: Send {
         true
     }
 
-    /// Taps the method needs from each training step.
+    /// Taps the method needs from each training step (in [`StepOutput::taps`]).
     fn taps(&self) -> Vec<Tap> {
         Vec::new()
+    }
+
+    /// Taps the method reads in every forward pass, training or not (through
+    /// [`Method::logits`]).
+    fn forward_taps(&self) -> Vec<Tap> {
+        Vec::new()
+    }
+
+    /// Transforms the logits of the head, given this forward pass's taps
+    /// (VQT adds a linear map of its query tokens' outputs here).
+    fn logits(&self, logits: Tensor, _taps: &BTreeMap<Tap, Tensor>, _train: bool) -> Tensor {
+        logits
     }
 
     /// An extra loss term added to the task loss.

@@ -93,7 +93,7 @@ impl Model {
     /// `input` → `[batch, num_classes]`.
     pub fn forward(&self, cx: &Ctx, input: &Input) -> Tensor {
         let features = self.features(cx, input);
-        self.head.forward(cx, &features)
+        cx.logits(self.head.forward(cx, &features))
     }
 
     /// Freezes every backbone parameter and leaves the head trainable: the
