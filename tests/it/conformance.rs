@@ -102,41 +102,113 @@ fn prepared(name: &str, seed: i64) -> (Model, Vec<Box<dyn Method>>) {
 }
 
 fn prepared_on(toy: Toy, name: &str, seed: i64) -> (Model, Vec<Box<dyn Method>>) {
+    let spec: toml::Table = toml::from_str(&format!("method = \"{name}\"")).unwrap();
+    try_prepared(toy, &spec, seed).unwrap()
+}
+
+/// The method `spec` describes, prepared on a fresh toy model; `Err` when the
+/// method does not apply to that backbone.
+fn try_prepared(toy: Toy, spec: &toml::Table, seed: i64) -> zhijian::core::Result<(Model, Vec<Box<dyn Method>>)> {
     let model = toy_model(toy, seed);
-    let mut methods = vec![registry().build_default(name).unwrap()];
-    train::prepare(&model, &mut methods, 0).unwrap();
-    (model, methods)
+    let mut methods = vec![registry().build(spec).unwrap_or_else(|e| panic!("{spec}: {e}"))];
+    train::prepare(&model, &mut methods, 0)?;
+    Ok((model, methods))
 }
 
 /// Makes zero-initialised method parameters non-zero, so merge checks see a
 /// real update. In name order ([`method_variables`] sorts): a `HashMap`'s
-/// order would change the draws.
+/// order would change the draws. Persistent state (no gradient) is left alone.
 fn perturb(methods: &[Box<dyn Method>]) {
     tch::no_grad(|| {
-        for (_, mut t) in method_variables(methods) {
+        for (_, mut t) in method_variables(methods).into_iter().filter(|(_, t)| t.requires_grad()) {
             let _ = t.g_add_(&(t.randn_like() * 0.1));
         }
     });
 }
 
+/// Configurations beyond each method's default that the table checks too
+/// (entries of methods not registered are skipped).
+const MORE_CONFIGS: &[&str] = &[
+    "method = \"lora\"\nrank = 2\nalpha = 4.0\ntargets = [\"re:.*(query|qkv|fc1|_project_conv|conv)$\"]",
+    "method = \"lora\"\nuse_dora = true",
+    "method = \"lora\"\nrslora = true\nrank = 4",
+    "method = \"lora\"\nrank_pattern = { \"re:.*\\\\.0\\\\..*\" = 2 }",
+    "method = \"full_finetune\"\nfreeze_stem = true",
+    "method = \"bitfit\"\nquery_and_mlp_only = true",
+    "method = \"ln_tuning\"\nscale = false",
+    "method = \"partial_k\"\nk = 1\nneck = false",
+    "method = \"vqt\"\ntokens = 1\nmean_over_tokens = true",
+    "method = \"vpt\"\nmode = \"deep\"",
+    "method = \"prefix_tuning\"\nreparameterize = false",
+    "method = \"fact\"\nkind = \"tk\"",
+    "method = \"adapter\"\nat = [\"mlp\"]",
+    "method = \"sparse_adapter\"\ncriterion = \"magnitude\"",
+    "method = \"sparse_ft\"\nselection = \"random\"",
+    "method = \"ssf\"\ninit_std = 0.1",
+];
+
+/// Every registered method with its default configuration, then the extra ones.
+fn specs() -> Vec<toml::Table> {
+    let r = registry();
+    let names = r.names();
+    let mut specs: Vec<toml::Table> = names.iter().map(|n| toml::from_str(&format!("method = \"{n}\"")).unwrap()).collect();
+    for text in MORE_CONFIGS {
+        let spec: toml::Table = toml::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        if names.iter().any(|n| Some(n.as_str()) == spec["method"].as_str()) {
+            specs.push(spec);
+        }
+    }
+    specs
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
 #[test]
 fn every_method_passes_the_conformance_checks() {
     let _rng = crate::rng_lock();
-    let names = registry().names();
-    assert!(names.len() >= 3, "{names:?}");
-    for (toy, name) in TOYS.into_iter().flat_map(|t| names.iter().map(move |n| (t, n))) {
+    let specs = specs();
+    assert!(specs.len() >= 3, "{specs:?}");
+    let mut applies: HashMap<String, usize> = HashMap::new();
+    for (spec, toy) in specs.iter().flat_map(|s| TOYS.into_iter().map(move |t| (s, t))) {
+        let name = spec["method"].as_str().unwrap().to_string();
         let data = toy_batch(toy);
-        let at = format!("{name} on {toy:?}");
+        let at = format!("{spec} on {toy:?}").replace('\n', ", ");
+        // 0. A method that does not apply to a backbone says so, naming both.
+        let (model, methods) = match try_prepared(toy, spec, 1) {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                let arch = toy_model(toy, 1).backbone.arch().to_string();
+                let msg = e.to_string();
+                assert!(msg.contains(&name) && msg.contains(&arch), "{at}: the refusal must name the method and the backbone: {msg}");
+                continue;
+            }
+        };
+        *applies.entry(name.clone()).or_default() += 1;
+
         // 1. Unchanged output at initialisation where promised.
         let plain = logits(&toy_model(toy, 1), &[], &data);
-        let (model, mut methods) = prepared_on(toy, name, 1);
         if methods[0].identity_at_init() {
-            let d = (logits(&model, &methods, &data) - &plain).abs().max().double_value(&[]);
+            let d = max_diff(&logits(&model, &methods, &data), &plain);
             assert!(d < 1e-6, "{at}: output changed at init by {d}");
         }
 
-        // 2. After a step only what the artifact holds moved (trainable parameters,
-        //    and the BatchNorm statistics of layers that train), and something did.
+        // 2. A method whose own parameters change the output says it alters the
+        //    forward pass (otherwise it would silently train on cached features).
+        {
+            let (model, methods) = try_prepared(toy, spec, 1).unwrap();
+            let before = logits(&model, &methods, &data);
+            perturb(&methods);
+            let d = max_diff(&logits(&model, &methods, &data), &before);
+            if d > 1e-6 {
+                assert!(methods[0].alters_forward(), "{at}: perturbing its parameters moved the output by {d}, but alters_forward() is false");
+            }
+        }
+
+        // 3. After a step only what the artifact holds moved (trainable parameters,
+        //    persistent state, and the BatchNorm statistics of layers that train), and something did.
+        let (model, mut methods) = (model, methods);
         let before = snapshot(&model, &methods);
         let trains: Vec<String> = train::artifact(&model, &methods).into_iter().map(|(n, _)| n).collect();
         let cfg = TrainConfig { max_steps: 1, batch_size: 12, lr: 1e-2, warmup_ratio: 0.0, ..Default::default() };
@@ -150,15 +222,15 @@ fn every_method_passes_the_conformance_checks() {
         }
         assert!(moved > 0, "{at}: nothing changed after a training step");
 
-        // 3. Merged ≈ unmerged, and unmerge restores the weights.
+        // 4. Merged ≈ unmerged, and unmerge restores the weights.
         if methods[0].can_merge() {
-            let (model, mut methods) = prepared_on(toy, name, 1);
+            let (model, mut methods) = try_prepared(toy, spec, 1).unwrap();
             perturb(&methods);
             let weights = snapshot(&model, &[]);
             let unmerged = logits(&model, &methods, &data);
             methods[0].merge(&model).unwrap();
             let merged = logits(&model, &methods, &data);
-            let d = (&merged - &unmerged).abs().max().double_value(&[]);
+            let d = max_diff(&merged, &unmerged);
             assert!(d < 1e-4, "{at}: merged differs from unmerged by {d}");
             methods[0].unmerge(&model).unwrap();
             for (n, t) in snapshot(&model, &[]) {
@@ -166,22 +238,56 @@ fn every_method_passes_the_conformance_checks() {
             }
         }
 
-        // 4. Saving the artifact and restoring it into a fresh model (different
-        //    random init) gives the same outputs.
+        // 5. Saving the artifact (trained parameters and persistent state) and
+        //    restoring it into a fresh model (different random init) gives the same outputs.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("artifact.safetensors");
         perturb(&methods);
         zhijian::core::save_atomic(&train::artifact(&model, &methods), &path).unwrap();
-        let frozen_part = logits(&model, &methods, &data);
-        let (fresh, fresh_methods) = prepared_on(toy, name, 1);
+        let trained = logits(&model, &methods, &data);
+        let (fresh, fresh_methods) = try_prepared(toy, spec, 1).unwrap();
         restore(&fresh, &fresh_methods, &path).unwrap();
-        let d = (logits(&fresh, &fresh_methods, &data) - frozen_part).abs().max().double_value(&[]);
+        let d = max_diff(&logits(&fresh, &fresh_methods, &data), &trained);
         assert!(d < 1e-6, "{at}: save → restore changed outputs by {d}");
 
-        // 5. Config round-trip.
-        let mut spec = methods[0].config();
-        spec.insert("method".into(), toml::Value::String(name.to_string()));
-        assert_eq!(registry().build(&spec).unwrap().config(), methods[0].config(), "{at}: config round-trip");
+        // 6. Padding: on BERT, an example's logits are the same in a padded batch
+        //    and alone (catches prompt, prefix and observer mask bugs).
+        if let (Toy::Bert, Input::Tokens { ids, mask }) = (toy, &data.input) {
+            let all = logits(&model, &methods, &data);
+            // The first 4 examples have 6 real tokens and 4 of padding.
+            let alone = Input::Tokens { ids: ids.narrow(0, 0, 1).narrow(1, 0, 6), mask: mask.narrow(0, 0, 1).narrow(1, 0, 6) };
+            let d = max_diff(&predict(&model, &methods, &alone, 1).unwrap(), &all.narrow(0, 0, 1));
+            assert!(d < 1e-4, "{at}: padding changed an example's logits by {d}");
+        }
+
+        // 7. Config round-trip.
+        let mut round = methods[0].config();
+        round.insert("method".into(), toml::Value::String(name.clone()));
+        assert_eq!(registry().build(&round).unwrap().config(), methods[0].config(), "{at}: config round-trip");
+    }
+    for name in registry().names() {
+        assert!(applies.get(&name).copied().unwrap_or(0) > 0, "{name} applies to none of the toy backbones");
+    }
+}
+
+/// Every parameter of a Linear, convolution or norm layer of every backbone is
+/// reachable as a hook site, so no backbone can hide a layer from the methods.
+#[test]
+fn every_layer_parameter_is_reachable_as_a_site() {
+    let _rng = crate::rng_lock();
+    for toy in TOYS {
+        let model = toy_model(toy, 0);
+        let sites: Vec<String> = model.sites().into_iter().map(|s| s.path).collect();
+        for name in model.vs.variables().keys() {
+            // Embedding tables, class tokens and position embeddings are not layers.
+            if name.contains("embeddings.") && !name.contains("LayerNorm") || name == "cls_token" || name == "pos_embed" {
+                continue;
+            }
+            let layer = &name[..name.rfind('.').unwrap_or(0)];
+            assert!(sites.iter().any(|s| s == layer), "{toy:?}: {name} belongs to no site; sites: {sites:?}");
+        }
+        // Block indices come with the sites of blocks.
+        assert!(model.sites().iter().any(|s| s.block == Some(0)), "{toy:?}: no site knows its block");
     }
 }
 
