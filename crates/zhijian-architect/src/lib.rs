@@ -4,6 +4,8 @@
 //! Each method is usable on its own, without the registry or TOML:
 //! `Lora::new(LoraConfig { rank: 4, ..Default::default() })`.
 
+pub mod adapter;
+pub mod bottleneck;
 pub mod full_finetune;
 pub mod linear_probe;
 pub mod lora;
@@ -11,6 +13,7 @@ pub mod lora;
 #[cfg(test)]
 pub(crate) mod testing;
 
+pub use adapter::{Adapter, AdapterConfig};
 pub use full_finetune::{FullFinetune, FullFinetuneConfig};
 pub use linear_probe::{LinearProbe, LinearProbeConfig};
 pub use lora::{Lora, LoraConfig};
@@ -27,5 +30,8 @@ pub fn register(r: &mut Registry) {
     });
     r.register("lora", Stage::Architect, "low-rank updates B·A on chosen linear layers (Hu et al. 2021)", |c| {
         Ok(Box::new(Lora::new(parse_config("lora", c)?)))
+    });
+    r.register("adapter", Stage::Architect, "sequential bottleneck adapters after attention and MLP (Houlsby et al. 2019)", |c| {
+        Ok(Box::new(Adapter::new(parse_config("adapter", c)?)))
     });
 }
