@@ -5,6 +5,7 @@
 //! `Lora::new(LoraConfig { rank: 4, ..Default::default() })`.
 
 pub mod adapter;
+pub mod adaptformer;
 pub mod bottleneck;
 pub mod full_finetune;
 pub mod linear_probe;
@@ -14,6 +15,7 @@ pub mod lora;
 pub(crate) mod testing;
 
 pub use adapter::{Adapter, AdapterConfig};
+pub use adaptformer::{AdaptFormer, AdaptFormerConfig};
 pub use full_finetune::{FullFinetune, FullFinetuneConfig};
 pub use linear_probe::{LinearProbe, LinearProbeConfig};
 pub use lora::{Lora, LoraConfig};
@@ -33,5 +35,8 @@ pub fn register(r: &mut Registry) {
     });
     r.register("adapter", Stage::Architect, "sequential bottleneck adapters after attention and MLP (Houlsby et al. 2019)", |c| {
         Ok(Box::new(Adapter::new(parse_config("adapter", c)?)))
+    });
+    r.register("adaptformer", Stage::Architect, "scaled bottleneck in parallel with each MLP (Chen et al. 2022)", |c| {
+        Ok(Box::new(AdaptFormer::new(parse_config("adaptformer", c)?)))
     });
 }
