@@ -7,6 +7,7 @@
 pub mod adapter;
 pub mod adaptformer;
 pub mod bottleneck;
+pub mod convpass;
 pub mod full_finetune;
 pub mod linear_probe;
 pub mod lora;
@@ -16,6 +17,7 @@ pub(crate) mod testing;
 
 pub use adapter::{Adapter, AdapterConfig};
 pub use adaptformer::{AdaptFormer, AdaptFormerConfig};
+pub use convpass::{Convpass, ConvpassConfig};
 pub use full_finetune::{FullFinetune, FullFinetuneConfig};
 pub use linear_probe::{LinearProbe, LinearProbeConfig};
 pub use lora::{Lora, LoraConfig};
@@ -38,5 +40,8 @@ pub fn register(r: &mut Registry) {
     });
     r.register("adaptformer", Stage::Architect, "scaled bottleneck in parallel with each MLP (Chen et al. 2022)", |c| {
         Ok(Box::new(AdaptFormer::new(parse_config("adaptformer", c)?)))
+    });
+    r.register("convpass", Stage::Architect, "3×3 convolutional bypasses over the ViT patch grid (Jie & Deng 2022)", |c| {
+        Ok(Box::new(Convpass::new(parse_config("convpass", c)?)))
     });
 }
