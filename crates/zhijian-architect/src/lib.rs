@@ -11,6 +11,7 @@ pub mod convpass;
 pub mod full_finetune;
 pub mod linear_probe;
 pub mod lora;
+pub mod sparse_adapter;
 
 #[cfg(test)]
 pub(crate) mod testing;
@@ -21,6 +22,7 @@ pub use convpass::{Convpass, ConvpassConfig};
 pub use full_finetune::{FullFinetune, FullFinetuneConfig};
 pub use linear_probe::{LinearProbe, LinearProbeConfig};
 pub use lora::{Lora, LoraConfig};
+pub use sparse_adapter::{SparseAdapter, SparseAdapterConfig};
 
 use zhijian_core::{parse_config, Registry, Stage};
 
@@ -43,5 +45,8 @@ pub fn register(r: &mut Registry) {
     });
     r.register("convpass", Stage::Architect, "3×3 convolutional bypasses over the ViT patch grid (Jie & Deng 2022)", |c| {
         Ok(Box::new(Convpass::new(parse_config("convpass", c)?)))
+    });
+    r.register("sparse_adapter", Stage::Architect, "adapters pruned at initialisation by SNIP, magnitude or at random (He et al. 2022)", |c| {
+        Ok(Box::new(SparseAdapter::new(parse_config("sparse_adapter", c)?)))
     });
 }
