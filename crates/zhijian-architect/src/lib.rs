@@ -4,23 +4,32 @@
 //! Each method is usable on its own, without the registry or TOML:
 //! `Lora::new(LoraConfig { rank: 4, ..Default::default() })`.
 
+pub mod adapter;
+pub mod adaptformer;
 pub mod bitfit;
+pub mod bottleneck;
+pub mod convpass;
 pub mod full_finetune;
 pub mod linear_probe;
 pub mod ln_tuning;
 pub mod lora;
 pub mod partial_k;
+pub mod sparse_adapter;
 pub mod vqt;
 
 #[cfg(test)]
 pub(crate) mod testing;
 
+pub use adapter::{Adapter, AdapterConfig};
+pub use adaptformer::{AdaptFormer, AdaptFormerConfig};
 pub use bitfit::{BitFit, BitFitConfig};
+pub use convpass::{Convpass, ConvpassConfig};
 pub use full_finetune::{FullFinetune, FullFinetuneConfig};
 pub use linear_probe::{LinearProbe, LinearProbeConfig};
 pub use ln_tuning::{LnTuning, LnTuningConfig};
 pub use lora::{Lora, LoraConfig};
 pub use partial_k::{PartialK, PartialKConfig};
+pub use sparse_adapter::{SparseAdapter, SparseAdapterConfig};
 pub use vqt::{Vqt, VqtConfig};
 
 use zhijian_core::{parse_config, Registry, Stage};
@@ -47,5 +56,17 @@ pub fn register(r: &mut Registry) {
     });
     r.register("vqt", Stage::Architect, "learned query tokens summarise every block for the head; backbone untouched (Tu et al. 2023)", |c| {
         Ok(Box::new(Vqt::new(parse_config("vqt", c)?)))
+    });
+    r.register("adapter", Stage::Architect, "sequential bottleneck adapters after attention and MLP (Houlsby et al. 2019)", |c| {
+        Ok(Box::new(Adapter::new(parse_config("adapter", c)?)))
+    });
+    r.register("adaptformer", Stage::Architect, "scaled bottleneck in parallel with each MLP (Chen et al. 2022)", |c| {
+        Ok(Box::new(AdaptFormer::new(parse_config("adaptformer", c)?)))
+    });
+    r.register("convpass", Stage::Architect, "3×3 convolutional bypasses over the ViT patch grid (Jie & Deng 2022)", |c| {
+        Ok(Box::new(Convpass::new(parse_config("convpass", c)?)))
+    });
+    r.register("sparse_adapter", Stage::Architect, "adapters pruned at initialisation by SNIP, magnitude or at random (He et al. 2022)", |c| {
+        Ok(Box::new(SparseAdapter::new(parse_config("sparse_adapter", c)?)))
     });
 }
