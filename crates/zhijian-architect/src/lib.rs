@@ -10,11 +10,13 @@ pub mod bitfit;
 pub mod bottleneck;
 pub mod convpass;
 pub mod full_finetune;
+pub mod ia3;
 pub mod linear_probe;
 pub mod ln_tuning;
 pub mod lora;
 pub mod partial_k;
 pub mod sparse_adapter;
+pub mod ssf;
 pub mod vqt;
 
 #[cfg(test)]
@@ -25,11 +27,13 @@ pub use adaptformer::{AdaptFormer, AdaptFormerConfig};
 pub use bitfit::{BitFit, BitFitConfig};
 pub use convpass::{Convpass, ConvpassConfig};
 pub use full_finetune::{FullFinetune, FullFinetuneConfig};
+pub use ia3::{Ia3, Ia3Config};
 pub use linear_probe::{LinearProbe, LinearProbeConfig};
 pub use ln_tuning::{LnTuning, LnTuningConfig};
 pub use lora::{Lora, LoraConfig};
 pub use partial_k::{PartialK, PartialKConfig};
 pub use sparse_adapter::{SparseAdapter, SparseAdapterConfig};
+pub use ssf::{Ssf, SsfConfig};
 pub use vqt::{Vqt, VqtConfig};
 
 use zhijian_core::{parse_config, Registry, Stage};
@@ -42,7 +46,7 @@ pub fn register(r: &mut Registry) {
     r.register("full_finetune", Stage::Architect, "train every backbone parameter and the head", |c| {
         Ok(Box::new(FullFinetune::new(parse_config("full_finetune", c)?)))
     });
-    r.register("lora", Stage::Architect, "low-rank updates B·A on chosen linear layers (Hu et al. 2021)", |c| {
+    r.register("lora", Stage::Architect, "low-rank updates B·A on chosen layers (Hu et al. 2021), with DoRA, rsLoRA and per-site ranks as options", |c| {
         Ok(Box::new(Lora::new(parse_config("lora", c)?)))
     });
     r.register("bitfit", Stage::Architect, "train only the bias terms (Ben Zaken et al. 2022)", |c| {
@@ -68,5 +72,11 @@ pub fn register(r: &mut Registry) {
     });
     r.register("sparse_adapter", Stage::Architect, "adapters pruned at initialisation by SNIP, magnitude or at random (He et al. 2022)", |c| {
         Ok(Box::new(SparseAdapter::new(parse_config("sparse_adapter", c)?)))
+    });
+    r.register("ia3", Stage::Architect, "learned vectors rescaling attention keys, values and FFN activations (Liu et al. 2022)", |c| {
+        Ok(Box::new(Ia3::new(parse_config("ia3", c)?)))
+    });
+    r.register("ssf", Stage::Architect, "per-channel scale and shift after linear, conv and norm layers (Lian et al. 2022)", |c| {
+        Ok(Box::new(Ssf::new(parse_config("ssf", c)?)))
     });
 }
