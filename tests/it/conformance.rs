@@ -132,7 +132,8 @@ const MORE_CONFIGS: &[&str] = &[
     "method = \"lora\"\nrank = 2\nalpha = 4.0\ntargets = [\"re:.*(query|qkv|fc1|_project_conv|conv)$\"]",
     "method = \"lora\"\nuse_dora = true",
     "method = \"lora\"\nrslora = true\nrank = 4",
-    "method = \"lora\"\nrank_pattern = { \"re:.*\\\\.0\\\\..*\" = 2 }",
+    // Every toy has a block 1 (`encoder.layer.1`, `blocks.1`, `_blocks.1`, `features.1`).
+    "method = \"lora\"\nrank_pattern = { \"re:.*1.*\" = 2 }",
     "method = \"full_finetune\"\nfreeze_stem = true",
     "method = \"bitfit\"\nquery_and_mlp_only = true",
     "method = \"ln_tuning\"\nscale = false",
