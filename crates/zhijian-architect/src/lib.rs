@@ -7,6 +7,7 @@
 pub mod full_finetune;
 pub mod linear_probe;
 pub mod lora;
+pub mod vpt;
 
 #[cfg(test)]
 pub(crate) mod testing;
@@ -14,6 +15,7 @@ pub(crate) mod testing;
 pub use full_finetune::{FullFinetune, FullFinetuneConfig};
 pub use linear_probe::{LinearProbe, LinearProbeConfig};
 pub use lora::{Lora, LoraConfig};
+pub use vpt::{Vpt, VptConfig, VptMode};
 
 use zhijian_core::{parse_config, Registry, Stage};
 
@@ -27,5 +29,8 @@ pub fn register(r: &mut Registry) {
     });
     r.register("lora", Stage::Architect, "low-rank updates B·A on chosen linear layers (Hu et al. 2021)", |c| {
         Ok(Box::new(Lora::new(parse_config("lora", c)?)))
+    });
+    r.register("vpt", Stage::Architect, "learned prompt tokens after the class token, shallow or per block (Jia et al. 2022)", |c| {
+        Ok(Box::new(Vpt::new(parse_config("vpt", c)?)))
     });
 }
