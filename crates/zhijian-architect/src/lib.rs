@@ -7,6 +7,7 @@
 pub mod full_finetune;
 pub mod linear_probe;
 pub mod lora;
+pub mod prefix_tuning;
 pub mod vpt;
 
 #[cfg(test)]
@@ -15,6 +16,7 @@ pub(crate) mod testing;
 pub use full_finetune::{FullFinetune, FullFinetuneConfig};
 pub use linear_probe::{LinearProbe, LinearProbeConfig};
 pub use lora::{Lora, LoraConfig};
+pub use prefix_tuning::{PrefixTuning, PrefixTuningConfig};
 pub use vpt::{Vpt, VptConfig, VptMode};
 
 use zhijian_core::{parse_config, Registry, Stage};
@@ -32,5 +34,8 @@ pub fn register(r: &mut Registry) {
     });
     r.register("vpt", Stage::Architect, "learned prompt tokens after the class token, shallow or per block (Jia et al. 2022)", |c| {
         Ok(Box::new(Vpt::new(parse_config("vpt", c)?)))
+    });
+    r.register("prefix_tuning", Stage::Architect, "learned keys and values prepended at every attention layer (Li & Liang 2021)", |c| {
+        Ok(Box::new(PrefixTuning::new(parse_config("prefix_tuning", c)?)))
     });
 }
