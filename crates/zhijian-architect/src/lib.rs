@@ -4,6 +4,7 @@
 //! Each method is usable on its own, without the registry or TOML:
 //! `Lora::new(LoraConfig { rank: 4, ..Default::default() })`.
 
+pub mod fact;
 pub mod full_finetune;
 pub mod linear_probe;
 pub mod lora;
@@ -13,6 +14,7 @@ pub mod vpt;
 #[cfg(test)]
 pub(crate) mod testing;
 
+pub use fact::{Fact, FactConfig, FactKind};
 pub use full_finetune::{FullFinetune, FullFinetuneConfig};
 pub use linear_probe::{LinearProbe, LinearProbeConfig};
 pub use lora::{Lora, LoraConfig};
@@ -37,5 +39,8 @@ pub fn register(r: &mut Registry) {
     });
     r.register("prefix_tuning", Stage::Architect, "learned keys and values prepended at every attention layer (Li & Liang 2021)", |c| {
         Ok(Box::new(PrefixTuning::new(parse_config("prefix_tuning", c)?)))
+    });
+    r.register("fact", Stage::Architect, "weight updates factorised with factors shared across layers, TT or Tucker (Jie & Deng 2023)", |c| {
+        Ok(Box::new(Fact::new(parse_config("fact", c)?)))
     });
 }
