@@ -9,14 +9,17 @@ pub mod adaptformer;
 pub mod bitfit;
 pub mod bottleneck;
 pub mod convpass;
+pub mod fact;
 pub mod full_finetune;
 pub mod ia3;
 pub mod linear_probe;
 pub mod ln_tuning;
 pub mod lora;
 pub mod partial_k;
+pub mod prefix_tuning;
 pub mod sparse_adapter;
 pub mod ssf;
+pub mod vpt;
 pub mod vqt;
 
 #[cfg(test)]
@@ -26,14 +29,17 @@ pub use adapter::{Adapter, AdapterConfig};
 pub use adaptformer::{AdaptFormer, AdaptFormerConfig};
 pub use bitfit::{BitFit, BitFitConfig};
 pub use convpass::{Convpass, ConvpassConfig};
+pub use fact::{Fact, FactConfig, FactKind};
 pub use full_finetune::{FullFinetune, FullFinetuneConfig};
 pub use ia3::{Ia3, Ia3Config};
 pub use linear_probe::{LinearProbe, LinearProbeConfig};
 pub use ln_tuning::{LnTuning, LnTuningConfig};
 pub use lora::{Lora, LoraConfig};
 pub use partial_k::{PartialK, PartialKConfig};
+pub use prefix_tuning::{PrefixTuning, PrefixTuningConfig};
 pub use sparse_adapter::{SparseAdapter, SparseAdapterConfig};
 pub use ssf::{Ssf, SsfConfig};
+pub use vpt::{Vpt, VptConfig, VptMode};
 pub use vqt::{Vqt, VqtConfig};
 
 use zhijian_core::{parse_config, Registry, Stage};
@@ -78,5 +84,14 @@ pub fn register(r: &mut Registry) {
     });
     r.register("ssf", Stage::Architect, "per-channel scale and shift after linear, conv and norm layers (Lian et al. 2022)", |c| {
         Ok(Box::new(Ssf::new(parse_config("ssf", c)?)))
+    });
+    r.register("vpt", Stage::Architect, "learned prompt tokens after the class token, shallow or per block (Jia et al. 2022)", |c| {
+        Ok(Box::new(Vpt::new(parse_config("vpt", c)?)))
+    });
+    r.register("prefix_tuning", Stage::Architect, "learned keys and values prepended at every attention layer (Li & Liang 2021)", |c| {
+        Ok(Box::new(PrefixTuning::new(parse_config("prefix_tuning", c)?)))
+    });
+    r.register("fact", Stage::Architect, "weight updates factorised with factors shared across layers, TT or Tucker (Jie & Deng 2023)", |c| {
+        Ok(Box::new(Fact::new(parse_config("fact", c)?)))
     });
 }
