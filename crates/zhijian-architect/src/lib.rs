@@ -4,16 +4,20 @@
 //! Each method is usable on its own, without the registry or TOML:
 //! `Lora::new(LoraConfig { rank: 4, ..Default::default() })`.
 
+pub mod diff_pruning;
 pub mod full_finetune;
 pub mod linear_probe;
 pub mod lora;
+pub mod sparse_ft;
 
 #[cfg(test)]
 pub(crate) mod testing;
 
+pub use diff_pruning::{DiffPruning, DiffPruningConfig};
 pub use full_finetune::{FullFinetune, FullFinetuneConfig};
 pub use linear_probe::{LinearProbe, LinearProbeConfig};
 pub use lora::{Lora, LoraConfig};
+pub use sparse_ft::{Selection, SparseFt, SparseFtConfig};
 
 use zhijian_core::{parse_config, Registry, Stage};
 
@@ -27,5 +31,11 @@ pub fn register(r: &mut Registry) {
     });
     r.register("lora", Stage::Architect, "low-rank updates B·A on chosen linear layers (Hu et al. 2021)", |c| {
         Ok(Box::new(Lora::new(parse_config("lora", c)?)))
+    });
+    r.register("sparse_ft", Stage::Architect, "train a fixed sparse subset of the backbone's weights, chosen by gradient (SAFT), at random or by magnitude (SHiRA)", |c| {
+        Ok(Box::new(SparseFt::new(parse_config("sparse_ft", c)?)))
+    });
+    r.register("diff_pruning", Stage::Architect, "a sparse diff θ₀ + z⊙w with hard-concrete L0 gates, cut to the largest entries (Guo et al. 2021)", |c| {
+        Ok(Box::new(DiffPruning::new(parse_config("diff_pruning", c)?)))
     });
 }
