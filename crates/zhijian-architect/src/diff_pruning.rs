@@ -35,7 +35,9 @@
 //! - trains: `w`, `log α` and the head (after a fixmask cut: the kept entries
 //!   and the head); frozen: the backbone.
 //! - memory: `w` and `log α` double the adapted tensors (and their optimiser
-//!   state doubles again) until the cut frees them.
+//!   state doubles again) until the cut frees them. Speed: a step samples a
+//!   gate per entry and runs a dense delta per site (measured on MiniLM-L6,
+//!   CPU, one thread, 16 × 64 tokens: 0.95 s against 0.48 s for full fine-tuning).
 //! - merges: before the cut, `W ← W + δ` densely (unmerge writes back a saved
 //!   copy of each tensor); after it, the kept entries are scattered in (unmerge
 //!   writes back the saved entries). Both restore the weights bit for bit.
