@@ -199,3 +199,17 @@ fn vision_compare_tests_every_shift() {
     let text = VISION.replace("kind = \"mnist\"", "kind = \"rotten_tomatoes\"");
     assert!(Experiment::load(&write(dir.path(), &text), &registry).is_err(), "image fields on a text data set");
 }
+
+/// Every experiment file the project ships parses, and every method entry in
+/// it names a registered method with a valid configuration.
+#[test]
+fn every_shipped_config_loads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "toml")).collect();
+    files.sort();
+    assert!(files.len() >= 5, "{files:?}");
+    let registry = zhijian::bench::registry();
+    for file in files {
+        Experiment::load(&file, &registry).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    }
+}

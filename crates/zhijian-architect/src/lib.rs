@@ -9,6 +9,7 @@ pub mod adaptformer;
 pub mod bitfit;
 pub mod bottleneck;
 pub mod convpass;
+pub mod diff_pruning;
 pub mod fact;
 pub mod full_finetune;
 pub mod ia3;
@@ -18,6 +19,7 @@ pub mod lora;
 pub mod partial_k;
 pub mod prefix_tuning;
 pub mod sparse_adapter;
+pub mod sparse_ft;
 pub mod ssf;
 pub mod vpt;
 pub mod vqt;
@@ -29,6 +31,7 @@ pub use adapter::{Adapter, AdapterConfig};
 pub use adaptformer::{AdaptFormer, AdaptFormerConfig};
 pub use bitfit::{BitFit, BitFitConfig};
 pub use convpass::{Convpass, ConvpassConfig};
+pub use diff_pruning::{DiffPruning, DiffPruningConfig};
 pub use fact::{Fact, FactConfig, FactKind};
 pub use full_finetune::{FullFinetune, FullFinetuneConfig};
 pub use ia3::{Ia3, Ia3Config};
@@ -38,6 +41,7 @@ pub use lora::{Lora, LoraConfig};
 pub use partial_k::{PartialK, PartialKConfig};
 pub use prefix_tuning::{PrefixTuning, PrefixTuningConfig};
 pub use sparse_adapter::{SparseAdapter, SparseAdapterConfig};
+pub use sparse_ft::{Selection, SparseFt, SparseFtConfig};
 pub use ssf::{Ssf, SsfConfig};
 pub use vpt::{Vpt, VptConfig, VptMode};
 pub use vqt::{Vqt, VqtConfig};
@@ -93,5 +97,11 @@ pub fn register(r: &mut Registry) {
     });
     r.register("fact", Stage::Architect, "weight updates factorised with factors shared across layers, TT or Tucker (Jie & Deng 2023)", |c| {
         Ok(Box::new(Fact::new(parse_config("fact", c)?)))
+    });
+    r.register("sparse_ft", Stage::Architect, "train a fixed sparse subset of the backbone's weights, chosen by gradient (SAFT), at random or by magnitude (SHiRA)", |c| {
+        Ok(Box::new(SparseFt::new(parse_config("sparse_ft", c)?)))
+    });
+    r.register("diff_pruning", Stage::Architect, "a sparse diff θ₀ + z⊙w with hard-concrete L0 gates, cut to the largest entries (Guo et al. 2021)", |c| {
+        Ok(Box::new(DiffPruning::new(parse_config("diff_pruning", c)?)))
     });
 }

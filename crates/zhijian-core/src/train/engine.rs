@@ -363,6 +363,9 @@ pub fn train(
     opts: &TrainOptions,
 ) -> Result<TrainReport> {
     cfg.validate()?;
+    // Selection before training (SAFT's gradient passes, SNIP) is part of the
+    // method's training cost, so the clock starts here.
+    let start = Instant::now();
     for m in methods.iter_mut() {
         m.before_train(model, train, cfg)?;
     }
@@ -378,7 +381,6 @@ pub fn train(
     let bar = progress_bar(total as u64, &opts.label);
     tch::manual_seed(cfg.seed as i64);
     let mut report = TrainReport::default();
-    let start = Instant::now();
     for epoch in 0..cfg.epochs.max(1) {
         if report.steps >= total {
             break;
