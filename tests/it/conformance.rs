@@ -217,7 +217,13 @@ fn every_method_passes_the_conformance_checks() {
         let after = snapshot(&model, &methods);
         let mut moved = 0;
         for (n, t) in &before {
-            let changed = !t.equal(&after[n]);
+            // A method may drop variables at the end of training (diff pruning keeps
+            // only the entries its final cut kept); the model's never vanish.
+            let Some(a) = after.get(n) else {
+                assert!(n.contains('/'), "{at}: model variable {n} vanished");
+                continue;
+            };
+            let changed = !t.equal(a);
             assert!(!changed || trains.contains(n), "{at}: frozen parameter {n} changed");
             moved += changed as usize;
         }
