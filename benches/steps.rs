@@ -11,12 +11,12 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{Criterion, criterion_group, criterion_main};
 use tch::{Device, Kind, Tensor};
-use zhijian::backbones::{load_pretrained, Bert, BertConfig};
+use zhijian::backbones::{Bert, BertConfig, load_pretrained};
 use zhijian::core::train::{self, Split, TrainConfig, TrainOptions};
 use zhijian::core::{ImagePreset, ImageSource, Input, Method, Model};
-use zhijian::data::{image::mnist_json_digits, ImageLoader, ImageTransform};
+use zhijian::data::{ImageLoader, ImageTransform, image::mnist_json_digits};
 
 const BATCH: i64 = 32;
 const SEQ: i64 = 50;
@@ -51,10 +51,7 @@ fn minilm(method: &str) -> (Model, Vec<Box<dyn Method>>) {
 }
 
 fn tokens(n: i64) -> Input {
-    Input::Tokens {
-        ids: Tensor::randint_low(1000, 30000, [n, SEQ], (Kind::Int64, Device::Cpu)),
-        mask: Tensor::ones([n, SEQ], (Kind::Int64, Device::Cpu)),
-    }
+    Input::Tokens { ids: Tensor::randint_low(1000, 30000, [n, SEQ], (Kind::Int64, Device::Cpu)), mask: Tensor::ones([n, SEQ], (Kind::Int64, Device::Cpu)) }
 }
 
 fn labels(n: i64) -> Tensor {

@@ -48,9 +48,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use safetensors::tensor::{Dtype, View};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tch::{Device, Kind, Tensor};
 use zhijian::backbones::{BertConfig, Pooling};
 use zhijian::bench::build::{asset, build_model};
@@ -238,10 +238,7 @@ fn prepare(config: &Path, steps: usize, out: &Path) -> Result<()> {
     let mut methods: Vec<Box<dyn Method>> = lora.methods.iter().map(|m| registry.build(m)).collect::<zhijian::core::Result<_>>()?;
     train::prepare(&model, &mut methods, seed)?;
     let init = train::trainable(&model, &methods);
-    let sites: Vec<String> = init
-        .iter()
-        .filter_map(|(n, _)| n.strip_prefix("lora/").and_then(|s| s.strip_suffix(".lora_A")).map(String::from))
-        .collect();
+    let sites: Vec<String> = init.iter().filter_map(|(n, _)| n.strip_prefix("lora/").and_then(|s| s.strip_suffix(".lora_A")).map(String::from)).collect();
     let adapter_params: i64 = init.iter().filter(|(n, _)| n.starts_with("lora/")).map(|(_, t)| t.numel() as i64).sum();
 
     let mut jobs = serde_json::Map::new();
@@ -472,11 +469,8 @@ fn ceiling(out: &Path) -> Result<()> {
             let too_slow = best.is_some_and(|r| 2.0 * (n as f64).powi(3) / r > MAX_CALL_SECONDS);
             rates.push((!too_slow).then(|| matmul_rate(n, kind)));
         }
-        let shown: Vec<String> = CEILING_SIZES
-            .iter()
-            .zip(&rates)
-            .map(|(n, r)| r.map_or(format!("n={n} skipped (too slow)"), |r| format!("n={n} {:.0}", r / 1e9)))
-            .collect();
+        let shown: Vec<String> =
+            CEILING_SIZES.iter().zip(&rates).map(|(n, r)| r.map_or(format!("n={n} skipped (too slow)"), |r| format!("n={n} {:.0}", r / 1e9))).collect();
         eprintln!("  zhijian (tch) {name}: {} GFLOP/s", shown.join(", "));
         value[name] = json!({ "by_size": rates, "best": rates.iter().flatten().copied().fold(0.0, f64::max) });
     }

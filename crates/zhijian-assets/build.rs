@@ -11,10 +11,7 @@ fn main() {
     println!("cargo:rerun-if-changed={}", datasets.display());
 
     let mut entries: Vec<PathBuf> = match fs::read_dir(&datasets) {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-            .collect(),
+        Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect(),
         Err(_) => Vec::new(),
     };
     entries.sort();

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use zhijian::bench::features::FeatureOrigin;
-use zhijian::bench::{compare, read_records, table, CompareOptions, DeviceChoice, Experiment};
+use zhijian::bench::{CompareOptions, DeviceChoice, Experiment, compare, read_records, table};
 
 const TINY: &str = r#"
 name = "tiny"
@@ -97,10 +97,7 @@ fn bad_configs_fail_before_training_and_name_the_problem() {
     assert!(err.contains("learning_rate"), "{err}");
 
     let exp = Experiment::load(&write(dir.path(), &TINY.replace("all-minilm-l6-v2", "no-such-model")), &registry).unwrap();
-    let err = compare(&exp, &registry, &CompareOptions { records: Some(dir.path().join("r.jsonl")), ..Default::default() })
-        .err()
-        .unwrap()
-        .to_string();
+    let err = compare(&exp, &registry, &CompareOptions { records: Some(dir.path().join("r.jsonl")), ..Default::default() }).err().unwrap().to_string();
     assert!(err.contains("no-such-model") && err.contains("all-minilm-l6-v2"), "{err}");
 }
 
@@ -139,12 +136,8 @@ fn vision_compare_tests_every_shift() {
     let registry = zhijian::bench::registry();
     let exp = Experiment::load(&write(dir.path(), VISION), &registry).unwrap();
     let cache = dir.path().join("features");
-    let opts = CompareOptions {
-        records: Some(dir.path().join("r.jsonl")),
-        device: Some(DeviceChoice::Cpu),
-        feature_cache: Some(cache.clone()),
-        ..Default::default()
-    };
+    let opts =
+        CompareOptions { records: Some(dir.path().join("r.jsonl")), device: Some(DeviceChoice::Cpu), feature_cache: Some(cache.clone()), ..Default::default() };
     let records = compare(&exp, &registry, &opts).unwrap();
     assert_eq!(records.len(), 2);
     for r in &records {
@@ -191,10 +184,14 @@ fn vision_compare_tests_every_shift() {
         .unwrap()
         .to_string();
     assert!(err.contains("fog:3") && err.contains("gaussian_noise"), "{err}");
-    let err = compare(&Experiment::load(&write(dir.path(), &VISION.replace("\"efficientnet-lite0\"", "\"lite0.safetensors\"")), &registry).unwrap(), &registry, &opts)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = compare(
+        &Experiment::load(&write(dir.path(), &VISION.replace("\"efficientnet-lite0\"", "\"lite0.safetensors\"")), &registry).unwrap(),
+        &registry,
+        &opts,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("lite0.safetensors") && err.contains("efficientnet-lite0"), "{err}");
     let text = VISION.replace("kind = \"mnist\"", "kind = \"rotten_tomatoes\"");
     assert!(Experiment::load(&write(dir.path(), &text), &registry).is_err(), "image fields on a text data set");

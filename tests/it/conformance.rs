@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use tch::{Device, Kind, Tensor};
 use zhijian::backbones::{Bert, BertConfig, EfficientNetLite, EfficientNetLiteConfig, SmallCnn, SmallCnnConfig, Vit, VitConfig};
-use zhijian::core::train::{self, method_variables, predict, restore, trainable, Split, TrainConfig, TrainOptions};
+use zhijian::core::train::{self, Split, TrainConfig, TrainOptions, method_variables, predict, restore, trainable};
 use zhijian::core::{Input, Method, Model, Registry};
 
 fn registry() -> Registry {

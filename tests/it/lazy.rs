@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use tch::{Device, Tensor};
 use zhijian::backbones::{SmallCnn, SmallCnnConfig};
-use zhijian::core::train::{self, predict, Split, TrainConfig, TrainOptions};
+use zhijian::core::train::{self, Split, TrainConfig, TrainOptions, predict};
 use zhijian::core::{Error, ImageSource, Input, Method, Model, Result};
 
 /// 10 images of 3×8×8; augmentation adds a constant drawn from (seed, index).

@@ -3,10 +3,10 @@
 //! photos, through the evaluation transform of the backbone's preset. An
 //! independent numpy forward pass measured top-1 17/20 and top-5 19/20.
 
-use zhijian::backbones::{load_pretrained, EfficientNetLite, EfficientNetLiteConfig};
+use zhijian::backbones::{EfficientNetLite, EfficientNetLiteConfig, load_pretrained};
 use zhijian::core::train::predict;
 use zhijian::core::{Accuracy, Model};
-use zhijian::data::{foolbox_imagenet, ImageLoader, ImageTransform};
+use zhijian::data::{ImageLoader, ImageTransform, foolbox_imagenet};
 
 #[test]
 fn efficientnet_lite0_classifies_foolbox_imagenet_samples() {

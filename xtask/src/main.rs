@@ -25,15 +25,7 @@ const DEMO_ASSETS: &[&str] = &["all-minilm-l6-v2", "rotten-tomatoes"];
 /// Installed together in one pip command: pinning torch next to the packages
 /// that depend on it stops pip from upgrading it past the one version tch
 /// accepts (DESIGN.md §6).
-const PINNED: &[&str] = &[
-    "torch==2.11.0",
-    "torchvision==0.26.0",
-    "transformers==5.23.0",
-    "peft==0.21.2",
-    "timm==1.0.31",
-    "safetensors",
-    "numpy",
-];
+const PINNED: &[&str] = &["torch==2.11.0", "torchvision==0.26.0", "transformers==5.23.0", "peft==0.21.2", "timm==1.0.31", "safetensors", "numpy"];
 
 /// Written into the venv after a successful install; holds `PINNED`, one per line.
 const MARKER: &str = "zhijian-pinned.txt";
@@ -111,14 +103,10 @@ fn setup() -> Result<PathBuf> {
         step(&format!("venv {} exists", venv.display()));
     } else {
         step(&format!("creating venv {}", venv.display()));
-        fs::create_dir_all(venv.parent().unwrap_or(&venv))
-            .with_context(|| format!("creating {}", venv.display()))?;
+        fs::create_dir_all(venv.parent().unwrap_or(&venv)).with_context(|| format!("creating {}", venv.display()))?;
         let status = spawn(Command::new("python3").arg("-m").arg("venv").arg(&venv), "python3", "creating the venv")?;
         if !status.success() {
-            bail!(
-                "`python3 -m venv {}` failed ({status}); on Debian/Ubuntu install `python3-venv`",
-                venv.display()
-            );
+            bail!("`python3 -m venv {}` failed ({status}); on Debian/Ubuntu install `python3-venv`", venv.display());
         }
     }
 
@@ -208,9 +196,8 @@ fn site_packages(venv: &Path) -> Result<Option<PathBuf>> {
 
 /// The requirements of `PINNED` with no matching `*.dist-info` in `site`.
 fn missing_dists(site: &Path) -> Vec<&'static str> {
-    let names: Vec<String> = fs::read_dir(site)
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().to_lowercase())).collect())
-        .unwrap_or_default();
+    let names: Vec<String> =
+        fs::read_dir(site).map(|rd| rd.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().to_lowercase())).collect()).unwrap_or_default();
     PINNED
         .iter()
         .copied()
@@ -218,11 +205,7 @@ fn missing_dists(site: &Path) -> Vec<&'static str> {
             // dist-info folders use the normalised name: lower case, `-` as `_`.
             let (name, version) = req.split_once("==").unwrap_or((req, ""));
             let prefix = format!("{}-", name.to_lowercase().replace('-', "_"));
-            !names.iter().any(|n| {
-                n.strip_prefix(&prefix)
-                    .and_then(|r| r.strip_suffix(".dist-info"))
-                    .is_some_and(|v| version.is_empty() || v == version)
-            })
+            !names.iter().any(|n| n.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".dist-info")).is_some_and(|v| version.is_empty() || v == version))
         })
         .collect()
 }

@@ -65,11 +65,8 @@ pub fn reference(args: &[String]) -> Result<()> {
 
     step("cargo build --release --example reference_job");
     let t = Instant::now();
-    let status = spawn(
-        cargo().current_dir(&root).args(["build", "--release", "-p", "zhijian", "--example", "reference_job"]),
-        "cargo",
-        "building the reference job",
-    )?;
+    let status =
+        spawn(cargo().current_dir(&root).args(["build", "--release", "-p", "zhijian", "--example", "reference_job"]), "cargo", "building the reference job")?;
     if !status.success() {
         bail!("building examples/reference_job.rs failed ({status})");
     }
@@ -127,11 +124,8 @@ pub fn reference(args: &[String]) -> Result<()> {
     });
     for method in ["full_finetune", "lora"] {
         k += 1;
-        let stage = zhijian(
-            &format!("zhijian {method} fp32"),
-            &["job", "--method", method, "--data", data_arg],
-            Some(json_out(&format!("zhijian-{method}-fp32"))),
-        );
+        let stage =
+            zhijian(&format!("zhijian {method} fp32"), &["job", "--method", method, "--data", data_arg], Some(json_out(&format!("zhijian-{method}-fp32"))));
         run_stage(stage, k, total, t_run, &mut results)?;
         for precision in ["fp32", "bf16"] {
             k += 1;
@@ -240,9 +234,7 @@ fn bytes(b: f64) -> String {
 fn render(report: &Value) -> Result<String> {
     let r = &report["results"];
     let m = &report["meta"];
-    let job = |side: &str, method: &str, precision: &str| -> Option<&Value> {
-        Some(&r[format!("{side}-{method}-{precision}")]).filter(|v| !v.is_null())
-    };
+    let job = |side: &str, method: &str, precision: &str| -> Option<&Value> { Some(&r[format!("{side}-{method}-{precision}")]).filter(|v| !v.is_null()) };
     let need = |side: &str, method: &str, precision: &str| -> Result<&Value> {
         job(side, method, precision).with_context(|| format!("no result for {side} {method} {precision}"))
     };
@@ -257,13 +249,7 @@ fn render(report: &Value) -> Result<String> {
     let pl = need("pytorch", "lora", "fp32")?;
     let methods = [("full_finetune", "full fine-tuning"), ("lora", "LoRA r8")];
     let mut out = String::new();
-    writeln!(
-        out,
-        "## zhijian vs PyTorch {} + transformers {} + peft {}\n",
-        version(pf, "torch"),
-        version(pf, "transformers"),
-        version(pl, "peft")
-    )?;
+    writeln!(out, "## zhijian vs PyTorch {} + transformers {} + peft {}\n", version(pf, "torch"), version(pf, "transformers"), version(pl, "peft"))?;
     writeln!(
         out,
         "MiniLM-L6 → Rotten Tomatoes, batch 32, {} steps: one epoch over {} training reviews, the same tokens, batches \
@@ -428,7 +414,10 @@ mod tests {
         let table = render(&report(true)).unwrap();
         // zhijian ÷ PyTorch = 20 / 25; 7.5e10 FLOP/s of the higher fp32 ceiling 1.5e11 = 50 %, of the bf16 one 7.5e11 = 10 %.
         assert!(table.contains("| full fine-tuning, fp32 | 20.0 | 25.0 | 0.80 | 1.50 GiB | 1.50 GiB | 78.00 | 78.00 | 0.075 | 0.075 | 50% | 50% |"), "{table}");
-        assert!(table.contains("| LoRA r8, bf16 autocast | — | 40.0 | 0.50 (zhijian fp32 ÷ PyTorch bf16) | — | 1.50 GiB | — | 78.00 | — | 0.075 | — | 10% |"), "{table}");
+        assert!(
+            table.contains("| LoRA r8, bf16 autocast | — | 40.0 | 0.50 (zhijian fp32 ÷ PyTorch bf16) | — | 1.50 GiB | — | 78.00 | — | 0.075 | — | 10% |"),
+            "{table}"
+        );
         assert!(table.contains("counts 1.0000 × the formula for full fine-tuning and 0.9800 × for LoRA"), "{table}");
         // The bf16 jobs here saw other batches than zhijian's: the table says so.
         assert!(table.contains("**warning:** LoRA r8 bf16: the two sides computed different batches"), "{table}");

@@ -25,11 +25,11 @@
 //! Applies to transformer backbones (BERT, ViT); `prepare` refuses CNNs.
 
 use serde::{Deserialize, Serialize};
-use tch::nn::VarStore;
 use tch::Tensor;
-use zhijian_core::{config_table, Error, Layout, Method, Model, Result, SubLayer};
+use tch::nn::VarStore;
+use zhijian_core::{Error, Layout, Method, Model, Result, SubLayer, config_table};
 
-use crate::bottleneck::{block_prefixes, bottleneck_width, check_dropout, require_transformer, Activation, BlockSet, Bottleneck, Init};
+use crate::bottleneck::{Activation, BlockSet, Bottleneck, Init, block_prefixes, bottleneck_width, check_dropout, require_transformer};
 
 /// Configuration of the sequential adapter.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -209,7 +209,7 @@ mod tests {
     use super::*;
     use crate::testing;
     use tch::{Device, Kind};
-    use zhijian_core::{parse_config, Ctx};
+    use zhijian_core::{Ctx, parse_config};
 
     fn randn(shape: &[i64]) -> Tensor {
         Tensor::randn(shape, (Kind::Float, Device::Cpu))
@@ -242,7 +242,10 @@ mod tests {
         assert!(adapter.sublayer(0, SubLayer::Mlp, &x, out.shallow_clone(), &layout(), false).equal(&out));
         let mut names: Vec<String> = adapter.var_store().unwrap().variables().into_keys().collect();
         names.sort();
-        assert_eq!(names, ["blocks.1.adapter_mlp.down.bias", "blocks.1.adapter_mlp.down.weight", "blocks.1.adapter_mlp.up.bias", "blocks.1.adapter_mlp.up.weight"]);
+        assert_eq!(
+            names,
+            ["blocks.1.adapter_mlp.down.bias", "blocks.1.adapter_mlp.down.weight", "blocks.1.adapter_mlp.up.bias", "blocks.1.adapter_mlp.up.weight"]
+        );
     }
 
     /// With `up` = 0 the whole model is unchanged (ViT and BERT, every block,
@@ -293,7 +296,15 @@ mod tests {
     fn config_round_trips() {
         for c in [
             AdapterConfig::default(),
-            AdapterConfig { at: vec![SubLayer::Attn], bottleneck: Some(16), activation: Activation::Gelu, dropout: 0.1, init: Init::NearIdentity, blocks: BlockSet::Spec("1..".into()), ..Default::default() },
+            AdapterConfig {
+                at: vec![SubLayer::Attn],
+                bottleneck: Some(16),
+                activation: Activation::Gelu,
+                dropout: 0.1,
+                init: Init::NearIdentity,
+                blocks: BlockSet::Spec("1..".into()),
+                ..Default::default()
+            },
             AdapterConfig { reduction: Some(4), blocks: BlockSet::List(vec![0, 2]), ..Default::default() },
         ] {
             let table = Adapter::new(c.clone()).config();

@@ -24,11 +24,11 @@
 //! Applies to transformer backbones (BERT, ViT); `prepare` refuses CNNs.
 
 use serde::{Deserialize, Serialize};
-use tch::nn::VarStore;
 use tch::Tensor;
-use zhijian_core::{config_table, Error, Layout, Method, Model, Result, SubLayer};
+use tch::nn::VarStore;
+use zhijian_core::{Error, Layout, Method, Model, Result, SubLayer, config_table};
 
-use crate::bottleneck::{block_prefixes, bottleneck_width, check_dropout, require_transformer, Activation, BlockSet, Bottleneck, Init};
+use crate::bottleneck::{Activation, BlockSet, Bottleneck, Init, block_prefixes, bottleneck_width, check_dropout, require_transformer};
 
 /// Configuration of AdaptFormer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -149,7 +149,7 @@ mod tests {
     use super::*;
     use crate::testing;
     use tch::{Device, Kind};
-    use zhijian_core::{parse_config, Ctx};
+    use zhijian_core::{Ctx, parse_config};
 
     fn randn(shape: &[i64]) -> Tensor {
         Tensor::randn(shape, (Kind::Float, Device::Cpu))
@@ -180,7 +180,15 @@ mod tests {
         assert!(!af.sublayer(0, SubLayer::Mlp, &x, out.shallow_clone(), &layout, true).allclose(&want, 1e-5, 1e-5, false));
         let mut names: Vec<String> = af.var_store().unwrap().variables().into_keys().filter(|n| n.starts_with("encoder.layer.1.")).collect();
         names.sort();
-        assert_eq!(names, ["encoder.layer.1.adaptmlp.down.bias", "encoder.layer.1.adaptmlp.down.weight", "encoder.layer.1.adaptmlp.up.bias", "encoder.layer.1.adaptmlp.up.weight"]);
+        assert_eq!(
+            names,
+            [
+                "encoder.layer.1.adaptmlp.down.bias",
+                "encoder.layer.1.adaptmlp.down.weight",
+                "encoder.layer.1.adaptmlp.up.bias",
+                "encoder.layer.1.adaptmlp.up.weight"
+            ]
+        );
     }
 
     #[test]

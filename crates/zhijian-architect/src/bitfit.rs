@@ -11,7 +11,7 @@
 //!   attention query biases and the first MLP (intermediate) biases.
 
 use serde::{Deserialize, Serialize};
-use zhijian_core::{config_table, Error, Method, Model, ParamGroup, Result, Role};
+use zhijian_core::{Error, Method, Model, ParamGroup, Result, Role, config_table};
 
 /// Configuration of BitFit.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -58,9 +58,8 @@ impl Method for BitFit {
         } else {
             Vec::new()
         };
-        let is_trained = |name: &str, group: ParamGroup| {
-            name.ends_with(".bias") && group != ParamGroup::Head && (chosen.is_empty() || chosen.iter().any(|c| c == name))
-        };
+        let is_trained =
+            |name: &str, group: ParamGroup| name.ends_with(".bias") && group != ParamGroup::Head && (chosen.is_empty() || chosen.iter().any(|c| c == name));
         if !model.vs.variables().keys().any(|n| is_trained(n, model.group(n))) {
             return Err(Error::MethodConfig { method: "bitfit".into(), message: format!("{} has no bias terms to train", model.backbone.arch()) });
         }

@@ -263,10 +263,7 @@ pub fn require_transformer(model: &Model, method: &str) -> Result<()> {
     }
     Err(Error::MethodConfig {
         method: method.into(),
-        message: format!(
-            "needs a transformer backbone (bert, vit) with attention and MLP sub-layers; {} has none",
-            model.backbone.arch()
-        ),
+        message: format!("needs a transformer backbone (bert, vit) with attention and MLP sub-layers; {} has none", model.backbone.arch()),
     })
 }
 
@@ -289,19 +286,15 @@ pub fn bottleneck_width(method: &str, dim: i64, bottleneck: Option<i64>, reducti
 
 /// An error for `method` unless `p` is a dropout probability in [0, 1).
 pub fn check_dropout(method: &str, p: f64) -> Result<()> {
-    if (0.0..1.0).contains(&p) {
-        Ok(())
-    } else {
-        Err(Error::MethodConfig { method: method.into(), message: format!("dropout must be in [0, 1), got {p}") })
-    }
+    if (0.0..1.0).contains(&p) { Ok(()) } else { Err(Error::MethodConfig { method: method.into(), message: format!("dropout must be in [0, 1), got {p}") }) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing;
-    use tch::nn::VarStore;
     use tch::Device;
+    use tch::nn::VarStore;
 
     fn randn(shape: &[i64]) -> Tensor {
         Tensor::randn(shape, (Kind::Float, Device::Cpu))
@@ -384,7 +377,14 @@ mod tests {
         assert_eq!(r(BlockSet::Spec("..2".into())).unwrap(), [0, 1]);
         assert_eq!(r(BlockSet::Spec("1..3".into())).unwrap(), [1, 2]);
         assert_eq!(r(BlockSet::List(vec![5, 0, 5])).unwrap(), [0, 5]);
-        for bad in [BlockSet::List(vec![6]), BlockSet::List(vec![]), BlockSet::Spec("3..3".into()), BlockSet::Spec("x..2".into()), BlockSet::Spec("2".into()), BlockSet::Spec("0..9".into())] {
+        for bad in [
+            BlockSet::List(vec![6]),
+            BlockSet::List(vec![]),
+            BlockSet::Spec("3..3".into()),
+            BlockSet::Spec("x..2".into()),
+            BlockSet::Spec("2".into()),
+            BlockSet::Spec("0..9".into()),
+        ] {
             let err = r(bad.clone()).expect_err(&format!("{bad:?}"));
             assert!(matches!(&err, Error::MethodConfig { method, .. } if method == "adapter"), "{err}");
         }

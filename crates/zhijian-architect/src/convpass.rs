@@ -32,10 +32,10 @@
 use serde::{Deserialize, Serialize};
 use tch::nn::{Path, VarStore};
 use tch::{Kind, Tensor};
-use zhijian_core::{config_table, Error, Layout, Method, Model, Result, Role, SubLayer};
+use zhijian_core::{Error, Layout, Method, Model, Result, Role, SubLayer, config_table};
 
 use crate::adapter::{slot, sublayer_name};
-use crate::bottleneck::{block_prefixes, check_dropout, is_transformer, xavier_uniform, Activation, BlockSet};
+use crate::bottleneck::{Activation, BlockSet, block_prefixes, check_dropout, is_transformer, xavier_uniform};
 
 /// How the 3×3 convolution of a bypass starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,7 +231,7 @@ mod tests {
     use super::*;
     use crate::testing;
     use tch::Device;
-    use zhijian_core::{parse_config, Ctx};
+    use zhijian_core::{Ctx, parse_config};
 
     fn randn(shape: &[i64]) -> Tensor {
         Tensor::randn(shape, (Kind::Float, Device::Cpu))
@@ -287,7 +287,9 @@ mod tests {
         assert_eq!((p.down.size(), p.conv.size(), p.up.size()), (vec![3, 16], vec![3, 3, 3, 3], vec![16, 3]));
         randomise_up(p);
         // The ViT's own layout, and one with two inserted (prompt) tokens on a 3×5 grid.
-        for (layout, t) in [(Layout { lead: 1, inserted: 0, grid: Some([4, 4]), observers: 0 }, 17), (Layout { lead: 1, inserted: 2, grid: Some([3, 5]), observers: 0 }, 18)] {
+        for (layout, t) in
+            [(Layout { lead: 1, inserted: 0, grid: Some([4, 4]), observers: 0 }, 17), (Layout { lead: 1, inserted: 2, grid: Some([3, 5]), observers: 0 }, 18)]
+        {
             let (x, out) = (randn(&[2, t, 16]), randn(&[2, t, 16]));
             let got = cp.sublayer(1, SubLayer::Mlp, &x, out.shallow_clone(), &layout, false);
             let want = &out + by_hand(p, &x, &layout, 0.5);
@@ -363,7 +365,8 @@ mod tests {
 
     #[test]
     fn config_round_trips() {
-        let c = ConvpassConfig { at: vec![SubLayer::Attn], dim: 4, scale: 10.0, conv_init: ConvInit::Identity, dropout: 0.0, blocks: BlockSet::Spec("1..".into()) };
+        let c =
+            ConvpassConfig { at: vec![SubLayer::Attn], dim: 4, scale: 10.0, conv_init: ConvInit::Identity, dropout: 0.0, blocks: BlockSet::Spec("1..".into()) };
         for c in [ConvpassConfig::default(), c] {
             assert_eq!(parse_config::<ConvpassConfig>("convpass", &Convpass::new(c.clone()).config()).unwrap(), c);
         }

@@ -65,9 +65,9 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{Init, VarStore};
 use tch::{Kind, Tensor};
 use zhijian_core::train::{ParamOpts, Split, TrainConfig};
-use zhijian_core::{config_table, Error, Method, Model, Result, Site, StepCx, StepOutput};
+use zhijian_core::{Error, Method, Model, Result, Site, StepCx, StepOutput, config_table};
 
-use crate::sparse_ft::{add_delta, spread_indices, top_k, Flat, Merged};
+use crate::sparse_ft::{Flat, Merged, add_delta, spread_indices, top_k};
 
 /// Keeps the logistic noise finite (Louizos et al.'s reference uses the same bound).
 const NOISE_EPS: f64 = 1e-6;
@@ -256,7 +256,10 @@ impl Method for DiffPruning {
             return bad(format!("temperature must be positive, got {}", c.temperature));
         }
         if !(c.stretch_low < 0.0 && c.stretch_high > 1.0) {
-            return bad(format!("the stretched interval must contain [0, 1] strictly (stretch_low < 0 < 1 < stretch_high), got [{}, {}]", c.stretch_low, c.stretch_high));
+            return bad(format!(
+                "the stretched interval must contain [0, 1] strictly (stretch_low < 0 < 1 < stretch_high), got [{}, {}]",
+                c.stretch_low, c.stretch_high
+            ));
         }
         if !(0.0..1.0).contains(&c.fixmask_fraction) {
             return bad(format!("fixmask_fraction must be in [0, 1), got {}", c.fixmask_fraction));
@@ -366,7 +369,7 @@ impl Method for DiffPruning {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sparse_ft::tests::{dense_by_hand, linear_model, NormOnly};
+    use crate::sparse_ft::tests::{NormOnly, dense_by_hand, linear_model};
     use crate::testing;
     use tch::Device;
     use zhijian_core::{Ctx, Input};
@@ -441,7 +444,14 @@ mod tests {
         let delta: Vec<Tensor> = dense.iter().map(|d| (hard_concrete(&d.log_alpha, None, &c) * &d.w).flatten(0, -1)).collect();
         let delta = Tensor::cat(&delta, 0);
         let want = Vec::<i64>::try_from(delta.abs().argsort(0, true).narrow(0, 0, 4).sort(0, false).0).unwrap();
-        assert!(m.extra_loss(&StepOutput { logits: Tensor::zeros([1, 2], (Kind::Float, Device::Cpu)), labels: Tensor::from_slice(&[0i64]), taps: Default::default() }).is_some());
+        assert!(
+            m.extra_loss(&StepOutput {
+                logits: Tensor::zeros([1, 2], (Kind::Float, Device::Cpu)),
+                labels: Tensor::from_slice(&[0i64]),
+                taps: Default::default()
+            })
+            .is_some()
+        );
         let x = Input::Images(Tensor::randn([5, 4], (Kind::Float, Device::Cpu)));
         let mut all: Vec<Box<dyn Method>> = vec![Box::new(m)];
         let before = outputs(&model, &all, &x, false);
@@ -531,7 +541,12 @@ mod tests {
     /// every family and in training (random gates) on BERT.
     #[test]
     fn identity_at_init() {
-        for (model, x) in [(testing::bert(2), testing::tokens()), (testing::vit(2), testing::images()), (testing::efficientnet(2), testing::images()), (testing::cnn(2), testing::images())] {
+        for (model, x) in [
+            (testing::bert(2), testing::tokens()),
+            (testing::vit(2), testing::images()),
+            (testing::efficientnet(2), testing::images()),
+            (testing::cnn(2), testing::images()),
+        ] {
             let mut m = DiffPruning::new(DiffPruningConfig::default());
             m.prepare(&model).unwrap();
             assert!(m.identity_at_init());
@@ -549,7 +564,7 @@ mod tests {
     /// same outputs.
     #[test]
     fn train_cut_save_restore_round_trip() {
-        use zhijian_core::train::{artifact, method_variables, prepare, restore, train, trainable, TrainOptions};
+        use zhijian_core::train::{TrainOptions, artifact, method_variables, prepare, restore, train, trainable};
         let x = testing::tokens();
         let data = Split { name: "train".into(), input: testing::tokens(), labels: testing::labels() };
         let model = testing::bert(5);

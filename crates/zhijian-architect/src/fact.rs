@@ -51,9 +51,9 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tch::nn::{Init, VarStore};
 use tch::Tensor;
-use zhijian_core::{config_table, Error, Method, Model, Result, Role, Site};
+use tch::nn::{Init, VarStore};
+use zhijian_core::{Error, Method, Model, Result, Role, Site, config_table};
 
 /// How the stacked weight updates are factorised.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -296,7 +296,7 @@ mod tests {
     use super::*;
     use crate::testing;
     use tch::{Device, Kind};
-    use zhijian_core::{parse_config, Ctx, Input};
+    use zhijian_core::{Ctx, Input, parse_config};
 
     fn prepared(model: &Model, kind: FactKind, dim: i64, scale: f64) -> Fact {
         let mut f = Fact::new(FactConfig { kind, dim, scale, dropout: 0.1 });

@@ -5,7 +5,7 @@
 //! - frozen: nothing (or the stem); merges: the result is itself a full model.
 
 use serde::{Deserialize, Serialize};
-use zhijian_core::{config_table, Method, Model, ParamGroup, Result};
+use zhijian_core::{Method, Model, ParamGroup, Result, config_table};
 
 /// Configuration of full fine-tuning.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

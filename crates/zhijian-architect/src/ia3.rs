@@ -29,10 +29,10 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tch::nn::VarStore;
 use tch::Tensor;
+use tch::nn::VarStore;
 use zhijian_core::targets::select_sites;
-use zhijian_core::{config_table, Error, Method, Model, Result, Role, Site};
+use zhijian_core::{Error, Method, Model, Result, Role, Site, config_table};
 
 /// Configuration of IA³.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -270,7 +270,8 @@ mod tests {
         let names: Vec<String> = methods[0].var_store().unwrap().variables().into_keys().collect();
         assert_eq!(names.len(), 6, "{names:?}");
         randomise(&methods);
-        let (key, down, query) = (site("encoder.layer.0.attention.self.key"), site("encoder.layer.0.output.dense"), site("encoder.layer.0.attention.self.query"));
+        let (key, down, query) =
+            (site("encoder.layer.0.attention.self.key"), site("encoder.layer.0.output.dense"), site("encoder.layer.0.attention.self.query"));
         assert_eq!(vector(&methods, &key.path).size(), [16]);
         assert_eq!(vector(&methods, &down.path).size(), [32]);
         let x = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
@@ -345,7 +346,10 @@ mod tests {
         let model = testing::bert(0);
         let mut m = Ia3::new(Ia3Config { targets: vec!["query".into(), "encoder.layer.1.output.dense".into()] });
         m.prepare(&model).unwrap();
-        assert_eq!(m.sites().collect::<Vec<_>>(), ["encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.query", "encoder.layer.1.output.dense"]);
+        assert_eq!(
+            m.sites().collect::<Vec<_>>(),
+            ["encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.query", "encoder.layer.1.output.dense"]
+        );
         assert_eq!(m.vectors["encoder.layer.1.output.dense"].scales, Scales::Input);
         assert_eq!(m.vectors["encoder.layer.0.attention.self.query"].scales, Scales::Output);
     }

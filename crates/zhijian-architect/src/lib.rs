@@ -46,7 +46,7 @@ pub use ssf::{Ssf, SsfConfig};
 pub use vpt::{Vpt, VptConfig, VptMode};
 pub use vqt::{Vqt, VqtConfig};
 
-use zhijian_core::{parse_config, Registry, Stage};
+use zhijian_core::{Registry, Stage, parse_config};
 
 /// Registers every Architect method.
 pub fn register(r: &mut Registry) {
@@ -59,9 +59,7 @@ pub fn register(r: &mut Registry) {
     r.register("lora", Stage::Architect, "low-rank updates B·A on chosen layers (Hu et al. 2021), with DoRA, rsLoRA and per-site ranks as options", |c| {
         Ok(Box::new(Lora::new(parse_config("lora", c)?)))
     });
-    r.register("bitfit", Stage::Architect, "train only the bias terms (Ben Zaken et al. 2022)", |c| {
-        Ok(Box::new(BitFit::new(parse_config("bitfit", c)?)))
-    });
+    r.register("bitfit", Stage::Architect, "train only the bias terms (Ben Zaken et al. 2022)", |c| Ok(Box::new(BitFit::new(parse_config("bitfit", c)?))));
     r.register("ln_tuning", Stage::Architect, "train only the norms' scales and shifts (Qi et al. 2022; BatchNorm affine on CNNs)", |c| {
         Ok(Box::new(LnTuning::new(parse_config("ln_tuning", c)?)))
     });
@@ -98,10 +96,16 @@ pub fn register(r: &mut Registry) {
     r.register("fact", Stage::Architect, "weight updates factorised with factors shared across layers, TT or Tucker (Jie & Deng 2023)", |c| {
         Ok(Box::new(Fact::new(parse_config("fact", c)?)))
     });
-    r.register("sparse_ft", Stage::Architect, "train a fixed sparse subset of the backbone's weights, chosen by gradient (SAFT), at random or by magnitude (SHiRA)", |c| {
-        Ok(Box::new(SparseFt::new(parse_config("sparse_ft", c)?)))
-    });
-    r.register("diff_pruning", Stage::Architect, "a sparse diff θ₀ + z⊙w with hard-concrete L0 gates, cut to the largest entries (Guo et al. 2021)", |c| {
-        Ok(Box::new(DiffPruning::new(parse_config("diff_pruning", c)?)))
-    });
+    r.register(
+        "sparse_ft",
+        Stage::Architect,
+        "train a fixed sparse subset of the backbone's weights, chosen by gradient (SAFT), at random or by magnitude (SHiRA)",
+        |c| Ok(Box::new(SparseFt::new(parse_config("sparse_ft", c)?))),
+    );
+    r.register(
+        "diff_pruning",
+        Stage::Architect,
+        "a sparse diff θ₀ + z⊙w with hard-concrete L0 gates, cut to the largest entries (Guo et al. 2021)",
+        |c| Ok(Box::new(DiffPruning::new(parse_config("diff_pruning", c)?))),
+    );
 }

@@ -8,7 +8,7 @@
 //!   ([`zhijian_core::train::features_cacheable`]): epochs cost almost nothing.
 
 use serde::{Deserialize, Serialize};
-use zhijian_core::{config_table, Method, Model, Result};
+use zhijian_core::{Method, Model, Result, config_table};
 
 /// Linear probing has no knobs of its own: the head's optimiser and budget are
 /// the strategy's `train` settings.

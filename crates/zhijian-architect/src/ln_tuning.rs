@@ -11,7 +11,7 @@
 //! - artifact: the norms' parameters (and BatchNorm statistics) and the head.
 
 use serde::{Deserialize, Serialize};
-use zhijian_core::{config_table, Error, Method, Model, Result, Role};
+use zhijian_core::{Error, Method, Model, Result, Role, config_table};
 
 /// Configuration of LN-tuning.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -42,10 +42,10 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tch::nn::{Init, VarStore};
 use tch::Tensor;
+use tch::nn::{Init, VarStore};
 use zhijian_core::targets::select_sites;
-use zhijian_core::{config_table, Error, Method, Model, Result, Role, Site};
+use zhijian_core::{Error, Method, Model, Result, Role, Site, config_table};
 
 /// Configuration of LoRA.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -178,10 +178,7 @@ impl Lora {
         tch::no_grad(|| {
             for (site, pair) in &mut self.pairs {
                 let name = format!("{site}.weight");
-                let mut w = weights.get(&name).ok_or_else(|| Error::MissingWeights {
-                    path: "<model>".into(),
-                    names: vec![name.clone()],
-                })?.shallow_clone();
+                let mut w = weights.get(&name).ok_or_else(|| Error::MissingWeights { path: "<model>".into(), names: vec![name.clone()] })?.shallow_clone();
                 let delta = pair.b.matmul(&pair.a).reshape(w.size()) * pair.scale;
                 match &mut pair.dora {
                     None => {
@@ -607,8 +604,12 @@ mod tests {
         };
         let mut lora = Lora::new(config.clone());
         lora.prepare(&model).unwrap();
-        let expect =
-            [("0.attention.self.query", 5, 16.0 / 5.0), ("0.attention.self.value", 5, 6.0 / 5.0), ("1.attention.self.query", 2, 8.0), ("1.attention.self.value", 3, 2.0)];
+        let expect = [
+            ("0.attention.self.query", 5, 16.0 / 5.0),
+            ("0.attention.self.value", 5, 6.0 / 5.0),
+            ("1.attention.self.query", 2, 8.0),
+            ("1.attention.self.value", 3, 2.0),
+        ];
         assert_eq!(lora.sites().count(), expect.len());
         for (suffix, rank, scale) in expect {
             let path = format!("encoder.layer.{suffix}");

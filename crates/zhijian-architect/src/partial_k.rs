@@ -14,7 +14,7 @@
 //! transformer layers, EfficientNet stages, ResNet stages.
 
 use serde::{Deserialize, Serialize};
-use zhijian_core::{config_table, Error, Method, Model, ParamGroup, Result};
+use zhijian_core::{Error, Method, Model, ParamGroup, Result, config_table};
 
 /// Configuration of partial-k fine-tuning.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -41,9 +41,9 @@
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
-use tch::nn::{Init, VarStore};
 use tch::Tensor;
-use zhijian_core::{config_table, Error, Kv, Method, Model, Result, Role};
+use tch::nn::{Init, VarStore};
+use zhijian_core::{Error, Kv, Method, Model, Result, Role, config_table};
 
 /// Configuration of prefix tuning.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -196,7 +196,7 @@ mod tests {
     use super::*;
     use crate::testing;
     use tch::{Device, Kind};
-    use zhijian_core::{parse_config, Ctx, Input};
+    use zhijian_core::{Ctx, Input, parse_config};
 
     fn prepared(model: &Model, reparameterize: bool) -> PrefixTuning {
         let mut m = PrefixTuning::new(PrefixTuningConfig { tokens: 3, reparameterize, mlp_hidden: 8 });

@@ -47,7 +47,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 use zhijian_core::train::batches;
-use zhijian_core::{config_table, Ctx, Error, Layout, Method, Model, Result, Split, SubLayer, TrainConfig};
+use zhijian_core::{Ctx, Error, Layout, Method, Model, Result, Split, SubLayer, TrainConfig, config_table};
 
 use crate::adapter::{Adapter, AdapterConfig};
 use crate::bottleneck::{Activation, BlockSet, Bottleneck, Init};
@@ -271,7 +271,10 @@ impl Method for SparseAdapter {
     fn before_train(&mut self, model: &Model, train: &Split, cfg: &TrainConfig) -> Result<()> {
         if self.config.criterion == Criterion::Snip && self.config.sparsity > 0.0 && self.masks_pending() {
             if train.is_empty() {
-                return Err(Error::MethodConfig { method: "sparse_adapter".into(), message: "SNIP needs training examples to score the adapter weights".into() });
+                return Err(Error::MethodConfig {
+                    method: "sparse_adapter".into(),
+                    message: "SNIP needs training examples to score the adapter weights".into(),
+                });
             }
             let scores = self.snip_scores(model, train, cfg)?;
             self.prune(&scores);
@@ -305,7 +308,7 @@ mod tests {
     use super::*;
     use crate::testing;
     use zhijian_core::train::{artifact, restore};
-    use zhijian_core::{parse_config, save_atomic, Input};
+    use zhijian_core::{Input, parse_config, save_atomic};
 
     fn zeros(t: &Tensor) -> i64 {
         t.eq(0.0).sum(Kind::Int64).int64_value(&[])
@@ -355,7 +358,10 @@ mod tests {
             }
         }
         // round(), not floor: 0.55 of 80 weights per matrix is 44.
-        let mut m = prepared(&model, SparseAdapterConfig { criterion: Criterion::Random, scope: Scope::Local, sparsity: 0.55, bottleneck: Some(5), ..Default::default() });
+        let mut m = prepared(
+            &model,
+            SparseAdapterConfig { criterion: Criterion::Random, scope: Scope::Local, sparsity: 0.55, bottleneck: Some(5), ..Default::default() },
+        );
         m.before_train(&model, &split(testing::images()), &cfg()).unwrap();
         assert!(m.weights_and_masks().iter().all(|(_, m)| zeros(m) == 44));
     }
@@ -497,7 +503,15 @@ mod tests {
 
     #[test]
     fn config_round_trips() {
-        let c = SparseAdapterConfig { sparsity: 0.4, criterion: Criterion::Magnitude, scope: Scope::Local, snip_batches: 2, reduction: Some(4), blocks: BlockSet::List(vec![1]), ..Default::default() };
+        let c = SparseAdapterConfig {
+            sparsity: 0.4,
+            criterion: Criterion::Magnitude,
+            scope: Scope::Local,
+            snip_batches: 2,
+            reduction: Some(4),
+            blocks: BlockSet::List(vec![1]),
+            ..Default::default()
+        };
         for c in [SparseAdapterConfig::default(), c] {
             assert_eq!(parse_config::<SparseAdapterConfig>("sparse_adapter", &SparseAdapter::new(c.clone()).config()).unwrap(), c);
         }

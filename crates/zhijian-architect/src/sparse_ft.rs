@@ -55,8 +55,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Reduction, Tensor};
-use zhijian_core::train::{batches, Split, TrainConfig};
-use zhijian_core::{config_table, Ctx, Error, Method, Model, Result, Role, Site};
+use zhijian_core::train::{Split, TrainConfig, batches};
+use zhijian_core::{Ctx, Error, Method, Model, Result, Role, Site, config_table};
 
 /// How the trainable entries are chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,10 +176,7 @@ impl Flat {
     pub fn scatter(&self, seg: usize, indices: &Tensor, values: &Tensor) -> Tensor {
         let s = &self.segments[seg];
         let pos = indices.g_sub_scalar(s.start - 1).clamp(0, s.numel + 1);
-        Tensor::zeros([s.numel + 2], (values.kind(), values.device()))
-            .index_add(0, &pos, values)
-            .narrow(0, 1, s.numel)
-            .view(s.tensor.size().as_slice())
+        Tensor::zeros([s.numel + 2], (values.kind(), values.device())).index_add(0, &pos, values).narrow(0, 1, s.numel).view(s.tensor.size().as_slice())
     }
 
     /// The positions inside segment `seg` of those `indices` that fall in it,
@@ -703,7 +700,12 @@ pub(crate) mod tests {
     /// Right after `prepare` the output is exactly the plain model's, on every family.
     #[test]
     fn identity_at_init() {
-        for (model, x) in [(testing::bert(2), testing::tokens()), (testing::vit(2), testing::images()), (testing::efficientnet(2), testing::images()), (testing::cnn(2), testing::images())] {
+        for (model, x) in [
+            (testing::bert(2), testing::tokens()),
+            (testing::vit(2), testing::images()),
+            (testing::efficientnet(2), testing::images()),
+            (testing::cnn(2), testing::images()),
+        ] {
             let mut m = SparseFt::new(SparseFtConfig { density: 0.1, selection: Selection::Random, ..Default::default() });
             m.prepare(&model).unwrap();
             assert!(m.identity_at_init());
@@ -717,7 +719,7 @@ pub(crate) mod tests {
     /// (indices included) gives the same outputs.
     #[test]
     fn train_save_restore_round_trip() {
-        use zhijian_core::train::{artifact, method_variables, prepare, restore, train, TrainOptions};
+        use zhijian_core::train::{TrainOptions, artifact, method_variables, prepare, restore, train};
         let x = testing::images();
         let split = Split { name: "train".into(), input: testing::images(), labels: testing::labels() };
         let model = testing::vit(5);

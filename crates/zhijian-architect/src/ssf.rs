@@ -31,10 +31,10 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tch::nn::{Init, VarStore};
 use tch::Tensor;
+use tch::nn::{Init, VarStore};
 use zhijian_core::targets::select_sites;
-use zhijian_core::{config_table, Error, Method, Model, Result, Role, Site};
+use zhijian_core::{Error, Method, Model, Result, Role, Site, config_table};
 
 /// Configuration of SSF.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -34,9 +34,9 @@
 //! last inserter's): use one.
 
 use serde::{Deserialize, Serialize};
-use tch::nn::{Init, VarStore};
 use tch::Tensor;
-use zhijian_core::{config_table, Error, Method, Model, Result, Role, Tokens};
+use tch::nn::{Init, VarStore};
+use zhijian_core::{Error, Method, Model, Result, Role, Tokens, config_table};
 
 /// Where the prompts live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,11 +121,8 @@ impl Method for Vpt {
         let hidden = model.backbone.hidden_size();
         let blocks = model.backbone.num_blocks() as i64;
         let sites = model.sites();
-        let fan_in = sites
-            .iter()
-            .find(|s| s.role == Role::Stem)
-            .and_then(|s| s.conv.map(|g| s.in_features / g.groups * g.kernel[0] * g.kernel[1]))
-            .unwrap_or(hidden);
+        let fan_in =
+            sites.iter().find(|s| s.role == Role::Stem).and_then(|s| s.conv.map(|g| s.in_features / g.groups * g.kernel[0] * g.kernel[1])).unwrap_or(hidden);
         let bound = (6.0 / (fan_in + hidden) as f64).sqrt();
         let init = Init::Uniform { lo: -bound, up: bound };
         let vs = VarStore::new(model.device());
@@ -168,7 +165,7 @@ mod tests {
     use super::*;
     use crate::testing;
     use tch::{Device, Kind};
-    use zhijian_core::{parse_config, Ctx, Input, Layout};
+    use zhijian_core::{Ctx, Input, Layout, parse_config};
 
     fn prepared(model: &Model, mode: VptMode, tokens: i64) -> Vpt {
         let mut vpt = Vpt::new(VptConfig { mode, tokens, ..Default::default() });

@@ -25,9 +25,9 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tch::nn::{Init, VarStore};
 use tch::Tensor;
-use zhijian_core::{config_table, Error, Method, Model, Result, Role, Tap, Tokens};
+use tch::nn::{Init, VarStore};
+use zhijian_core::{Error, Method, Model, Result, Role, Tap, Tokens, config_table};
 
 /// Configuration of VQT.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

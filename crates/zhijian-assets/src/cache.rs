@@ -42,13 +42,7 @@ pub fn locate(asset: &str, file: &str) -> Result<PathBuf, AssetError> {
 pub(crate) fn locate_in(root: &Path, m: &Manifest, file: &str) -> Result<PathBuf, AssetError> {
     let entry = m.file(file)?;
     let path = root.join(&m.name).join(&entry.path);
-    let changed = |reason: String| AssetError::Changed {
-        asset: m.name.clone(),
-        file: file.to_owned(),
-        path: path.clone(),
-        reason,
-        hint: fetch_hint(&m.name),
-    };
+    let changed = |reason: String| AssetError::Changed { asset: m.name.clone(), file: file.to_owned(), path: path.clone(), reason, hint: fetch_hint(&m.name) };
     let meta = match fs::metadata(&path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -65,10 +59,7 @@ pub(crate) fn locate_in(root: &Path, m: &Manifest, file: &str) -> Result<PathBuf
     }
     let now = Stamp::of(&meta, &entry.sha256);
     if now != stamp {
-        return Err(changed(format!(
-            "size/mtime are {}/{} but were {}/{} when verified",
-            now.size, now.mtime_ns, stamp.size, stamp.mtime_ns
-        )));
+        return Err(changed(format!("size/mtime are {}/{} but were {}/{} when verified", now.size, now.mtime_ns, stamp.size, stamp.mtime_ns)));
     }
     Ok(path)
 }
@@ -79,13 +70,7 @@ pub(crate) fn locate_in(root: &Path, m: &Manifest, file: &str) -> Result<PathBuf
 pub fn verify_file(path: &Path, expected_sha256: &str, expected_size: u64) -> Result<(), AssetError> {
     let (got_sha256, got_size) = hash_file(path)?;
     if got_sha256 != expected_sha256 || got_size != expected_size {
-        return Err(AssetError::Mismatch {
-            path: path.to_owned(),
-            expected_sha256: expected_sha256.to_owned(),
-            got_sha256,
-            expected_size,
-            got_size,
-        });
+        return Err(AssetError::Mismatch { path: path.to_owned(), expected_sha256: expected_sha256.to_owned(), got_sha256, expected_size, got_size });
     }
     Ok(())
 }
@@ -149,11 +134,7 @@ struct Stamp {
 
 impl Stamp {
     fn of(meta: &fs::Metadata, sha256: &str) -> Stamp {
-        let mtime_ns = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
+        let mtime_ns = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
         Stamp { sha256: sha256.to_owned(), size: meta.len(), mtime_ns }
     }
 
@@ -229,10 +210,7 @@ url = "file:///nonexistent"
         let m = manifest("rotten-tomatoes").unwrap();
         let err = locate_in(root.path(), &m, "rotten_tomatoes_corpus_full.csv.bz2").unwrap_err();
         assert!(matches!(err, AssetError::NotFetched { .. }), "{err}");
-        assert!(
-            err.to_string().contains("run `cargo xtask fetch rotten-tomatoes` (or `zhijian fetch rotten-tomatoes`)"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("run `cargo xtask fetch rotten-tomatoes` (or `zhijian fetch rotten-tomatoes`)"), "{err}");
     }
 
     #[test]

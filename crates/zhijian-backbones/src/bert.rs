@@ -11,8 +11,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::nn;
 use tch::{Kind, Tensor};
-use zhijian_core::layers::{attention, dropout, Embedding, LayerNorm, Linear, Role, Site};
-use zhijian_core::{block_index, Backbone, Ctx, Error, Input, Kv, Layout, ParamGroup, Result, SubLayer, Tap, Tokens};
+use zhijian_core::layers::{Embedding, LayerNorm, Linear, Role, Site, attention, dropout};
+use zhijian_core::{Backbone, Ctx, Error, Input, Kv, Layout, ParamGroup, Result, SubLayer, Tap, Tokens, block_index};
 
 /// How token states become one feature vector.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,13 +74,7 @@ impl BertConfig {
 
     /// BERT-base: 12 layers, hidden 768, 12 heads, `[CLS]` pooling.
     pub fn bert_base() -> Self {
-        BertConfig {
-            hidden_size: 768,
-            num_hidden_layers: 12,
-            intermediate_size: 3072,
-            pooling: Pooling::Cls,
-            ..Self::minilm_l6()
-        }
+        BertConfig { hidden_size: 768, num_hidden_layers: 12, intermediate_size: 3072, pooling: Pooling::Cls, ..Self::minilm_l6() }
     }
 
     /// Reads a Hugging Face `config.json`.
@@ -92,10 +86,7 @@ impl BertConfig {
     /// Rejects inconsistent sizes.
     pub fn validate(&self) -> Result<()> {
         if self.hidden_size % self.num_attention_heads != 0 {
-            return Err(Error::Config(format!(
-                "bert: hidden_size {} is not a multiple of num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
-            )));
+            return Err(Error::Config(format!("bert: hidden_size {} is not a multiple of num_attention_heads {}", self.hidden_size, self.num_attention_heads)));
         }
         Ok(())
     }
@@ -238,9 +229,7 @@ impl Backbone for Bert {
     }
 
     fn forward(&self, cx: &Ctx, input: &Input) -> Tensor {
-        let Input::Tokens { ids, mask } = input else {
-            panic!("bert takes Input::Tokens; the data config must produce tokens")
-        };
+        let Input::Tokens { ids, mask } = input else { panic!("bert takes Input::Tokens; the data config must produce tokens") };
         let tokens = self.encode(cx, ids, mask);
         match self.config.pooling {
             Pooling::Cls => tokens.x.select(1, 0),

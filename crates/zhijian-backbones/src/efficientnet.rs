@@ -14,8 +14,8 @@
 //! which keeps cached features exact.
 
 use serde::{Deserialize, Serialize};
-use tch::nn;
 use tch::Tensor;
+use tch::nn;
 use zhijian_core::layers::{BatchNorm2d, Conv2d, Padding, Role, Site};
 use zhijian_core::{Backbone, Ctx, Error, ImagePreset, Input, ParamGroup, Result, Tap};
 

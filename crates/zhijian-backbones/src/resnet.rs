@@ -7,10 +7,10 @@
 //! pre-trained statistics unless its own parameters train (see [`BatchNorm2d`]).
 
 use serde::{Deserialize, Serialize};
-use tch::nn;
 use tch::Tensor;
+use tch::nn;
 use zhijian_core::layers::{BatchNorm2d, Conv2d, Padding, Role, Site};
-use zhijian_core::{block_index, Backbone, Ctx, Error, ImagePreset, Input, ParamGroup, Result, Tap};
+use zhijian_core::{Backbone, Ctx, Error, ImagePreset, Input, ParamGroup, Result, Tap, block_index};
 
 /// The residual block type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,10 +119,7 @@ impl Residual {
     fn new(p: nn::Path, kind: BlockKind, c_in: i64, planes: i64, stride: i64) -> Residual {
         let out = planes * kind.expansion();
         let units = match kind {
-            BlockKind::Basic => vec![
-                Unit::new(&p, "conv1", "bn1", c_in, planes, 3, stride),
-                Unit::new(&p, "conv2", "bn2", planes, planes, 3, 1),
-            ],
+            BlockKind::Basic => vec![Unit::new(&p, "conv1", "bn1", c_in, planes, 3, stride), Unit::new(&p, "conv2", "bn2", planes, planes, 3, 1)],
             BlockKind::Bottleneck => vec![
                 Unit::new(&p, "conv1", "bn1", c_in, planes, 1, 1),
                 Unit::new(&p, "conv2", "bn2", planes, planes, 3, stride),

@@ -4,10 +4,10 @@
 //! method runs on them.
 
 use serde::{Deserialize, Serialize};
-use tch::nn;
 use tch::Tensor;
+use tch::nn;
 use zhijian_core::layers::{BatchNorm2d, Conv2d, Linear, Padding, Role, Site};
-use zhijian_core::{block_index, Backbone, Ctx, Error, ImagePreset, Input, ParamGroup, Result, Tap};
+use zhijian_core::{Backbone, Ctx, Error, ImagePreset, Input, ParamGroup, Result, Tap, block_index};
 
 /// How images are fed to the small backbones: `size`×`size` pixels, scaled to [-1, 1].
 fn preset(size: i64) -> ImagePreset {
@@ -134,9 +134,7 @@ impl SmallCnnConfig {
     /// Rejects empty or non-positive sizes.
     pub fn validate(&self) -> Result<()> {
         if self.channels.is_empty() || self.channels.iter().chain([&self.image_size, &self.in_chans]).any(|&c| c < 1) {
-            return Err(Error::Config(format!(
-                "small_cnn: image_size, in_chans and every channel count must be ≥ 1, and channels non-empty: {self:?}"
-            )));
+            return Err(Error::Config(format!("small_cnn: image_size, in_chans and every channel count must be ≥ 1, and channels non-empty: {self:?}")));
         }
         Ok(())
     }

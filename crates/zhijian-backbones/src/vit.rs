@@ -10,8 +10,8 @@
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
-use zhijian_core::layers::{attention, dropout, Conv2d, LayerNorm, Linear, Padding, Role, Site};
-use zhijian_core::{block_index, Backbone, Ctx, Error, ImagePreset, Input, Kv, Layout, ParamGroup, Result, SubLayer, Tap, Tokens};
+use zhijian_core::layers::{Conv2d, LayerNorm, Linear, Padding, Role, Site, attention, dropout};
+use zhijian_core::{Backbone, Ctx, Error, ImagePreset, Input, Kv, Layout, ParamGroup, Result, SubLayer, Tap, Tokens, block_index};
 
 /// How token states become one feature vector.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -296,4 +296,3 @@ impl Backbone for Vit {
         }
     }
 }
-

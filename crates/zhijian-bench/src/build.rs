@@ -4,8 +4,7 @@ use std::path::{Path, PathBuf};
 
 use tch::Device;
 use zhijian_backbones::{
-    load_pretrained, Bert, BertConfig, EfficientNetLite, EfficientNetLiteConfig, Mlp, MlpConfig, ResNet, ResNetConfig, SmallCnn,
-    SmallCnnConfig, Vit, VitConfig,
+    Bert, BertConfig, EfficientNetLite, EfficientNetLiteConfig, Mlp, MlpConfig, ResNet, ResNetConfig, SmallCnn, SmallCnnConfig, Vit, VitConfig, load_pretrained,
 };
 use zhijian_core::{Backbone, Error, ImagePreset, Model, Result};
 
@@ -26,11 +25,7 @@ pub fn resolve_weights(spec: &str, base: &Path) -> Result<PathBuf> {
             return Ok(path);
         }
         let known: Vec<String> = zhijian_assets::manifests().unwrap_or_default().into_iter().map(|m| m.name).collect();
-        return Err(Error::Config(format!(
-            "weights `{spec}` is neither a file ({}) nor an asset; known assets: {}",
-            path.display(),
-            known.join(", ")
-        )));
+        return Err(Error::Config(format!("weights `{spec}` is neither a file ({}) nor an asset; known assets: {}", path.display(), known.join(", "))));
     };
     let file = manifest.files.first().ok_or_else(|| Error::Config(format!("asset `{spec}` lists no files")))?;
     let path = asset(spec, &file.path)?;

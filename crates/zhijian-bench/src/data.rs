@@ -2,8 +2,8 @@
 //! out-of-distribution splits every strategy is also tested on.
 
 use zhijian_core::{Error, ImagePreset, Result, Split};
-use zhijian_data::image::{idx_dataset, mnist_json_digits, optdigits, FASHION_MNIST_CLASSES};
-use zhijian_data::{image_folder, stratified_split, subsample_stratified, Corruption, ImageLoader, ImageTransform};
+use zhijian_data::image::{FASHION_MNIST_CLASSES, idx_dataset, mnist_json_digits, optdigits};
+use zhijian_data::{Corruption, ImageLoader, ImageTransform, image_folder, stratified_split, subsample_stratified};
 
 use crate::build::asset;
 use crate::experiment::{BackboneConfig, DataConfig, Experiment, ImageTask};
@@ -47,8 +47,8 @@ pub fn load_data(exp: &Experiment, preset: Option<&ImagePreset>, full: bool) -> 
             let tokenizer = zhijian_data::TextTokenizer::from_file(&asset(weights, "tokenizer.json")?, *max_len)?;
             let cache = zhijian_assets::cache_dir().join("tokenized");
             let limit = if full { None } else { *train_limit };
-            let s = zhijian_data::TextTask { fractions: *fractions, seed: *split_seed, train_limit: limit, cache_dir: Some(cache) }
-                .build(&dataset, &tokenizer)?;
+            let s =
+                zhijian_data::TextTask { fractions: *fractions, seed: *split_seed, train_limit: limit, cache_dir: Some(cache) }.build(&dataset, &tokenizer)?;
             Ok(Data { train: s.train, val: s.val, test: s.test, ood: Vec::new(), classes: s.classes })
         }
         DataConfig::FashionMnist(task) => {
@@ -133,9 +133,8 @@ fn image_splits(
             let l = shifted.labels();
             shifted.split(name, &limited((0..l.len()).collect(), &l, task.eval_limit))?
         } else {
-            let corruption: Corruption = name.parse().map_err(|e: Error| {
-                Error::Config(format!("ood `{name}` is neither a shift this data set has nor a corruption: {e}"))
-            })?;
+            let corruption: Corruption =
+                name.parse().map_err(|e: Error| Error::Config(format!("ood `{name}` is neither a shift this data set has nor a corruption: {e}")))?;
             test.clone().with_corruption(corruption, task.split_seed).split(name, &test_rows)?
         };
         ood.push(split);

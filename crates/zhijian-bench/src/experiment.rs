@@ -257,9 +257,8 @@ impl Strategy {
         for (k, v) in &self.train {
             table.insert(k.clone(), v.clone());
         }
-        let config: TrainConfig = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::Config(format!("strategy `{}` train: {}", self.name, e.message())))?;
+        let config: TrainConfig =
+            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| Error::Config(format!("strategy `{}` train: {}", self.name, e.message())))?;
         config.validate()?;
         Ok(config)
     }
@@ -270,8 +269,7 @@ impl Experiment {
     /// bad method configs are reported before anything runs.
     pub fn load(path: &Path, registry: &Registry) -> Result<Experiment> {
         let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
-        let mut exp: Experiment =
-            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {}", path.display(), e)))?;
+        let mut exp: Experiment = toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {}", path.display(), e)))?;
         let base = path.parent().unwrap_or(Path::new("."));
         exp.base = base.to_path_buf();
         exp.records = Some(match exp.records.take() {

@@ -97,8 +97,7 @@ impl FeatureCache {
                     ood: data.ood.iter().map(features).collect::<Result<_>>()?,
                 };
                 if let Some(f) = &file {
-                    let named: Vec<(String, Tensor)> =
-                        set.splits().enumerate().map(|(i, s)| (tensor_name(i), feature_tensor(s).shallow_clone())).collect();
+                    let named: Vec<(String, Tensor)> = set.splits().enumerate().map(|(i, s)| (tensor_name(i), feature_tensor(s).shallow_clone())).collect();
                     // A cache that cannot be written costs later runs time, not this run its result.
                     if let Err(e) = zhijian_core::save_atomic(&named, f) {
                         eprintln!("{label}: could not keep the features in the cache: {e}");
@@ -209,7 +208,9 @@ mod tests {
     use super::*;
 
     fn experiment(backbone: &str) -> Experiment {
-        let text = format!("name = \"k\"\n[backbone]\n{backbone}\n[data]\nkind = \"mnist\"\n[[strategy]]\nname = \"p\"\nmethods = [{{ method = \"linear_probe\" }}]\n");
+        let text = format!(
+            "name = \"k\"\n[backbone]\n{backbone}\n[data]\nkind = \"mnist\"\n[[strategy]]\nname = \"p\"\nmethods = [{{ method = \"linear_probe\" }}]\n"
+        );
         toml::from_str(&text).unwrap()
     }
 

@@ -16,8 +16,8 @@ pub mod sweep;
 pub mod table;
 
 pub use experiment::{BackboneConfig, DataConfig, DeviceChoice, Experiment, SourceTask, Strategy};
-pub use record::{append_record, read_records, Record};
-pub use runner::{compare, CompareOptions, Shard};
+pub use record::{Record, append_record, read_records};
+pub use runner::{CompareOptions, Shard, compare};
 
 /// A registry with every method zhijian ships.
 pub fn registry() -> zhijian_core::Registry {

@@ -248,11 +248,9 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, pts: &[Point], title: 
                 for (split, (m, sd)) in &p.ood {
                     let shape = splits.iter().position(|s| s == split).unwrap_or(0);
                     if *sd > 0.0 {
-                        c.draw_series(std::iter::once(ErrorBar::new_vertical(p.top1.0, m - sd, *m, m + sd, colour.stroke_width(2), 10)))
-                            .map_err(fail)?;
+                        c.draw_series(std::iter::once(ErrorBar::new_vertical(p.top1.0, m - sd, *m, m + sd, colour.stroke_width(2), 10))).map_err(fail)?;
                     }
-                    c.draw_series(std::iter::once(EmptyElement::at((p.top1.0, *m)) + Polygon::new(marker_outline(shape), colour.filled())))
-                        .map_err(fail)?;
+                    c.draw_series(std::iter::once(EmptyElement::at((p.top1.0, *m)) + Polygon::new(marker_outline(shape), colour.filled()))).map_err(fail)?;
                 }
             }
             for (shape, split) in splits.iter().enumerate() {
@@ -325,7 +323,7 @@ fn separate(anchors: &[(i32, i32)], gap: i32) -> Vec<(i32, i32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{sample, SplitScore};
+    use crate::record::{SplitScore, sample};
 
     fn runs(with_shift: bool) -> Vec<Record> {
         let shift = |top1: f64| if with_shift { vec![SplitScore { split: "noise:3".into(), top1, top5: None, n: 10 }] } else { Vec::new() };

@@ -9,7 +9,7 @@
 //! anchors and rotation stay plotters' own, so labels land where they did.
 //! SVG text is rendered by the viewer and needs none of this.
 
-use ab_glyph::{point, Font, FontRef, ScaleFont};
+use ab_glyph::{Font, FontRef, ScaleFont, point};
 use plotters_backend::text_anchor::{HPos, VPos};
 use plotters_backend::{BackendColor, BackendCoord, BackendStyle, BackendTextStyle, DrawingBackend, DrawingErrorKind};
 
@@ -88,13 +88,7 @@ impl<B: DrawingBackend> DrawingBackend for GlyphText<B> {
         self.inner.draw_path(path, style)
     }
 
-    fn draw_circle<S: BackendStyle>(
-        &mut self,
-        center: BackendCoord,
-        radius: u32,
-        style: &S,
-        fill: bool,
-    ) -> Result<(), DrawingErrorKind<B::ErrorType>> {
+    fn draw_circle<S: BackendStyle>(&mut self, center: BackendCoord, radius: u32, style: &S, fill: bool) -> Result<(), DrawingErrorKind<B::ErrorType>> {
         self.inner.draw_circle(center, radius, style, fill)
     }
 

@@ -122,10 +122,7 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| Error::CorruptFile { path: path.into(), reason: format!("line {}: {e}", i + 1) })
-        })
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| Error::CorruptFile { path: path.into(), reason: format!("line {}: {e}", i + 1) }))
         .collect()
 }
 

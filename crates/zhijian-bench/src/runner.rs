@@ -7,14 +7,14 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 use tch::Tensor;
 use zhijian_core::metrics::{peak_rss_bytes, reset_peak_rss};
-use zhijian_core::train::{self, features_cacheable, TrainOptions};
+use zhijian_core::train::{self, TrainOptions, features_cacheable};
 use zhijian_core::{Error, Method, Model, Registry, Result, Split};
 
 use crate::build::{build_model, image_preset, weights_file};
 use crate::data::load_data;
 use crate::experiment::{DeviceChoice, Experiment};
-use crate::features::{feature_key, file_digest, FeatureCache, FeatureOrigin};
-use crate::record::{append_record, read_records, Record, SplitScore};
+use crate::features::{FeatureCache, FeatureOrigin, feature_key, file_digest};
+use crate::record::{Record, SplitScore, append_record, read_records};
 use crate::source::Source;
 
 /// Options of a comparison that are not part of the experiment file.
@@ -140,9 +140,7 @@ fn inference_speed(model: &Model, methods: &[Box<dyn Method>], test: &Split, bat
 pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> Result<Vec<Record>> {
     let device = opts.device.unwrap_or(exp.device).resolve()?;
     let records_path = opts.records.clone().unwrap_or_else(|| exp.records_path());
-    let artifacts = opts.artifacts.clone().unwrap_or_else(|| {
-        records_path.parent().unwrap_or(Path::new(".")).join("artifacts").join(&exp.name)
-    });
+    let artifacts = opts.artifacts.clone().unwrap_or_else(|| records_path.parent().unwrap_or(Path::new(".")).join("artifacts").join(&exp.name));
     let existing = read_records(&records_path)?;
     let done: HashSet<String> = existing.iter().map(|r| r.key.clone()).collect();
     // The data's transforms follow the backbone's preset (size, normalisation).
@@ -186,8 +184,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
         // the run, so neither the strategy order nor a resumed comparison changes it.
         tch::manual_seed(seed as i64);
         let (model, backbone_desc) = build_model(exp, data.classes.len() as i64, device)?;
-        let mut methods: Vec<Box<dyn Method>> =
-            strategy.methods.iter().map(|m| registry.build(m)).collect::<Result<_>>()?;
+        let mut methods: Vec<Box<dyn Method>> = strategy.methods.iter().map(|m| registry.build(m)).collect::<Result<_>>()?;
         train::prepare(&model, &mut methods, seed)?;
         let trainable = train::trainable(&model, &methods);
         let method_params = numel(&train::method_variables(&methods));

@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 use zhijian_core::train::features;
 use zhijian_core::weights::read_safetensors;
 use zhijian_core::{Accuracy, Error, ImagePreset, Method, Model, Result, Split};
-use zhijian_data::{foolbox_imagenet, ImageLoader, ImageTransform};
+use zhijian_data::{ImageLoader, ImageTransform, foolbox_imagenet};
 
 use crate::experiment::SourceTask;
 
@@ -48,10 +48,8 @@ impl Source {
     /// preset) and the head `head_name` from `weights`, and scores the
     /// pre-trained `model` (fresh from its weights, before any training).
     pub fn new(task: &SourceTask, weights: &Path, model: &Model, batch_size: i64) -> Result<Source> {
-        let preset: ImagePreset = model
-            .backbone
-            .image_preset()
-            .ok_or_else(|| Error::Config("a source task needs an image backbone: `foolbox_imagenet` is images".into()))?;
+        let preset: ImagePreset =
+            model.backbone.image_preset().ok_or_else(|| Error::Config("a source task needs an image backbone: `foolbox_imagenet` is images".into()))?;
         let (name, files) = match task {
             SourceTask::FoolboxImagenet => ("foolbox_imagenet", foolbox_imagenet()?),
         };

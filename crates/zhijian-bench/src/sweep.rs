@@ -53,17 +53,13 @@ impl FromStr for Axis {
 
     fn from_str(s: &str) -> Result<Axis> {
         let bad = |why: &str| {
-            Error::Config(format!(
-                "sweep axis `{s}`: {why}; write STRATEGY.train.FIELD=V1,V2 or STRATEGY.methods.I.FIELD=V1,V2 (STRATEGY may be *)"
-            ))
+            Error::Config(format!("sweep axis `{s}`: {why}; write STRATEGY.train.FIELD=V1,V2 or STRATEGY.methods.I.FIELD=V1,V2 (STRATEGY may be *)"))
         };
         let (path, values) = s.split_once('=').ok_or_else(|| bad("no `=`"))?;
         let parts: Vec<&str> = path.trim().split('.').collect();
         let field = match parts.as_slice() {
             [_, "train", name] => Field::Train(name.to_string()),
-            [_, "methods", index, name] => {
-                Field::Method { index: index.parse().map_err(|_| bad("the method index is not a number"))?, name: name.to_string() }
-            }
+            [_, "methods", index, name] => Field::Method { index: index.parse().map_err(|_| bad("the method index is not a number"))?, name: name.to_string() },
             _ => return Err(bad("unknown field path")),
         };
         let values: Vec<(String, toml::Value)> = split_top_level(values).into_iter().map(|v| (v.to_string(), parse_value(v))).collect();
@@ -140,9 +136,10 @@ fn set(s: &Strategy, axis: &Axis, text: &str, value: &toml::Value) -> Result<Str
         }
         Field::Method { index, name } => {
             let n = out.methods.len();
-            let entry = out.methods.get_mut(*index).ok_or_else(|| {
-                Error::Config(format!("sweep axis sets methods.{index} of strategy `{}`, which has {n} method(s)", s.name))
-            })?;
+            let entry = out
+                .methods
+                .get_mut(*index)
+                .ok_or_else(|| Error::Config(format!("sweep axis sets methods.{index} of strategy `{}`, which has {n} method(s)", s.name)))?;
             entry.insert(name.clone(), value.clone());
         }
     }
@@ -177,10 +174,8 @@ train = { lr = 1e-3 }
     fn axes_expand_into_named_variants() {
         let registry = crate::registry();
         let exp: Experiment = toml::from_str(EXP).unwrap();
-        let axes: Vec<Axis> = ["lora.train.lr=1e-4, 1e-3", "lora.methods.0.targets=[\"query\", \"value\"],all_linear"]
-            .iter()
-            .map(|a| a.parse().unwrap())
-            .collect();
+        let axes: Vec<Axis> =
+            ["lora.train.lr=1e-4, 1e-3", "lora.methods.0.targets=[\"query\", \"value\"],all_linear"].iter().map(|a| a.parse().unwrap()).collect();
         assert_eq!(axes[1].values[0].1, toml::Value::Array(vec!["query".into(), "value".into()]));
         assert_eq!(axes[1].values[1].1, toml::Value::String("all_linear".into()));
         let rank: Axis = "*.methods.0.rank=2,8".parse().unwrap();

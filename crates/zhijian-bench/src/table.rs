@@ -111,7 +111,7 @@ pub fn markdown(records: &[Record]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{sample, Record, SplitScore};
+    use crate::record::{Record, SplitScore, sample};
     use crate::source::SourceScore;
 
     #[test]

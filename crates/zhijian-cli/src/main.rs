@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use zhijian_bench::sweep::Axis;
-use zhijian_bench::{read_records, table, CompareOptions, DeviceChoice, Experiment, Shard};
+use zhijian_bench::{CompareOptions, DeviceChoice, Experiment, Shard, read_records, table};
 
 #[derive(Parser)]
 #[command(name = "zhijian", version, about = "Reuse pre-trained models: compare reuse strategies under one protocol.")]

@@ -115,10 +115,7 @@ impl Input {
             Input::Tokens { ids, mask } => {
                 let mask = mask.index_select(0, &idx);
                 let longest = mask.sum_dim_intlist(1, false, Kind::Int64).max().int64_value(&[]).max(1);
-                Input::Tokens {
-                    ids: ids.index_select(0, &idx).narrow(1, 0, longest).to_device(device),
-                    mask: mask.narrow(1, 0, longest).to_device(device),
-                }
+                Input::Tokens { ids: ids.index_select(0, &idx).narrow(1, 0, longest).to_device(device), mask: mask.narrow(1, 0, longest).to_device(device) }
             }
             Input::Images(x) => Input::Images(x.index_select(0, &idx).to_device(device)),
             Input::Features(x) => Input::Features(x.index_select(0, &idx).to_device(device)),

@@ -177,7 +177,11 @@ mod tests {
 
     #[test]
     fn insert_goes_after_the_lead_and_own_tokens_removes_it() {
-        let t = Tokens { x: seq(&[0., 1., 2.]), keep: Some(Tensor::from_slice(&[true, true, false]).view([1, 3])), layout: Layout { lead: 1, ..Default::default() } };
+        let t = Tokens {
+            x: seq(&[0., 1., 2.]),
+            keep: Some(Tensor::from_slice(&[true, true, false]).view([1, 3])),
+            layout: Layout { lead: 1, ..Default::default() },
+        };
         let t = t.insert(&seq(&[9., 8.]));
         assert_eq!(Vec::<f32>::try_from(t.x.flatten(0, -1)).unwrap(), [0., 9., 8., 1., 2.]);
         assert_eq!(Vec::<bool>::try_from(t.keep.as_ref().unwrap().flatten(0, -1)).unwrap(), [true, true, true, true, false]);

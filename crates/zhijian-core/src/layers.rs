@@ -5,8 +5,8 @@
 //! site so methods can inject without any change to backbone code.
 
 use serde::Serialize;
-use tch::nn::{Init, Path};
 use tch::Tensor;
+use tch::nn::{Init, Path};
 
 use crate::ctx::Ctx;
 
@@ -194,9 +194,7 @@ pub fn attention(cx: &Ctx, q: &Tensor, k: &Tensor, v: &Tensor, keep: Option<&Ten
     let (b, t, d) = q.size3().expect("attention input must be [batch, tokens, dim]");
     let split = |x: &Tensor| x.view([b, -1, heads, d / heads]).transpose(1, 2);
     let p = if cx.is_train() { dropout_p } else { 0.0 };
-    Tensor::scaled_dot_product_attention(&split(q), &split(k), &split(v), keep, p, false, None, false)
-        .transpose(1, 2)
-        .reshape([b, t, d])
+    Tensor::scaled_dot_product_attention(&split(q), &split(k), &split(v), keep, p, false, None, false).transpose(1, 2).reshape([b, t, d])
 }
 
 /// Whether a checkpoint key names a buffer (running statistics), not a parameter:

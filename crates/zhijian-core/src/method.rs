@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use tch::nn::VarStore;
 use tch::Tensor;
+use tch::nn::VarStore;
 
 use crate::ctx::Tap;
 use crate::error::{Error, Result};

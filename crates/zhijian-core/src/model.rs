@@ -5,7 +5,7 @@ use tch::{Device, Tensor};
 
 use crate::backbone::{Backbone, Input, ParamGroup};
 use crate::ctx::{Ctx, Tap};
-use crate::layers::{is_buffer, Linear, Role, Site};
+use crate::layers::{Linear, Role, Site, is_buffer};
 
 /// Default name of the head's variables (`head.weight`, `head.bias`), as timm names it.
 pub const HEAD: &str = "head";
@@ -26,11 +26,7 @@ pub struct Model {
 impl Model {
     /// Builds the backbone with `build` under the store's root and adds a fresh
     /// head for `num_classes` classes.
-    pub fn new(
-        device: Device,
-        num_classes: i64,
-        build: impl FnOnce(tch::nn::Path) -> Box<dyn Backbone>,
-    ) -> Model {
+    pub fn new(device: Device, num_classes: i64, build: impl FnOnce(tch::nn::Path) -> Box<dyn Backbone>) -> Model {
         let vs = VarStore::new(device);
         let backbone = build(vs.root());
         let head = Linear::new(vs.root() / backbone.head_name(), backbone.hidden_size(), num_classes, true, Role::Head);
@@ -67,11 +63,7 @@ impl Model {
     /// The group of a parameter of `vs`.
     pub fn group(&self, param: &str) -> ParamGroup {
         let head = &self.head.site().path;
-        if param.strip_prefix(head.as_str()).is_some_and(|rest| rest.starts_with('.')) {
-            ParamGroup::Head
-        } else {
-            self.backbone.group(param)
-        }
+        if param.strip_prefix(head.as_str()).is_some_and(|rest| rest.starts_with('.')) { ParamGroup::Head } else { self.backbone.group(param) }
     }
 
     /// Pooled features; `Input::Features` passes through untouched.

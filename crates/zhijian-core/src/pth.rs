@@ -115,19 +115,13 @@ pub fn read_pth(path: &Path) -> Result<PthContents> {
         (PthFormat::Legacy, root, storages)
     } else {
         let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
-        return Err(corrupt(format!(
-            "not a PyTorch checkpoint: neither a zip archive nor a pickle (first bytes: {})",
-            head.join(" ")
-        )));
+        return Err(corrupt(format!("not a PyTorch checkpoint: neither a zip archive nor a pickle (first bytes: {})", head.join(" "))));
     };
     let mut flat = Flat::default();
     match &root {
         Value::Dict(_) | Value::List(_) | Value::Tuple(_) => flat.walk(&root, "", 0).map_err(corrupt)?,
         other => {
-            return Err(corrupt(format!(
-                "the checkpoint holds a single {}, not a dict of named tensors",
-                other.kind_name()
-            )));
+            return Err(corrupt(format!("the checkpoint holds a single {}, not a dict of named tensors", other.kind_name())));
         }
     }
     let tensors = materialize(&flat.tensors, &storages).map_err(corrupt)?;
@@ -209,28 +203,21 @@ fn read_legacy(bytes: &[u8]) -> R<(Value, Storages)> {
     let by_key: HashMap<&str, &Rc<StorageRef>> = refs.iter().map(|s| (s.key.as_str(), s)).collect();
     let mut data: HashMap<String, Vec<u8>> = HashMap::new();
     for (i, key) in keys.iter().enumerate() {
-        let storage = by_key.get(key.as_str()).ok_or_else(|| {
-            format!("storage `{key}` is listed in the data section but no tensor uses it, so its element size is unknown")
-        })?;
-        let head = bytes.get(pos..pos + 8).ok_or_else(|| {
-            format!("storage {i} of {} (`{key}`): its 8-byte length is missing, file ends after {} bytes", keys.len(), bytes.len())
-        })?;
+        let storage = by_key
+            .get(key.as_str())
+            .ok_or_else(|| format!("storage `{key}` is listed in the data section but no tensor uses it, so its element size is unknown"))?;
+        let head = bytes
+            .get(pos..pos + 8)
+            .ok_or_else(|| format!("storage {i} of {} (`{key}`): its 8-byte length is missing, file ends after {} bytes", keys.len(), bytes.len()))?;
         let numel = i64::from_le_bytes(head.try_into().expect("8 bytes"));
         pos += 8;
         if numel != storage.numel {
-            return Err(format!(
-                "storage {i} (`{key}`): the pickle says {} elements, the data section says {numel}",
-                storage.numel
-            ));
+            return Err(format!("storage {i} (`{key}`): the pickle says {} elements, the data section says {numel}", storage.numel));
         }
         let need = storage.nbytes()?;
-        let body = bytes.get(pos..pos.saturating_add(need)).ok_or_else(|| {
-            format!(
-                "storage {i} of {} (`{key}`) needs {need} bytes at offset {pos}, file ends after {} bytes",
-                keys.len(),
-                bytes.len()
-            )
-        })?;
+        let body = bytes
+            .get(pos..pos.saturating_add(need))
+            .ok_or_else(|| format!("storage {i} of {} (`{key}`) needs {need} bytes at offset {pos}, file ends after {} bytes", keys.len(), bytes.len()))?;
         data.insert(key.clone(), body.to_vec());
         pos += need;
     }
@@ -333,11 +320,7 @@ impl TensorSpec {
         if self.size.contains(&0) {
             return Ok(());
         }
-        let last = self
-            .size
-            .iter()
-            .zip(&self.stride)
-            .try_fold(self.offset, |acc, (&n, &s)| (n - 1).checked_mul(s).and_then(|d| acc.checked_add(d)));
+        let last = self.size.iter().zip(&self.stride).try_fold(self.offset, |acc, (&n, &s)| (n - 1).checked_mul(s).and_then(|d| acc.checked_add(d)));
         match last {
             Some(last) if last < self.storage.numel => Ok(()),
             _ => Err(bad("reaches past the end of")),
@@ -413,10 +396,7 @@ impl Flat {
                     match k {
                         Value::Str(k) => self.walk(v, &join(k), depth + 1)?,
                         Value::Int(k) => self.walk(v, &join(&k.to_string()), depth + 1)?,
-                        other => self.skipped.push(Skipped {
-                            name: join(&format!("<{} key>", other.kind_name())),
-                            kind: v.kind_name().into(),
-                        }),
+                        other => self.skipped.push(Skipped { name: join(&format!("<{} key>", other.kind_name())), kind: v.kind_name().into() }),
                     }
                 }
             }
@@ -571,9 +551,11 @@ impl<'a> Unpickler<'a> {
     }
 
     fn take(&mut self, n: usize) -> R<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len()).ok_or_else(|| {
-            format!("needs {n} more bytes at offset {}, but the data ends after {} bytes (truncated?)", self.pos, self.data.len())
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.data.len())
+            .ok_or_else(|| format!("needs {n} more bytes at offset {}, but the data ends after {} bytes (truncated?)", self.pos, self.data.len()))?;
         let s = &self.data[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -824,10 +806,7 @@ impl<'a> Unpickler<'a> {
                 self.stack.push(Value::Storage(storage));
             }
             _ => {
-                return Err(
-                    "is not one that torch.save emits for weights (text-mode pickles, sets and custom classes are not supported)"
-                        .into(),
-                );
+                return Err("is not one that torch.save emits for weights (text-mode pickles, sets and custom classes are not supported)".into());
             }
         }
         Ok(None)
@@ -896,10 +875,7 @@ impl<'a> Unpickler<'a> {
         }
         if let Some(s) = self.storages.iter().find(|s| s.key == key) {
             if s.kind != kind || s.numel != numel {
-                return Err(format!(
-                    "storage `{key}` is named twice with different types ({:?} × {}, then {kind:?} × {numel})",
-                    s.kind, s.numel
-                ));
+                return Err(format!("storage `{key}` is named twice with different types ({:?} × {}, then {kind:?} × {numel})", s.kind, s.numel));
             }
             return Ok(s.clone());
         }
@@ -925,9 +901,7 @@ impl<'a> Unpickler<'a> {
                 Ok(Value::Tensor(Rc::new(spec)))
             }
             // (data, requires_grad, backward_hooks[, state]): the data is the tensor.
-            Global::RebuildParameter | Global::RebuildParameterWithState if matches!(args.first(), Some(Value::Tensor(_))) => {
-                Ok(args[0].clone())
-            }
+            Global::RebuildParameter | Global::RebuildParameterWithState if matches!(args.first(), Some(Value::Tensor(_))) => Ok(args[0].clone()),
             // (func, type, args, state): a tensor subclass rebuilt by `func`; only plain tensors and parameters.
             Global::RebuildFromTypeV2 if args.len() == 4 => {
                 let (Value::Global(inner), Value::Global(Global::TensorClass | Global::ParameterClass), Value::Tuple(inner_args)) =
@@ -954,8 +928,24 @@ mod tests {
 
     /// The order `scripts/gen_pth_fixture.py` puts the tensors in.
     const FIXTURE_NAMES: [&str; 18] = [
-        "f32", "f64", "f16", "bf16", "i64", "i32", "i8", "u8", "mask", "transposed", "view_a", "view_b", "scalar", "empty",
-        "param", "block.weight", "block.inner.bias", "aux.0",
+        "f32",
+        "f64",
+        "f16",
+        "bf16",
+        "i64",
+        "i32",
+        "i8",
+        "u8",
+        "mask",
+        "transposed",
+        "view_a",
+        "view_b",
+        "scalar",
+        "empty",
+        "param",
+        "block.weight",
+        "block.inner.bias",
+        "aux.0",
     ];
 
     fn check_against_expected(contents: &PthContents) {

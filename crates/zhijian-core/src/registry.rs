@@ -56,10 +56,7 @@ impl Registry {
             Some(toml::Value::String(s)) => s.as_str(),
             _ => return Err(Error::Config(format!("a method entry needs `method = \"<name>\"`; got {spec}"))),
         };
-        let entry = self
-            .entries
-            .get(name)
-            .ok_or_else(|| Error::UnknownMethod { name: name.into(), known: self.names() })?;
+        let entry = self.entries.get(name).ok_or_else(|| Error::UnknownMethod { name: name.into(), known: self.names() })?;
         let mut rest = spec.clone();
         rest.remove("method");
         (entry.factory)(&rest)
@@ -76,9 +73,7 @@ impl Registry {
 /// Parses a method's config, naming the method in the error. Config structs use
 /// `#[serde(deny_unknown_fields)]`, so a misspelt field names itself.
 pub fn parse_config<T: DeserializeOwned>(method: &str, table: &toml::Table) -> Result<T> {
-    toml::Value::Table(table.clone())
-        .try_into()
-        .map_err(|e: toml::de::Error| Error::MethodConfig { method: method.into(), message: e.message().to_string() })
+    toml::Value::Table(table.clone()).try_into().map_err(|e: toml::de::Error| Error::MethodConfig { method: method.into(), message: e.message().to_string() })
 }
 
 /// Serialises a method's config back to TOML (for records and round-trips).

@@ -14,8 +14,7 @@ pub fn select_sites(patterns: &[String], sites: &[Site]) -> Result<Vec<Site>> {
     for pattern in patterns {
         let matches: Box<dyn Fn(&str) -> bool> = match pattern.strip_prefix("re:") {
             Some(re) => {
-                let re = Regex::new(&format!("^(?:{re})$"))
-                    .map_err(|e| Error::Config(format!("bad target regex `{re}`: {e}")))?;
+                let re = Regex::new(&format!("^(?:{re})$")).map_err(|e| Error::Config(format!("bad target regex `{re}`: {e}")))?;
                 Box::new(move |path: &str| re.is_match(path))
             }
             None => Box::new(move |path: &str| path == pattern || path.ends_with(&format!(".{pattern}"))),
@@ -28,10 +27,7 @@ pub fn select_sites(patterns: &[String], sites: &[Site]) -> Result<Vec<Site>> {
             }
         }
         if !any {
-            return Err(Error::NoMatchingSites {
-                pattern: pattern.clone(),
-                sites: sites.iter().map(|s| s.path.clone()).collect(),
-            });
+            return Err(Error::NoMatchingSites { pattern: pattern.clone(), sites: sites.iter().map(|s| s.path.clone()).collect() });
         }
     }
     Ok(sites.iter().zip(chosen).filter(|(_, c)| *c).map(|(s, _)| s.clone()).collect())
@@ -43,10 +39,7 @@ mod tests {
     use crate::layers::Role;
 
     fn sites() -> Vec<Site> {
-        ["l.0.attn.query", "l.0.attn.value", "l.1.attn.query", "l.1.attn.value", "head"]
-            .iter()
-            .map(|p| Site::new(p.to_string(), 4, 4, Role::Other))
-            .collect()
+        ["l.0.attn.query", "l.0.attn.value", "l.1.attn.query", "l.1.attn.value", "head"].iter().map(|p| Site::new(p.to_string(), 4, 4, Role::Other)).collect()
     }
 
     fn paths(patterns: &[&str]) -> Result<Vec<String>> {

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use tch::nn::VarStore;
 use tch::Tensor;
+use tch::nn::VarStore;
 
 use crate::error::{Error, Result};
 
@@ -77,8 +77,7 @@ pub fn save_atomic(tensors: &[(String, Tensor)], path: &Path) -> Result<u64> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
     let tmp = tmp_sibling(path);
-    let cpu: Vec<(String, Tensor)> =
-        tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
+    let cpu: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
     Tensor::write_safetensors(&cpu, &tmp)?;
     std::fs::rename(&tmp, path).map_err(Error::io(path))?;
     Ok(std::fs::metadata(path).map_err(Error::io(path))?.len())

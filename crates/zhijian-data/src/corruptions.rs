@@ -52,8 +52,7 @@ pub enum Family {
 
 impl Family {
     /// Every family, in ImageNet-C's order.
-    pub const ALL: [Family; 6] =
-        [Family::GaussianNoise, Family::ImpulseNoise, Family::GaussianBlur, Family::Contrast, Family::Brightness, Family::Pixelate];
+    pub const ALL: [Family; 6] = [Family::GaussianNoise, Family::ImpulseNoise, Family::GaussianBlur, Family::Contrast, Family::Brightness, Family::Pixelate];
 
     /// The family's name, as ImageNet-C spells it (`gaussian_noise`, …).
     pub fn name(self) -> &'static str {
@@ -169,11 +168,9 @@ impl FromStr for Corruption {
 
     /// Parses `family:severity`, e.g. `"gaussian_noise:3"`.
     fn from_str(s: &str) -> Result<Corruption> {
-        let (family, severity) = s
-            .split_once(':')
-            .ok_or_else(|| Error::Config(format!("corruption `{s}` is not `family:severity` (e.g. `gaussian_noise:3`)")))?;
-        let severity =
-            severity.trim().parse::<u8>().map_err(|_| Error::Config(format!("corruption `{s}`: severity `{severity}` is not 1 to 5")))?;
+        let (family, severity) =
+            s.split_once(':').ok_or_else(|| Error::Config(format!("corruption `{s}` is not `family:severity` (e.g. `gaussian_noise:3`)")))?;
+        let severity = severity.trim().parse::<u8>().map_err(|_| Error::Config(format!("corruption `{s}`: severity `{severity}` is not 1 to 5")))?;
         Corruption::new(family.trim().parse()?, severity)
     }
 }
@@ -259,11 +256,8 @@ fn gaussian_blur(img: &Image, sigma: f64) -> Image {
     for y in 0..h {
         for x in 0..w {
             for ch in 0..c {
-                rows[(y * w + x) * c + ch] = kernel
-                    .iter()
-                    .enumerate()
-                    .map(|(k, wk)| wk * f64::from(img.get(y, clampi(x as isize + k as isize - radius as isize, w), ch)))
-                    .sum();
+                rows[(y * w + x) * c + ch] =
+                    kernel.iter().enumerate().map(|(k, wk)| wk * f64::from(img.get(y, clampi(x as isize + k as isize - radius as isize, w), ch))).sum();
             }
         }
     }
@@ -271,11 +265,7 @@ fn gaussian_blur(img: &Image, sigma: f64) -> Image {
     for y in 0..h {
         for x in 0..w {
             for ch in 0..c {
-                let v: f64 = kernel
-                    .iter()
-                    .enumerate()
-                    .map(|(k, wk)| wk * rows[(clampi(y as isize + k as isize - radius as isize, h) * w + x) * c + ch])
-                    .sum();
+                let v: f64 = kernel.iter().enumerate().map(|(k, wk)| wk * rows[(clampi(y as isize + k as isize - radius as isize, h) * w + x) * c + ch]).sum();
                 pixels.push(to_byte(v / 255.0));
             }
         }
@@ -401,11 +391,8 @@ mod tests {
         let p = corrupt_image(&img, Corruption::new(Family::Pixelate, 5).unwrap(), 0, 0);
         for (y, x) in [(0, 0), (0, 4), (4, 0), (4, 4)] {
             let block: Vec<u8> = (y..y + 4).flat_map(|yy| (x..x + 4).map(move |xx| (yy, xx))).map(|(yy, xx)| p.get(yy, xx, 0)).collect();
-            let want =
-                ((y..y + 4).flat_map(|yy| (x..x + 4).map(move |xx| (yy, xx))).map(|(yy, xx)| u32::from(img.get(yy, xx, 0))).sum::<u32>()
-                    as f64
-                    / 16.0)
-                    .round() as u8;
+            let want = ((y..y + 4).flat_map(|yy| (x..x + 4).map(move |xx| (yy, xx))).map(|(yy, xx)| u32::from(img.get(yy, xx, 0))).sum::<u32>() as f64 / 16.0)
+                .round() as u8;
             assert!(block.iter().all(|&v| v.abs_diff(want) <= 1), "block ({y}, {x}): {block:?} vs mean {want}");
         }
     }
@@ -413,11 +400,7 @@ mod tests {
     #[test]
     fn datasets_corrupt_deterministically_and_in_parallel() {
         let pixels: Vec<u8> = (0..6 * 3 * 16 * 16).map(|i| ((i * 37) % 251) as u8).collect();
-        let data = ImageDataset {
-            images: Tensor::from_slice(&pixels).reshape([6, 3, 16, 16]),
-            labels: (0..6).collect(),
-            classes: vec!["a".into(); 6],
-        };
+        let data = ImageDataset { images: Tensor::from_slice(&pixels).reshape([6, 3, 16, 16]), labels: (0..6).collect(), classes: vec!["a".into(); 6] };
         let c: Corruption = "gaussian_noise:2".parse().unwrap();
         let a = corrupt(&data, c, 5).unwrap();
         let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
@@ -450,10 +433,7 @@ mod tests {
         struct Cfg {
             shift: Corruption,
         }
-        assert_eq!(
-            toml::from_str::<Cfg>("shift = \"brightness:1\"").unwrap().shift,
-            Corruption { family: Family::Brightness, severity: 1 }
-        );
+        assert_eq!(toml::from_str::<Cfg>("shift = \"brightness:1\"").unwrap().shift, Corruption { family: Family::Brightness, severity: 1 });
         assert!(toml::from_str::<Cfg>("shift = \"brightness:9\"").is_err());
     }
 }

@@ -35,8 +35,7 @@ impl ImageDataset {
 }
 
 /// Class names of Fashion-MNIST, by label.
-pub const FASHION_MNIST_CLASSES: [&str; 10] =
-    ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
+pub const FASHION_MNIST_CLASSES: [&str; 10] = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
 
 fn digit_classes() -> Vec<String> {
     (0..10).map(|d| d.to_string()).collect()
@@ -64,8 +63,7 @@ pub fn read_idx(path: &Path) -> Result<(Vec<usize>, Vec<u8>)> {
     if bytes.len() < header {
         return Err(bad("truncated IDX header".into()));
     }
-    let dims: Vec<usize> =
-        (0..ndim).map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize).collect();
+    let dims: Vec<usize> = (0..ndim).map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize).collect();
     let expected: usize = dims.iter().product();
     if bytes.len() - header != expected {
         return Err(bad(format!("IDX dimensions {dims:?} need {expected} bytes, the file has {}", bytes.len() - header)));
@@ -99,12 +97,9 @@ pub fn mnist_json_digits(dir: &Path) -> Result<ImageDataset> {
     let (mut pixels, mut labels) = (Vec::new(), Vec::new());
     for digit in 0..10i64 {
         let path = dir.join(format!("{digit}.json"));
-        let value: serde_json::Value = serde_json::from_slice(&read_all(&path)?)
-            .map_err(|e| Error::CorruptFile { path: path.clone(), reason: e.to_string() })?;
-        let data = value.get("data").and_then(|d| d.as_array()).ok_or_else(|| Error::CorruptFile {
-            path: path.clone(),
-            reason: "no `data` array".into(),
-        })?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&read_all(&path)?).map_err(|e| Error::CorruptFile { path: path.clone(), reason: e.to_string() })?;
+        let data = value.get("data").and_then(|d| d.as_array()).ok_or_else(|| Error::CorruptFile { path: path.clone(), reason: "no `data` array".into() })?;
         if data.len() % 784 != 0 {
             return Err(Error::CorruptFile { path, reason: format!("{} values is not a multiple of 28×28", data.len()) });
         }

@@ -22,12 +22,12 @@ pub mod text;
 pub mod tokenize;
 pub mod transforms;
 
-pub use corruptions::{corrupt, Corruption, Family};
+pub use corruptions::{Corruption, Family, corrupt};
 pub use foolbox::{foolbox_imagenet, foolbox_samples};
-pub use image_folder::{image_folder, ImageFile, ImageFiles};
+pub use image_folder::{ImageFile, ImageFiles, image_folder};
 pub use loader::ImageLoader;
 pub use rotten_tomatoes::rotten_tomatoes;
-pub use split::{stratified_split, subsample_stratified, SplitIndices};
+pub use split::{SplitIndices, stratified_split, subsample_stratified};
 pub use text::{TextDataset, TextSource};
 pub use tokenize::{TextTokenizer, TokenizedText};
 pub use transforms::{Augment, Image, ImageTransform};
@@ -157,9 +157,7 @@ mod tests {
         // Built again from the cache: identical.
         let again = task.build(&data, &tok).unwrap();
         assert!(again.test.labels.equal(&s.test.labels));
-        let (Input::Tokens { ids: a, .. }, Input::Tokens { ids: b, .. }) = (&s.test.input, &again.test.input) else {
-            panic!("not tokens")
-        };
+        let (Input::Tokens { ids: a, .. }, Input::Tokens { ids: b, .. }) = (&s.test.input, &again.test.input) else { panic!("not tokens") };
         assert!(a.equal(b));
         // A training limit shrinks only train, keeping the 3:2 ratio.
         let small = TextTask { train_limit: Some(10), ..task }.build(&data, &tok).unwrap();

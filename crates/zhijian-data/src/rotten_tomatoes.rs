@@ -28,7 +28,7 @@ use std::path::Path;
 
 use zhijian_core::{Error, Result};
 
-use crate::text::{read_csv, TextDataset};
+use crate::text::{TextDataset, read_csv};
 
 /// Class names in label order: 0 = rotten (negative), 1 = fresh (positive).
 pub const CLASSES: [&str; 2] = ["rotten", "fresh"];
@@ -145,10 +145,7 @@ mod tests {
         assert_eq!(d.classes, ["rotten", "fresh"]);
         assert_eq!(d.texts, ["Great fun, really.", "Dull & long.", "Fine."]);
         assert_eq!(d.labels, [1, 0, 1]);
-        assert_eq!(
-            report,
-            CleaningReport { rows: 8, not_reviews: 1, empty: 1, duplicates: 1, conflicting: 2 }
-        );
+        assert_eq!(report, CleaningReport { rows: 8, not_reviews: 1, empty: 1, duplicates: 1, conflicting: 2 });
     }
 
     #[test]

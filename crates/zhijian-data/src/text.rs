@@ -136,13 +136,10 @@ pub fn read_csv(path: &Path, text_column: &str, label_column: &str) -> Result<Ve
     let bad = |e: csv::Error| Error::Data(format!("{}: {e}", path.display()));
     let headers = reader.headers().map_err(bad)?.clone();
     let column = |name: &str| {
-        headers.iter().position(|h| h == name).ok_or_else(|| {
-            Error::Data(format!(
-                "{}: no column `{name}`; columns are: {}",
-                path.display(),
-                headers.iter().collect::<Vec<_>>().join(", ")
-            ))
-        })
+        headers
+            .iter()
+            .position(|h| h == name)
+            .ok_or_else(|| Error::Data(format!("{}: no column `{name}`; columns are: {}", path.display(), headers.iter().collect::<Vec<_>>().join(", "))))
     };
     let (ti, li) = (column(text_column)?, column(label_column)?);
     let mut rows = Vec::new();
@@ -165,17 +162,12 @@ pub fn read_jsonl(path: &Path, text_column: &str, label_column: &str) -> Result<
             continue;
         }
         let at = || format!("{} line {line_no}", path.display());
-        let value: serde_json::Value =
-            serde_json::from_str(&line).map_err(|e| Error::Data(format!("{}: not JSON: {e}", at())))?;
+        let value: serde_json::Value = serde_json::from_str(&line).map_err(|e| Error::Data(format!("{}: not JSON: {e}", at())))?;
         let object = value.as_object().ok_or_else(|| Error::Data(format!("{}: not a JSON object", at())))?;
         let field = |name: &str| {
-            object.get(name).ok_or_else(|| {
-                Error::Data(format!(
-                    "{}: no field `{name}`; fields are: {}",
-                    at(),
-                    object.keys().cloned().collect::<Vec<_>>().join(", ")
-                ))
-            })
+            object
+                .get(name)
+                .ok_or_else(|| Error::Data(format!("{}: no field `{name}`; fields are: {}", at(), object.keys().cloned().collect::<Vec<_>>().join(", "))))
         };
         let text = match field(text_column)? {
             serde_json::Value::String(s) => s.clone(),
@@ -296,16 +288,9 @@ mod tests {
 
     #[test]
     fn config_parses_and_rejects_unknown_fields() {
-        let src: TextSource = serde_json::from_str(
-            r#"{"kind": "jsonl", "path": "x.jsonl", "text_column": "t", "label_column": "y"}"#,
-        )
-        .unwrap();
+        let src: TextSource = serde_json::from_str(r#"{"kind": "jsonl", "path": "x.jsonl", "text_column": "t", "label_column": "y"}"#).unwrap();
         assert_eq!(src, TextSource::Jsonl { path: "x.jsonl".into(), text_column: "t".into(), label_column: "y".into(), classes: None });
-        let err = serde_json::from_str::<TextSource>(
-            r#"{"kind": "csv", "path": "x.csv", "text_column": "t", "label_colum": "y"}"#,
-        )
-        .unwrap_err()
-        .to_string();
+        let err = serde_json::from_str::<TextSource>(r#"{"kind": "csv", "path": "x.csv", "text_column": "t", "label_colum": "y"}"#).unwrap_err().to_string();
         assert!(err.contains("label_colum"), "{err}");
         assert!(serde_json::from_str::<TextSource>(r#"{"kind": "parquet", "path": "x"}"#).is_err());
     }

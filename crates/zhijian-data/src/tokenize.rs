@@ -76,9 +76,7 @@ impl TextTokenizer {
         // or worse, underflow; say so in our own words.
         let specials = tokenizer.get_post_processor().map_or(0, |p| p.added_tokens(false));
         if max_len <= specials {
-            return Err(Error::Config(format!(
-                "max_len {max_len} leaves no room for text next to {specials} special tokens"
-            )));
+            return Err(Error::Config(format!("max_len {max_len} leaves no room for text next to {specials} special tokens")));
         }
         tokenizer
             .with_truncation(Some(TruncationParams { max_length: max_len, ..TruncationParams::default() }))
@@ -109,8 +107,7 @@ impl TextTokenizer {
     /// longest encoding (at most `max_len`; 0 when `texts` is empty).
     pub fn encode(&self, texts: &[String]) -> Result<TokenizedText> {
         let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let encodings =
-            self.tokenizer.encode_batch(inputs, true).map_err(|e| Error::Data(format!("tokenising: {e}")))?;
+        let encodings = self.tokenizer.encode_batch(inputs, true).map_err(|e| Error::Data(format!("tokenising: {e}")))?;
         let n = encodings.len();
         let len = encodings.iter().map(|e| e.get_ids().len()).max().unwrap_or(0);
         let mut ids = vec![self.pad_id; n * len];
@@ -169,11 +166,7 @@ fn read_cache(path: &Path, n: usize) -> Option<TokenizedText> {
         Some(tensors.swap_remove(i).1)
     };
     let (ids, mask) = (take("ids")?, take("mask")?);
-    let ok = ids.kind() == Kind::Int64
-        && mask.kind() == Kind::Int64
-        && ids.dim() == 2
-        && ids.size() == mask.size()
-        && ids.size()[0] == n as i64;
+    let ok = ids.kind() == Kind::Int64 && mask.kind() == Kind::Int64 && ids.dim() == 2 && ids.size() == mask.size() && ids.size()[0] == n as i64;
     ok.then_some(TokenizedText { ids, mask })
 }
 

@@ -43,13 +43,7 @@ impl Image {
             return Err(Error::Data(format!("images have 1 or 3 channels, not {channels}")));
         }
         if pixels.len() != channels * height * width {
-            return Err(Error::Data(format!(
-                "{}×{}×{channels} image needs {} bytes, got {}",
-                height,
-                width,
-                channels * height * width,
-                pixels.len()
-            )));
+            return Err(Error::Data(format!("{}×{}×{channels} image needs {} bytes, got {}", height, width, channels * height * width, pixels.len())));
         }
         Ok(Image { channels, height, width, pixels })
     }
@@ -187,14 +181,7 @@ fn clip8(sum: i32) -> u8 {
 ///
 /// # Shapes
 /// `src` `h×w×c` → `rows.len() × cols.len() × c`.
-pub fn resample(
-    src: &Image,
-    crop: Crop,
-    (out_h, out_w): (usize, usize),
-    rows: std::ops::Range<usize>,
-    cols: std::ops::Range<usize>,
-    filter: Filter,
-) -> Image {
+pub fn resample(src: &Image, crop: Crop, (out_h, out_w): (usize, usize), rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, filter: Filter) -> Image {
     assert!(crop.top + crop.height <= src.height && crop.left + crop.width <= src.width, "crop {crop:?} outside the image");
     assert!(crop.height > 0 && crop.width > 0, "empty crop {crop:?}");
     assert!(rows.end <= out_h && cols.end <= out_w, "window outside the {out_h}×{out_w} output");
@@ -295,12 +282,7 @@ fn center_offset(size: usize, crop: usize) -> isize {
 /// The centred `height`×`width` window of an image of `img_h`×`img_w`
 /// (torchvision's offsets); `None` if it does not fit.
 pub fn center_crop_box(img_h: usize, img_w: usize, height: usize, width: usize) -> Option<Crop> {
-    (height <= img_h && width <= img_w).then(|| Crop {
-        top: center_offset(img_h, height) as usize,
-        left: center_offset(img_w, width) as usize,
-        height,
-        width,
-    })
+    (height <= img_h && width <= img_w).then(|| Crop { top: center_offset(img_h, height) as usize, left: center_offset(img_w, width) as usize, height, width })
 }
 
 /// The centred `height`×`width` window (torchvision `CenterCrop`); where the
@@ -534,14 +516,7 @@ impl ImageTransform {
         let short = ((size as f64 / self.crop_pct).floor() as usize).max(size);
         let (h, w) = shorter_side_size(img.height, img.width, short);
         let window = center_crop_box(h, w, size, size).expect("the resized image is at least `size` on both sides");
-        resample(
-            img,
-            Crop::full(img.height, img.width),
-            (h, w),
-            window.top..window.top + size,
-            window.left..window.left + size,
-            Filter::Bilinear,
-        )
+        resample(img, Crop::full(img.height, img.width), (h, w), window.top..window.top + size, window.left..window.left + size, Filter::Bilinear)
     }
 
     /// The training image: a random resized crop to `size`×`size`, then a flip
@@ -684,9 +659,7 @@ pub(crate) mod tests {
     impl Image {
         fn crop_for_test(&self, top: usize, left: usize, height: usize, width: usize) -> Image {
             let c = self.channels;
-            let pixels = (top..top + height)
-                .flat_map(|y| self.pixels[(y * self.width + left) * c..(y * self.width + left + width) * c].to_vec())
-                .collect();
+            let pixels = (top..top + height).flat_map(|y| self.pixels[(y * self.width + left) * c..(y * self.width + left + width) * c].to_vec()).collect();
             Image { channels: c, height, width, pixels }
         }
     }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use tch::{Device, Tensor};
-use zhijian_backbones::{load_pretrained, Bert, BertConfig};
+use zhijian_backbones::{Bert, BertConfig, load_pretrained};
 use zhijian_core::{Ctx, Error, Input, Model, Tap};
 
 use crate::{checkpoint, golden};
@@ -95,10 +95,7 @@ fn missing_and_misshaped_weights_are_named() {
         .collect();
     Tensor::write_safetensors(&partial, &path).unwrap();
     match load_pretrained(&model, &path) {
-        Err(Error::MissingWeights { names, .. }) => assert_eq!(
-            names,
-            ["encoder.layer.1.attention.self.key.bias", "encoder.layer.1.attention.self.key.weight"]
-        ),
+        Err(Error::MissingWeights { names, .. }) => assert_eq!(names, ["encoder.layer.1.attention.self.key.bias", "encoder.layer.1.attention.self.key.weight"]),
         other => panic!("expected MissingWeights, got {other:?}"),
     }
     let wide = bert_model(&BertConfig { intermediate_size: 65, ..tiny_config() });

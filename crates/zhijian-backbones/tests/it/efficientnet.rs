@@ -4,7 +4,7 @@
 //! and an odd input size (asymmetric TensorFlow "same" padding).
 
 use tch::{Device, Tensor};
-use zhijian_backbones::{load_pretrained, EfficientNetLite, EfficientNetLiteConfig};
+use zhijian_backbones::{EfficientNetLite, EfficientNetLiteConfig, load_pretrained};
 use zhijian_core::{Ctx, Input, Model, ParamGroup, Role, Tap};
 
 use crate::{checkpoint, golden};

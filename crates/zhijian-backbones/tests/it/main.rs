@@ -20,8 +20,7 @@ pub fn golden(name: &str) -> HashMap<String, Tensor> {
 /// Writes the golden tensors named `<prefix>…` to `dir/checkpoint.safetensors`
 /// without the prefix: a checkpoint under the upstream key names.
 pub fn checkpoint(g: &HashMap<String, Tensor>, prefix: &str, dir: &Path) -> PathBuf {
-    let weights: Vec<(String, Tensor)> =
-        g.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.shallow_clone()))).collect();
+    let weights: Vec<(String, Tensor)> = g.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.shallow_clone()))).collect();
     let path = dir.join("checkpoint.safetensors");
     Tensor::write_safetensors(&weights, &path).unwrap();
     path

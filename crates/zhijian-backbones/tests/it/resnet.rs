@@ -3,7 +3,7 @@
 //! statistics, and a training-mode pass (batch statistics, running-mean update).
 
 use tch::{Device, Tensor};
-use zhijian_backbones::{load_pretrained, BlockKind, ResNet, ResNetConfig};
+use zhijian_backbones::{BlockKind, ResNet, ResNetConfig, load_pretrained};
 use zhijian_core::{Ctx, Input, Model, ParamGroup, Tap};
 
 use crate::{checkpoint, golden};

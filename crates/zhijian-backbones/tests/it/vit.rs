@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use tch::{Device, Tensor};
-use zhijian_backbones::{load_pretrained, Vit, VitConfig, VitPooling};
+use zhijian_backbones::{Vit, VitConfig, VitPooling, load_pretrained};
 use zhijian_core::{Ctx, Input, Model, ParamGroup, Tap};
 
 use crate::{checkpoint, golden};

@@ -152,13 +152,7 @@ pub fn instance_names(methods: &[Box<dyn Method>]) -> Vec<String> {
 pub fn method_variables(methods: &[Box<dyn Method>]) -> Vec<(String, Tensor)> {
     let mut all = Vec::new();
     for (m, instance) in methods.iter().zip(instance_names(methods)) {
-        let mut own: Vec<_> = m
-            .var_store()
-            .map(|vs| vs.variables())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(n, t)| (format!("{instance}/{n}"), t))
-            .collect();
+        let mut own: Vec<_> = m.var_store().map(|vs| vs.variables()).unwrap_or_default().into_iter().map(|(n, t)| (format!("{instance}/{n}"), t)).collect();
         own.sort_by(|a, b| a.0.cmp(&b.0));
         all.extend(own);
     }
@@ -233,8 +227,7 @@ pub fn restore(model: &Model, methods: &[Box<dyn Method>], path: &std::path::Pat
 /// Whether the backbone's output cannot change during training, so pooled
 /// features can be computed once and the head trained on them.
 pub fn features_cacheable(model: &Model, methods: &[Box<dyn Method>]) -> bool {
-    model.backbone_frozen()
-        && methods.iter().all(|m| !m.alters_forward() && m.taps().iter().all(|t| *t == Tap::Pooled))
+    model.backbone_frozen() && methods.iter().all(|m| !m.alters_forward() && m.taps().iter().all(|t| *t == Tap::Pooled))
 }
 
 /// Runs the frozen backbone over `split` once and returns its pooled features
@@ -282,12 +275,7 @@ const PREFETCH: usize = 2;
 /// the batch on the CPU, until it returns `false`. Lazy inputs are made
 /// [`PREFETCH`] batches ahead on another thread, so decoding and augmentation
 /// overlap the model's work; `augment` seeds their augmentation.
-fn for_each_batch(
-    input: &Input,
-    idx: Vec<Tensor>,
-    augment: Option<u64>,
-    mut each: impl FnMut(&Tensor, Input) -> Result<bool>,
-) -> Result<()> {
+fn for_each_batch(input: &Input, idx: Vec<Tensor>, augment: Option<u64>, mut each: impl FnMut(&Tensor, Input) -> Result<bool>) -> Result<()> {
     let Input::Lazy(source) = input else {
         for i in &idx {
             if !each(i, input.select(i, Device::Cpu)?)? {

@@ -117,8 +117,7 @@ impl Optimizer {
     /// Rescales gradients so their global L2 norm is at most `max_norm`;
     /// returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let grads: Vec<Tensor> =
-            self.slots.iter().map(|s| s.param.grad()).filter(Tensor::defined).collect();
+        let grads: Vec<Tensor> = self.slots.iter().map(|s| s.param.grad()).filter(Tensor::defined).collect();
         if grads.is_empty() {
             return 0.0;
         }
