@@ -15,7 +15,7 @@
 use serde::{Deserialize, Serialize};
 use tch::nn::Path;
 use tch::{Kind, Tensor};
-use zhijian_core::{Error, Model, Result, Role};
+use zhijian_core::{Error, Model, Result};
 
 /// The non-linearity between the two projections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -250,15 +250,9 @@ pub fn block_prefixes(model: &Model) -> Vec<String> {
         .collect()
 }
 
-/// Whether the backbone is a transformer whose blocks call the sub-layer hook
-/// (it has attention projections).
-pub fn is_transformer(model: &Model) -> bool {
-    matches!(model.backbone.arch(), "bert" | "vit") || model.sites().iter().any(|s| matches!(s.role, Role::Query | Role::Qkv))
-}
-
 /// An error for `method` unless the backbone is a transformer (BERT, ViT).
 pub fn require_transformer(model: &Model, method: &str) -> Result<()> {
-    if is_transformer(model) {
+    if model.has_attention() {
         return Ok(());
     }
     Err(Error::MethodConfig {

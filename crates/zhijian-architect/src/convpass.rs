@@ -35,7 +35,7 @@ use tch::{Kind, Tensor};
 use zhijian_core::{Error, Layout, Method, Model, Result, Role, SubLayer, config_table};
 
 use crate::adapter::{slot, sublayer_name};
-use crate::bottleneck::{Activation, BlockSet, block_prefixes, check_dropout, is_transformer, xavier_uniform};
+use crate::bottleneck::{Activation, BlockSet, block_prefixes, check_dropout, xavier_uniform};
 
 /// How the 3×3 convolution of a bypass starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,7 +166,7 @@ impl Method for Convpass {
         let arch = model.backbone.arch();
         // A ViT's tokens come from a convolutional patch embedding: that is where the grid is.
         let has_grid = model.sites().iter().any(|s| s.role == Role::Stem && s.conv.is_some());
-        if !is_transformer(model) {
+        if !model.has_attention() {
             return bad(format!("needs a vision transformer (vit) with a patch grid; {arch} has no token sequence"));
         }
         if !has_grid {

@@ -208,7 +208,7 @@ impl Method for Fact {
         }
         let arch = model.backbone.arch();
         let all = model.sites();
-        if !all.iter().any(|s| matches!(s.role, Role::Query | Role::Qkv)) {
+        if !model.has_attention() {
             return bad(format!("needs a transformer backbone (bert, vit) with attention and MLP projections to factorise; `{arch}` has none"));
         }
         let d = model.backbone.hidden_size();

@@ -43,7 +43,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 use tch::nn::{Init, VarStore};
-use zhijian_core::{Error, Kv, Method, Model, Result, Role, config_table};
+use zhijian_core::{Error, Kv, Method, Model, Result, config_table};
 
 /// Configuration of prefix tuning.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -138,7 +138,7 @@ impl Method for PrefixTuning {
             return bad(format!("mlp_hidden must be ≥ 1, got {}", c.mlp_hidden));
         }
         let arch = model.backbone.arch();
-        if !model.sites().iter().any(|s| matches!(s.role, Role::Query | Role::Qkv)) {
+        if !model.has_attention() {
             return bad(format!("needs a transformer backbone (bert, vit) whose attention takes prefix keys and values; `{arch}` has no attention"));
         }
         let (hidden, blocks) = (model.backbone.hidden_size(), model.backbone.num_blocks());

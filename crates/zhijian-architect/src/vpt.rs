@@ -90,12 +90,6 @@ impl Vpt {
     }
 }
 
-/// Whether the backbone runs transformer blocks over a token sequence (it has
-/// attention projections), so that the block-input hook is called.
-fn is_transformer(model: &Model) -> bool {
-    model.sites().iter().any(|s| matches!(s.role, Role::Query | Role::Qkv))
-}
-
 impl Method for Vpt {
     fn name(&self) -> &'static str {
         "vpt"
@@ -115,7 +109,7 @@ impl Method for Vpt {
             return bad(format!("dropout must be in [0, 1), got {}", c.dropout));
         }
         let arch = model.backbone.arch();
-        if !is_transformer(model) {
+        if !model.has_attention() {
             return bad(format!("needs a transformer backbone (bert, vit) to insert prompt tokens into; `{arch}` has no token sequence"));
         }
         let hidden = model.backbone.hidden_size();

@@ -100,7 +100,7 @@ impl Method for Vqt {
             return bad(format!("dropout must be in [0, 1), got {}", c.dropout));
         }
         let sites = model.sites();
-        if !sites.iter().any(|s| matches!(s.role, Role::Query | Role::Qkv)) {
+        if !model.has_attention() {
             return bad(format!("needs a transformer backbone (bert, vit) whose blocks take tokens; {} has none", model.backbone.arch()));
         }
         let (blocks, hidden) = (model.backbone.num_blocks(), model.backbone.hidden_size());

@@ -55,6 +55,13 @@ impl Model {
         sites
     }
 
+    /// Whether the backbone is a transformer whose blocks take token sequences
+    /// (it has attention query projections): what token methods (prompts,
+    /// prefixes, adapters around sub-layers) need.
+    pub fn has_attention(&self) -> bool {
+        self.backbone.sites().iter().any(|s| matches!(s.role, Role::Query | Role::Qkv))
+    }
+
     /// The variable named `name` (a checkpoint key), or an error naming it.
     pub fn variable(&self, name: &str) -> crate::Result<Tensor> {
         self.vs.variables().remove(name).ok_or_else(|| crate::Error::MissingWeights { path: "<model>".into(), names: vec![name.to_string()] })
