@@ -226,6 +226,22 @@ mod tests {
         assert!((b.double_value(&[0]) - 0.75).abs() < 1e-12);
     }
 
+    /// Per-parameter options: a zero learning-rate scale freezes a parameter,
+    /// and decay can be forced onto a vector (or off a matrix).
+    #[test]
+    fn parameter_options_scale_the_step_and_choose_decay() {
+        let cfg = OptimizerConfig::Sgd { momentum: 0.0, nesterov: false };
+        let (a, b, c) = (Tensor::from_slice(&[1.0f64]), Tensor::from_slice(&[1.0f64]), Tensor::from_slice(&[1.0f64]).reshape([1, 1]));
+        let params = [&a, &b, &c].map(|t| t.set_requires_grad(true));
+        let opts = [ParamOpts { lr_scale: 0.5, decay: Some(true) }, ParamOpts { lr_scale: 0.0, decay: None }, ParamOpts { lr_scale: 1.0, decay: Some(false) }];
+        let mut opt = Optimizer::with_options(cfg, params.iter().map(|p| p.shallow_clone()).zip(opts).collect(), 1.0);
+        params.iter().map(|p| p.sum(Kind::Double)).fold(Tensor::from(0.0f64), |s, x| s + x).backward();
+        opt.step(0.1);
+        // a: g = 1 + 1·a (decay on the vector), lr 0.05 → 0.9; b: lr 0 → 1; c: no decay → 0.9.
+        let got: Vec<f64> = params.iter().map(|p| p.flatten(0, -1).double_value(&[0])).collect();
+        assert!((got[0] - 0.9).abs() < 1e-12 && (got[1] - 1.0).abs() < 1e-12 && (got[2] - 0.9).abs() < 1e-12, "{got:?}");
+    }
+
     #[test]
     fn clipping_bounds_the_global_norm() {
         let p = Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
