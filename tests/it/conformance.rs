@@ -389,3 +389,45 @@ fn checkpoint_after_each_epoch_restores_the_trained_state() {
     let d = (logits(&fresh, &fresh_methods, &data) - logits(&model, &methods, &data)).abs().max().double_value(&[]);
     assert!(d < 1e-6, "restored checkpoint differs by {d}");
 }
+
+/// Frozen blocks below the first trainable one run once: partial-k and LoRA on
+/// the top block resume from block 1, and training from the cached states takes
+/// the same steps as training through every block (no dropout, so the frozen
+/// block computes the same in both).
+#[test]
+fn training_from_a_cached_prefix_matches_recomputing_it() {
+    let _rng = crate::rng_lock();
+    let data = batch();
+    let spec = |s: &str| -> toml::Table { toml::from_str(s).unwrap() };
+    let prepare = |text: &str| {
+        let model = tiny_model_with_dropout(3, 0.0);
+        let mut methods = vec![registry().build(&spec(text)).unwrap()];
+        train::prepare(&model, &mut methods, 0).unwrap();
+        (model, methods)
+    };
+    for (text, want) in [
+        ("method = \"partial_k\"\nk = 1", Some(1)),
+        ("method = \"lora\"\ntargets = [\"re:encoder\\\\.layer\\\\.1\\\\..*(query|value)\"]", Some(1)),
+        ("method = \"lora\"", None),
+        ("method = \"full_finetune\"", None),
+        ("method = \"linear_probe\"", None),
+    ] {
+        let (model, methods) = prepare(text);
+        assert_eq!(train::frozen_prefix(&model, &methods), want, "{text}");
+        let Some(block) = want else { continue };
+        let cfg = TrainConfig { max_steps: 2, batch_size: 6, lr: 1e-2, ..Default::default() };
+        let (direct, mut m1) = prepare(text);
+        train::train(&direct, &mut m1, &data, None, &cfg, &TrainOptions::default()).unwrap();
+        let (cached, mut m2) = prepare(text);
+        let hidden = train::cache_prefix(&cached, &m2, &data, block, 5, "test").unwrap().expect("bert resumes from a block");
+        assert!(matches!(hidden.input, Input::Hidden { block: 1, .. }));
+        train::train(&cached, &mut m2, &hidden, None, &cfg, &TrainOptions::default()).unwrap();
+        let (a, b) = (snapshot(&direct, &m1), snapshot(&cached, &m2));
+        for (n, t) in &a {
+            assert!(t.allclose(&b[n], 1e-5, 1e-6, false), "{text}: {n} differs between cached and recomputed prefix");
+        }
+        // Evaluation on cached states gives the logits of the full model.
+        let d = max_diff(&logits(&cached, &m2, &hidden), &logits(&cached, &m2, &data));
+        assert!(d < 1e-5, "{text}: logits from the cached prefix differ by {d}");
+    }
+}

@@ -316,6 +316,12 @@ impl Method for Lora {
         true
     }
 
+    /// The earliest adapted site's block: LoRA on the top blocks leaves the
+    /// ones below frozen and unchanged, so they can be cached.
+    fn first_block(&self, model: &Model) -> Option<usize> {
+        self.pairs.keys().map(|site| model.block_of_site(site)).min()
+    }
+
     fn var_store(&self) -> Option<&VarStore> {
         self.vs.as_ref()
     }

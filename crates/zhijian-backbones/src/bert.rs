@@ -191,13 +191,26 @@ impl Bert {
     /// # Shapes
     /// `ids`, `mask`: `[batch, seq]` int64 → `[batch, seq + inserted, hidden]`.
     pub fn encode(&self, cx: &Ctx, ids: &Tensor, mask: &Tensor) -> Tokens {
+        self.run_layers(cx, self.embed(cx, ids, mask), 0..self.layers.len())
+    }
+
+    /// The embeddings' output: the tokens entering layer 0.
+    fn embed(&self, cx: &Ctx, ids: &Tensor, mask: &Tensor) -> Tokens {
         let seq = ids.size()[1];
         let positions = Tensor::arange(seq, (Kind::Int64, ids.device())).unsqueeze(0);
         let x = self.word.forward(ids) + self.position.forward(&positions) + self.token_type.forward(&ids.zeros_like());
         let x = dropout(cx, &self.norm.forward(cx, &x), self.config.hidden_dropout_prob);
-        let mut t = Tokens { x, keep: Some(mask.gt(0)), layout: Layout { lead: 1, ..Default::default() } };
-        for (i, layer) in self.layers.iter().enumerate() {
-            t = layer.forward(cx, i, t, &self.config);
+        Self::tokens(x, mask)
+    }
+
+    /// States of the backbone's own tokens, before any method inserted some.
+    fn tokens(x: Tensor, mask: &Tensor) -> Tokens {
+        Tokens { x, keep: Some(mask.gt(0)), layout: Layout { lead: 1, ..Default::default() } }
+    }
+
+    fn run_layers(&self, cx: &Ctx, mut t: Tokens, layers: std::ops::Range<usize>) -> Tokens {
+        for i in layers {
+            t = self.layers[i].forward(cx, i, t, &self.config);
             cx.tap(Tap::Block(i), &t.x);
         }
         t
@@ -228,9 +241,20 @@ impl Backbone for Bert {
         block_index(param, "encoder.layer.").map_or(ParamGroup::Neck, ParamGroup::Block)
     }
 
+    /// Runs the embeddings and the layers before `block`.
+    fn prefix(&self, cx: &Ctx, input: &Input, block: usize) -> Option<Input> {
+        let Input::Tokens { ids, mask } = input else { return None };
+        let block = block.min(self.layers.len());
+        let t = self.run_layers(cx, self.embed(cx, ids, mask), 0..block);
+        Some(Input::Hidden { block, states: t.x, mask: mask.shallow_clone() })
+    }
+
     fn forward(&self, cx: &Ctx, input: &Input) -> Tensor {
-        let Input::Tokens { ids, mask } = input else { panic!("bert takes Input::Tokens; the data config must produce tokens") };
-        let tokens = self.encode(cx, ids, mask);
+        let (tokens, mask) = match input {
+            Input::Tokens { ids, mask } => (self.encode(cx, ids, mask), mask),
+            Input::Hidden { block, states, mask } => (self.run_layers(cx, Self::tokens(states.shallow_clone(), mask), *block..self.layers.len()), mask),
+            _ => panic!("bert takes Input::Tokens; the data config must produce tokens"),
+        };
         match self.config.pooling {
             Pooling::Cls => tokens.x.select(1, 0),
             Pooling::Mean => {

@@ -186,6 +186,11 @@ fn split_fingerprint(s: &Split) -> Result<String> {
             h.update("features");
             h.update(tensor_bytes(t));
         }
+        Input::Hidden { block, states, mask } => {
+            h.update(format!("hidden at block {block}"));
+            h.update(tensor_bytes(states));
+            h.update(tensor_bytes(mask));
+        }
         Input::Lazy(source) => {
             h.update("lazy");
             h.update(source.fingerprint()?);

@@ -56,6 +56,10 @@ pub struct Record {
     /// cache folder, in this run (0 when the backbone ran each step, or when
     /// an earlier run of the comparison computed them).
     pub feature_seconds: f64,
+    /// The block training resumed from, when the frozen blocks below it ran
+    /// once per example (their time is `feature_seconds`). (Absent in older records.)
+    #[serde(default)]
+    pub cached_prefix_block: Option<usize>,
     /// Seconds of the training loop (without validation).
     pub train_seconds: f64,
     /// Seconds of the per-epoch validation passes. (Absent in older records: 0.)
@@ -174,6 +178,7 @@ pub(crate) fn sample(strategy: &str, seed: u64, top1: f64) -> Record {
         cached_features: false,
         feature_origin: None,
         feature_seconds: 0.0,
+        cached_prefix_block: None,
         train_seconds: 2.0,
         eval_seconds: 0.5,
         train_samples_per_s: 50.0,

@@ -35,6 +35,9 @@ pub struct CompareOptions {
     /// Folder that keeps a frozen backbone's features across runs
     /// ([`crate::features`]); none: features are kept for this comparison only.
     pub feature_cache: Option<PathBuf>,
+    /// Recompute frozen lower blocks at every step instead of caching their
+    /// output ([`zhijian_core::train::frozen_prefix`]).
+    pub no_prefix_cache: bool,
 }
 
 /// Slice `index` of `count` of a grid: run `k` (seeds outer, strategies inner,
@@ -191,6 +194,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
         let mut feature_seconds = 0.0;
         let cached = features_cacheable(&model, &methods);
         let mut feature_origin = None;
+        let (mut prefix_block, mut prefix_splits) = (None, None);
         let (train_split, val_split, test_split, ood_splits) = if cached {
             let digest = match &weights_digest {
                 Some(d) => d.clone(),
@@ -205,6 +209,21 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             }
             feature_origin = Some(origin);
             (&f.train, &f.val, &f.test, &f.ood)
+        } else if let Some(block) = (!opts.no_prefix_cache).then(|| train::frozen_prefix(&model, &methods)).flatten() {
+            // Blocks below the first one training can change run once per example.
+            let t = Instant::now();
+            let cache = |s: &Split| train::cache_prefix(&model, &methods, s, block, cfg.eval_batch_size, &label);
+            if let (Some(tr), Some(va), Some(te)) = (cache(&data.train)?, cache(&data.val)?, cache(&data.test)?) {
+                let ood = data.ood.iter().map(|s| cache(s)?.ok_or_else(|| Error::Data(format!("{}: no prefix", s.name)))).collect::<Result<Vec<_>>>()?;
+                feature_seconds = t.elapsed().as_secs_f64();
+                eprintln!("{label}: blocks 0..{block} computed once, in {feature_seconds:.1} s");
+                prefix_block = Some(block);
+                prefix_splits = Some((tr, va, te, ood));
+            }
+            match &prefix_splits {
+                Some((tr, va, te, ood)) => (tr, va, te, ood),
+                None => (&data.train, &data.val, &data.test, &data.ood),
+            }
         } else {
             (&data.train, &data.val, &data.test, &data.ood)
         };
@@ -241,6 +260,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             cached_features: cached,
             feature_origin,
             feature_seconds,
+            cached_prefix_block: prefix_block,
             train_seconds: report.seconds,
             eval_seconds: report.eval_seconds,
             train_samples_per_s: report.samples_per_s(),

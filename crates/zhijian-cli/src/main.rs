@@ -101,6 +101,10 @@ struct RunArgs {
     /// (`$ZHIJIAN_CACHE/features/`); features are then computed once per comparison.
     #[arg(long)]
     no_feature_cache: bool,
+    /// Recompute the frozen blocks below the first trainable one at every step,
+    /// instead of caching their output once per example (for measuring the saving).
+    #[arg(long)]
+    no_prefix_cache: bool,
 }
 
 impl RunArgs {
@@ -113,6 +117,7 @@ impl RunArgs {
             shard: self.shard,
             seeds: self.seeds,
             feature_cache: (!self.no_feature_cache).then(|| zhijian_assets::cache_dir().join("features")),
+            no_prefix_cache: self.no_prefix_cache,
         }
     }
 }

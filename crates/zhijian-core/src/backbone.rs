@@ -73,6 +73,16 @@ pub enum Input {
     /// Pooled features `[batch, hidden]` already computed by a frozen backbone;
     /// the model skips the backbone and runs only the head.
     Features(Tensor),
+    /// Token states entering block `block`, computed once by the frozen blocks
+    /// before it ([`Backbone::prefix`]); the backbone resumes from that block.
+    Hidden {
+        /// The block these states enter.
+        block: usize,
+        /// States `[batch, seq, hidden]`.
+        states: Tensor,
+        /// The input's mask `[batch, seq]` int64 (1 = real token).
+        mask: Tensor,
+    },
 }
 
 impl Input {
@@ -81,6 +91,7 @@ impl Input {
         match self {
             Input::Tokens { ids, .. } => ids.size()[0],
             Input::Images(x) | Input::Features(x) => x.size()[0],
+            Input::Hidden { states, .. } => states.size()[0],
             Input::Lazy(source) => source.len(),
         }
     }
@@ -96,6 +107,7 @@ impl Input {
             Input::Tokens { ids, mask } => Input::Tokens { ids: ids.to_device(device), mask: mask.to_device(device) },
             Input::Images(x) => Input::Images(x.to_device(device)),
             Input::Features(x) => Input::Features(x.to_device(device)),
+            Input::Hidden { block, states, mask } => Input::Hidden { block: *block, states: states.to_device(device), mask: mask.to_device(device) },
             Input::Lazy(source) => Input::Lazy(source.clone()),
         }
     }
@@ -116,6 +128,15 @@ impl Input {
                 let mask = mask.index_select(0, &idx);
                 let longest = mask.sum_dim_intlist(1, false, Kind::Int64).max().int64_value(&[]).max(1);
                 Input::Tokens { ids: ids.index_select(0, &idx).narrow(1, 0, longest).to_device(device), mask: mask.narrow(1, 0, longest).to_device(device) }
+            }
+            Input::Hidden { block, states, mask } => {
+                let mask = mask.index_select(0, &idx);
+                let longest = mask.sum_dim_intlist(1, false, Kind::Int64).max().int64_value(&[]).max(1);
+                Input::Hidden {
+                    block: *block,
+                    states: states.index_select(0, &idx).narrow(1, 0, longest).to_device(device),
+                    mask: mask.narrow(1, 0, longest).to_device(device),
+                }
             }
             Input::Images(x) => Input::Images(x.index_select(0, &idx).to_device(device)),
             Input::Features(x) => Input::Features(x.index_select(0, &idx).to_device(device)),
@@ -172,6 +193,12 @@ pub trait Backbone: Send {
     fn sites(&self) -> Vec<Site>;
     /// The group of the parameter named `param` (a checkpoint key).
     fn group(&self, param: &str) -> ParamGroup;
+    /// The input of block `block` for `input` ([`Input::Hidden`]), computed by
+    /// the blocks before it under `cx`, for backbones that can resume from a
+    /// block; `None` (the default) where the backbone cannot.
+    fn prefix(&self, _cx: &Ctx, _input: &Input, _block: usize) -> Option<Input> {
+        None
+    }
     /// Runs the backbone, recording requested taps in `cx`.
     ///
     /// # Shapes

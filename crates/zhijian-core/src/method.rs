@@ -146,6 +146,16 @@ pub trait Method: Send {
         false
     }
 
+    /// The first block whose computation the method's hooks can change, as
+    /// [`Model::block_of_site`] counts (0 for anything in the stem), or `None`
+    /// if they change none. The default is the safe answer: block 0 for a
+    /// method that alters the forward pass. Blocks before the first any method
+    /// or trainable parameter touches are computed once and cached
+    /// ([`crate::train::frozen_prefix`]).
+    fn first_block(&self, _model: &Model) -> Option<usize> {
+        self.alters_forward().then_some(0)
+    }
+
     /// Whether the model's output is unchanged right after `prepare`, as for LoRA
     /// (B = 0). Checked by the conformance tests.
     fn identity_at_init(&self) -> bool {

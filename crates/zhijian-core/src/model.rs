@@ -62,6 +62,16 @@ impl Model {
         self.backbone.sites().iter().any(|s| matches!(s.role, Role::Query | Role::Qkv))
     }
 
+    /// The first block whose computation involves the site at `path`: 0 for
+    /// the stem, `i` for block `i`, the number of blocks for the neck and head.
+    pub fn block_of_site(&self, path: &str) -> usize {
+        match self.group(&format!("{path}.weight")) {
+            ParamGroup::Stem => 0,
+            ParamGroup::Block(i) => i,
+            ParamGroup::Neck | ParamGroup::Head => self.backbone.num_blocks(),
+        }
+    }
+
     /// The variable named `name` (a checkpoint key), or an error naming it.
     pub fn variable(&self, name: &str) -> crate::Result<Tensor> {
         self.vs.variables().remove(name).ok_or_else(|| crate::Error::MissingWeights { path: "<model>".into(), names: vec![name.to_string()] })

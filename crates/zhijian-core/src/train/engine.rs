@@ -9,7 +9,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 use super::optim::{Optimizer, OptimizerConfig, ParamOpts};
 use super::schedule::Schedule;
-use crate::backbone::Input;
+use crate::backbone::{Input, ParamGroup};
 use crate::ctx::{Ctx, Tap};
 use crate::error::{Error, Result};
 use crate::method::{Method, StepCx, StepOutput};
@@ -230,6 +230,58 @@ pub fn features_cacheable(model: &Model, methods: &[Box<dyn Method>]) -> bool {
     model.backbone_frozen() && methods.iter().all(|m| !m.alters_forward() && m.taps().iter().all(|t| *t == Tap::Pooled))
 }
 
+/// The first block training can change, when it is past the first: blocks
+/// before it see only frozen weights and no method acts there, so their output
+/// can be computed once per example and training resumed from it (partial-k,
+/// LoRA or adapters on the top blocks only). `None` when block 0 can change,
+/// when nothing in the blocks can, or when a method reads taps (they would come
+/// from blocks that no longer run).
+pub fn frozen_prefix(model: &Model, methods: &[Box<dyn Method>]) -> Option<usize> {
+    if methods.iter().any(|m| !m.taps().is_empty() || !m.forward_taps().is_empty()) {
+        return None;
+    }
+    let blocks = model.backbone.num_blocks();
+    let params = model.trainable().into_iter().filter_map(|(name, _)| match model.group(&name) {
+        ParamGroup::Stem => Some(0),
+        ParamGroup::Block(i) => Some(i),
+        ParamGroup::Neck => Some(blocks),
+        ParamGroup::Head => None,
+    });
+    let first = params.chain(methods.iter().filter_map(|m| m.first_block(model))).min()?;
+    (first > 0 && first < blocks).then_some(first)
+}
+
+/// Runs the frozen blocks before `block` over `split` once (in evaluation
+/// mode: no dropout in frozen layers) and returns the states entering `block`
+/// as a split of [`Input::Hidden`] (on the CPU), or `None` if the backbone
+/// cannot resume from a block. Token inputs are run at their stored width, so
+/// every example's states line up; padding does not change real tokens' states.
+pub fn cache_prefix(model: &Model, methods: &[Box<dyn Method>], split: &Split, block: usize, batch_size: i64, label: &str) -> Result<Option<Split>> {
+    let cx = Ctx::new(false, methods, Vec::new());
+    let n = split.len();
+    let bar = progress_bar(n as u64, &format!("{label}: blocks 0..{block} of {}", split.name));
+    let (mut states, mut masks) = (Vec::new(), Vec::new());
+    let outcome = tch::no_grad(|| -> Result<bool> {
+        for idx in batches(n, batch_size) {
+            let batch = match &split.input {
+                Input::Tokens { ids, mask } => Input::Tokens { ids: ids.index_select(0, &idx), mask: mask.index_select(0, &idx) }.to_device(model.device()),
+                _ => return Ok(false),
+            };
+            let Some(Input::Hidden { states: s, mask, .. }) = model.backbone.prefix(&cx, &batch, block) else { return Ok(false) };
+            states.push(s.to_device(Device::Cpu));
+            masks.push(mask.to_device(Device::Cpu));
+            bar.inc(idx.size()[0] as u64);
+        }
+        Ok(true)
+    })?;
+    bar.finish_and_clear();
+    if !outcome || states.is_empty() {
+        return Ok(None);
+    }
+    let input = Input::Hidden { block, states: Tensor::cat(&states, 0), mask: Tensor::cat(&masks, 0) };
+    Ok(Some(Split { name: split.name.clone(), input, labels: split.labels.shallow_clone() }))
+}
+
 /// Runs the frozen backbone over `split` once and returns its pooled features
 /// as a split of `Input::Features` (held on the CPU; batches move to the model's device).
 pub fn cache_features(model: &Model, split: &Split, batch_size: i64, label: &str) -> Result<Split> {
@@ -252,7 +304,7 @@ pub fn cache_features(model: &Model, split: &Split, batch_size: i64, label: &str
 fn in_length_order(input: &Input, batch_size: i64, device: Device, mut f: impl FnMut(&Input) -> Tensor) -> Result<Tensor> {
     let n = input.len();
     let order = match input {
-        Input::Tokens { mask, .. } => mask.sum_dim_intlist(1, false, Kind::Int64).argsort(0, false),
+        Input::Tokens { mask, .. } | Input::Hidden { mask, .. } => mask.sum_dim_intlist(1, false, Kind::Int64).argsort(0, false),
         _ => Tensor::arange(n, (Kind::Int64, Device::Cpu)),
     };
     let mut chunks = Vec::new();

@@ -5,8 +5,8 @@ pub mod optim;
 pub mod schedule;
 
 pub use engine::{
-    Split, TrainConfig, TrainOptions, TrainReport, artifact, batches, cache_features, evaluate, features, features_cacheable, instance_names, method_variables,
-    predict, prepare, progress_bar, restore, train, trainable,
+    Split, TrainConfig, TrainOptions, TrainReport, artifact, batches, cache_features, cache_prefix, evaluate, features, features_cacheable, frozen_prefix,
+    instance_names, method_variables, predict, prepare, progress_bar, restore, train, trainable,
 };
 pub use optim::{Optimizer, OptimizerConfig, ParamOpts};
 pub use schedule::Schedule;
