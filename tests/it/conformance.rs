@@ -408,7 +408,10 @@ fn training_from_a_cached_prefix_matches_recomputing_it() {
     for (text, want) in [
         ("method = \"partial_k\"\nk = 1", Some(1)),
         ("method = \"lora\"\ntargets = [\"re:encoder\\\\.layer\\\\.1\\\\..*(query|value)\"]", Some(1)),
+        ("method = \"adapter\"\nblocks = \"1..\"", Some(1)),
+        ("method = \"ia3\"\ntargets = [\"encoder.layer.1.output.dense\"]", Some(1)),
         ("method = \"lora\"", None),
+        ("method = \"vpt\"", None),
         ("method = \"full_finetune\"", None),
         ("method = \"linear_probe\"", None),
     ] {

@@ -191,6 +191,11 @@ impl Method for Adapter {
         true
     }
 
+    /// The first block with an adapter: the blocks below it can be cached.
+    fn first_block(&self, _model: &Model) -> Option<usize> {
+        self.blocks.iter().position(|pair| pair.iter().any(Option::is_some))
+    }
+
     fn identity_at_init(&self) -> bool {
         self.config.init.zero_output()
     }

@@ -172,6 +172,11 @@ impl Method for Ia3 {
         true
     }
 
+    /// The earliest rescaled site's block.
+    fn first_block(&self, model: &Model) -> Option<usize> {
+        self.vectors.keys().map(|site| model.block_of_site(site)).min()
+    }
+
     fn var_store(&self) -> Option<&VarStore> {
         self.vs.as_ref()
     }

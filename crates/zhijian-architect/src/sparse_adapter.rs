@@ -290,6 +290,10 @@ impl Method for SparseAdapter {
         true
     }
 
+    fn first_block(&self, model: &Model) -> Option<usize> {
+        self.adapter.first_block(model)
+    }
+
     fn identity_at_init(&self) -> bool {
         self.config.init.zero_output()
     }

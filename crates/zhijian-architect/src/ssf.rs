@@ -185,6 +185,11 @@ impl Method for Ssf {
         true
     }
 
+    /// The earliest scaled site's block.
+    fn first_block(&self, model: &Model) -> Option<usize> {
+        self.sites.keys().map(|site| model.block_of_site(site)).min()
+    }
+
     fn identity_at_init(&self) -> bool {
         self.config.init_std == 0.0
     }
