@@ -41,7 +41,7 @@
 //!   16 × 64 tokens: 0.69 s against 0.48 s for full fine-tuning and 0.32 s for
 //!   LoRA), with optimiser state for the `k` values only. Gradient selection
 //!   costs `selection_batches` forward and backward passes before the first
-//!   step (outside the engine's training clock).
+//!   step (inside the engine's training clock: they are part of the method's cost).
 //! - merges: scatter-add of the deltas into the backbone's weights; `unmerge`
 //!   writes back the original entries saved at merge time (bit-exact).
 //! - artifact: `indices` and `values` (`k` int64 and `k` float) plus the head.
