@@ -95,8 +95,9 @@ pub struct DiffPruningConfig {
     /// Upper end ζ > 1 of the stretched interval. Default 1.5 (the reference's; Louizos et al.: 1.1).
     pub stretch_high: f64,
     /// Fraction of the run's steps, at its end, in which only the entries kept
-    /// by the cut train (the paper's fixmask stage), in [0, 1). Default 0: the
-    /// cut follows the last step.
+    /// by the cut train (the paper's fixmask stage), in [0, 1). Default 0.5:
+    /// the paper's 3 + 3 epochs. 0 cuts after the last step, with no retraining
+    /// (measured on MiniLM → Rotten Tomatoes: 61.9 ± 4.9 % against 0.5's; see the README).
     pub fixmask_fraction: f64,
     /// Whether the biases of the adapted layers are diffed too. Default true.
     pub biases: bool,
@@ -112,7 +113,7 @@ impl Default for DiffPruningConfig {
             temperature: 1.0,
             stretch_low: -1.5,
             stretch_high: 1.5,
-            fixmask_fraction: 0.0,
+            fixmask_fraction: 0.5,
             biases: true,
         }
     }
@@ -436,7 +437,7 @@ mod tests {
     #[test]
     fn magnitude_cut_keeps_exactly_the_top_k() {
         let model = linear_model();
-        let mut m = DiffPruning::new(DiffPruningConfig { target_density: 0.25, ..Default::default() });
+        let mut m = DiffPruning::new(DiffPruningConfig { target_density: 0.25, fixmask_fraction: 0.0, ..Default::default() });
         m.prepare(&model).unwrap();
         randomise(&m);
         let c = m.config.clone();
@@ -569,7 +570,7 @@ mod tests {
         let data = Split { name: "train".into(), input: testing::tokens(), labels: testing::labels() };
         let model = testing::bert(5);
         let frozen: Vec<(String, Tensor)> = model.vs.variables().into_iter().filter(|(n, _)| !n.starts_with("head.")).map(|(n, t)| (n, t.copy())).collect();
-        let mut all: Vec<Box<dyn Method>> = vec![Box::new(DiffPruning::new(DiffPruningConfig { target_density: 0.01, ..Default::default() }))];
+        let mut all: Vec<Box<dyn Method>> = vec![Box::new(DiffPruning::new(DiffPruningConfig { target_density: 0.01, fixmask_fraction: 0.0, ..Default::default() }))];
         prepare(&model, &mut all, 0).unwrap();
         let flat = Flat::new(&model, true, "test").unwrap();
         let head = model.num_classes() * (model.backbone.hidden_size() + 1);

@@ -253,32 +253,30 @@ pub fn frozen_prefix(model: &Model, methods: &[Box<dyn Method>]) -> Option<usize
 
 /// Runs the frozen blocks before `block` over `split` once (in evaluation
 /// mode: no dropout in frozen layers) and returns the states entering `block`
-/// as a split of [`Input::Hidden`] (on the CPU), or `None` if the backbone
-/// cannot resume from a block. Token inputs are run at their stored width, so
-/// every example's states line up; padding does not change real tokens' states.
+/// as a split of [`Input::Hidden`] (on the CPU), or `None` if the input is not
+/// tokens or the backbone cannot resume from a block. Padding does not change
+/// real tokens' states, so batches are run at their own length.
 pub fn cache_prefix(model: &Model, methods: &[Box<dyn Method>], split: &Split, block: usize, batch_size: i64, label: &str) -> Result<Option<Split>> {
+    let Input::Tokens { ids, mask } = &split.input else { return Ok(None) };
     let cx = Ctx::new(false, methods, Vec::new());
-    let n = split.len();
+    let (n, width) = (split.len(), ids.size()[1]);
     let bar = progress_bar(n as u64, &format!("{label}: blocks 0..{block} of {}", split.name));
-    let (mut states, mut masks) = (Vec::new(), Vec::new());
-    let outcome = tch::no_grad(|| -> Result<bool> {
-        for idx in batches(n, batch_size) {
-            let batch = match &split.input {
-                Input::Tokens { ids, mask } => Input::Tokens { ids: ids.index_select(0, &idx), mask: mask.index_select(0, &idx) }.to_device(model.device()),
-                _ => return Ok(false),
-            };
-            let Some(Input::Hidden { states: s, mask, .. }) = model.backbone.prefix(&cx, &batch, block) else { return Ok(false) };
-            states.push(s.to_device(Device::Cpu));
-            masks.push(mask.to_device(Device::Cpu));
-            bar.inc(idx.size()[0] as u64);
-        }
-        Ok(true)
-    })?;
+    // Shortest first, each batch trimmed to its longest text (as `in_length_order`),
+    // then zero-padded back to the stored width so every example's states line up.
+    let order = mask.sum_dim_intlist(1, false, Kind::Int64).argsort(0, false);
+    let mut states = Vec::new();
+    for idx in batches(n, batch_size).map(|b| order.index_select(0, &b)) {
+        let batch = split.input.select(&idx, model.device())?;
+        let Some(Input::Hidden { states: s, .. }) = tch::no_grad(|| model.backbone.prefix(&cx, &batch, block)) else { return Ok(None) };
+        states.push(s.constant_pad_nd([0, 0, 0, width - s.size()[1]]).to_device(Device::Cpu));
+        bar.inc(idx.size()[0] as u64);
+    }
     bar.finish_and_clear();
-    if !outcome || states.is_empty() {
+    if states.is_empty() {
         return Ok(None);
     }
-    let input = Input::Hidden { block, states: Tensor::cat(&states, 0), mask: Tensor::cat(&masks, 0) };
+    let states = Tensor::cat(&states, 0).index_select(0, &order.argsort(0, false));
+    let input = Input::Hidden { block, states, mask: mask.shallow_clone() };
     Ok(Some(Split { name: split.name.clone(), input, labels: split.labels.shallow_clone() }))
 }
 
