@@ -570,7 +570,8 @@ mod tests {
         let data = Split { name: "train".into(), input: testing::tokens(), labels: testing::labels() };
         let model = testing::bert(5);
         let frozen: Vec<(String, Tensor)> = model.vs.variables().into_iter().filter(|(n, _)| !n.starts_with("head.")).map(|(n, t)| (n, t.copy())).collect();
-        let mut all: Vec<Box<dyn Method>> = vec![Box::new(DiffPruning::new(DiffPruningConfig { target_density: 0.01, fixmask_fraction: 0.0, ..Default::default() }))];
+        let mut all: Vec<Box<dyn Method>> =
+            vec![Box::new(DiffPruning::new(DiffPruningConfig { target_density: 0.01, fixmask_fraction: 0.0, ..Default::default() }))];
         prepare(&model, &mut all, 0).unwrap();
         let flat = Flat::new(&model, true, "test").unwrap();
         let head = model.num_classes() * (model.backbone.hidden_size() + 1);

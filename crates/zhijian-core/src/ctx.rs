@@ -81,7 +81,7 @@ impl<'a> Ctx<'a> {
     }
 
     /// Called by a norm layer (LayerNorm, BatchNorm) with its input and its
-    /// affine output; returns the output after every method (SSF, LN-tuning).
+    /// affine output; returns the output after every method (SSF).
     pub fn norm(&self, site: &Site, x: &Tensor, base: Tensor) -> Tensor {
         let out = self.methods.iter().fold(base, |out, m| m.norm(site, x, out, self.train));
         self.tap_site(site, out)
@@ -140,5 +140,28 @@ impl<'a> Ctx<'a> {
     /// Takes the recorded taps, leaving the context empty.
     pub fn take_taps(&self) -> BTreeMap<Tap, Tensor> {
         std::mem::take(&mut self.taps.borrow_mut())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::{LayerNorm, Linear, Role};
+    use tch::nn::VarStore;
+    use tch::{Device, Kind};
+
+    /// `Tap::Site` records exactly the asked-for site's output, after the methods.
+    #[test]
+    fn site_taps_record_the_output_of_that_site() {
+        let vs = VarStore::new(Device::Cpu);
+        let linear = Linear::new(vs.root() / "proj", 4, 3, true, Role::Other);
+        let norm = LayerNorm::new(vs.root() / "norm", 3, 1e-5);
+        let x = Tensor::randn([2, 4], (Kind::Float, Device::Cpu));
+        let cx = Ctx::new(false, &[], vec![Tap::Site("proj".into())]);
+        let out = norm.forward(&cx, &linear.forward(&cx, &x));
+        let taps = cx.take_taps();
+        assert_eq!(taps.len(), 1, "only the asked-for site is recorded");
+        assert!(taps[&Tap::Site("proj".into())].equal(&x.linear(&linear.ws, linear.bs.as_ref())));
+        assert!(!out.equal(&taps[&Tap::Site("proj".into())]), "the tap is the linear output, not the norm's");
     }
 }
