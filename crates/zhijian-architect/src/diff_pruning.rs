@@ -594,7 +594,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("zhijian-diff-pruning-{}", std::process::id()));
         let path = dir.join("a.safetensors");
         zhijian_core::save_atomic(&artifact(&model, &all), &path).unwrap();
-        let fresh = testing::bert(5);
+        let fresh = testing::with_weights(testing::bert(5), &frozen);
         let mut again: Vec<Box<dyn Method>> = vec![Box::new(DiffPruning::new(DiffPruningConfig { target_density: 0.01, ..Default::default() }))];
         prepare(&fresh, &mut again, 0).unwrap();
         restore(&fresh, &again, &path).unwrap();

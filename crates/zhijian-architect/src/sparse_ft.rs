@@ -743,7 +743,7 @@ pub(crate) mod tests {
         let dir = std::env::temp_dir().join(format!("zhijian-sparse-ft-{}", std::process::id()));
         let path = dir.join("a.safetensors");
         zhijian_core::save_atomic(&artifact(&model, &all), &path).unwrap();
-        let fresh = testing::vit(5);
+        let fresh = testing::with_weights(testing::vit(5), &frozen);
         let mut again = methods(SparseFt::new(SparseFtConfig { density: 0.02, ..Default::default() }));
         prepare(&fresh, &mut again, 0).unwrap();
         restore(&fresh, &again, &path).unwrap();

@@ -63,3 +63,16 @@ pub fn images() -> Input {
 pub fn labels() -> Tensor {
     Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2])
 }
+
+/// Writes `weights` (checkpoint names, e.g. a copy of another toy's frozen
+/// backbone) into `model`. Reseeding alone need not rebuild the same toy:
+/// other tests draw from LibTorch's global generator on parallel threads.
+pub fn with_weights(model: Model, weights: &[(String, Tensor)]) -> Model {
+    let vars = model.vs.variables();
+    tch::no_grad(|| {
+        for (name, t) in weights {
+            vars[name].shallow_clone().copy_(t);
+        }
+    });
+    model
+}

@@ -38,6 +38,8 @@ use tch::Tensor;
 use tch::nn::{Init, VarStore};
 use zhijian_core::{Error, Method, Model, Result, Role, Tokens, config_table};
 
+use crate::bottleneck::check_dropout;
+
 /// Where the prompts live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -90,6 +92,17 @@ impl Vpt {
     }
 }
 
+/// The initialisation of learned tokens, as VPT's code: uniform in
+/// ±√(6 / (fan_in + hidden)), fan_in = the patch embedding's (channels·patch²)
+/// on a ViT, `hidden` where there are no patches (BERT).
+pub(crate) fn prompt_init(model: &Model) -> Init {
+    let hidden = model.backbone.hidden_size();
+    let stem = model.sites().into_iter().find(|s| s.role == Role::Stem);
+    let fan_in = stem.and_then(|s| s.conv.map(|g| s.in_features / g.groups * g.kernel[0] * g.kernel[1])).unwrap_or(hidden);
+    let bound = (6.0 / (fan_in + hidden) as f64).sqrt();
+    Init::Uniform { lo: -bound, up: bound }
+}
+
 impl Method for Vpt {
     fn name(&self) -> &'static str {
         "vpt"
@@ -105,20 +118,14 @@ impl Method for Vpt {
         if c.tokens < 1 {
             return bad(format!("tokens must be ≥ 1, got {}", c.tokens));
         }
-        if !(0.0..1.0).contains(&c.dropout) {
-            return bad(format!("dropout must be in [0, 1), got {}", c.dropout));
-        }
+        check_dropout("vpt", c.dropout)?;
         let arch = model.backbone.arch();
         if !model.has_attention() {
             return bad(format!("needs a transformer backbone (bert, vit) to insert prompt tokens into; `{arch}` has no token sequence"));
         }
         let hidden = model.backbone.hidden_size();
         let blocks = model.backbone.num_blocks() as i64;
-        let sites = model.sites();
-        let fan_in =
-            sites.iter().find(|s| s.role == Role::Stem).and_then(|s| s.conv.map(|g| s.in_features / g.groups * g.kernel[0] * g.kernel[1])).unwrap_or(hidden);
-        let bound = (6.0 / (fan_in + hidden) as f64).sqrt();
-        let init = Init::Uniform { lo: -bound, up: bound };
+        let init = prompt_init(model);
         let vs = VarStore::new(model.device());
         let root = vs.root();
         self.shallow = Some(root.var("prompt_embeddings", &[c.tokens, hidden], init));

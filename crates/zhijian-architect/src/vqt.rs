@@ -15,8 +15,8 @@
 //!   at its query positions, read from the `Tap::Block` taps).
 //! - trains: the queries `[L, k, hidden]`, `W` and the head; frozen: the
 //!   backbone. Queries are initialised uniformly in ±√(6 / (fan_in + hidden))
-//!   as VPT and LAMDA-ZhiJian's VQT do, with fan_in = 3·patch² on a ViT and
-//!   `hidden` on BERT.
+//!   as VPT and LAMDA-ZhiJian's VQT do ([`crate::vpt::prompt_init`]: fan_in =
+//!   channels·patch² on a ViT, `hidden` on BERT).
 //! - does not merge (the queries are extra tokens); artifact: queries and `W`.
 //! - Gradients reach the queries through each block's attention and MLP rows of
 //!   the query tokens only: no gradient flows into the backbone's features.
@@ -26,8 +26,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
-use tch::nn::{Init, VarStore};
-use zhijian_core::{Error, Method, Model, Result, Role, Tap, Tokens, config_table};
+use tch::nn::VarStore;
+use zhijian_core::{Error, Method, Model, Result, Tap, Tokens, config_table};
+
+use crate::bottleneck::check_dropout;
+use crate::vpt::prompt_init;
 
 /// Configuration of VQT.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -96,19 +99,14 @@ impl Method for Vqt {
         if c.tokens < 1 {
             return bad(format!("tokens must be ≥ 1, got {}", c.tokens));
         }
-        if !(0.0..1.0).contains(&c.dropout) {
-            return bad(format!("dropout must be in [0, 1), got {}", c.dropout));
-        }
-        let sites = model.sites();
+        check_dropout("vqt", c.dropout)?;
         if !model.has_attention() {
             return bad(format!("needs a transformer backbone (bert, vit) whose blocks take tokens; {} has none", model.backbone.arch()));
         }
         let (blocks, hidden) = (model.backbone.num_blocks(), model.backbone.hidden_size());
-        let fan_in = sites.iter().find(|s| s.role == Role::Stem).and_then(|s| s.conv.map(|g| s.in_features * g.kernel[0] * g.kernel[1])).unwrap_or(hidden);
-        let bound = (6.0 / (fan_in + hidden) as f64).sqrt();
         let vs = VarStore::new(model.device());
         let root = vs.root();
-        self.queries = Some(root.var("queries", &[blocks as i64, c.tokens, hidden], Init::Uniform { lo: -bound, up: bound }));
+        self.queries = Some(root.var("queries", &[blocks as i64, c.tokens, hidden], prompt_init(model)));
         let width = if c.mean_over_tokens { blocks as i64 * hidden } else { blocks as i64 * c.tokens * hidden };
         self.readout = Some(root.zeros("readout", &[model.num_classes(), width]));
         self.blocks = blocks;

@@ -152,11 +152,16 @@ pub fn instance_names(methods: &[Box<dyn Method>]) -> Vec<String> {
 pub fn method_variables(methods: &[Box<dyn Method>]) -> Vec<(String, Tensor)> {
     let mut all = Vec::new();
     for (m, instance) in methods.iter().zip(instance_names(methods)) {
-        let mut own: Vec<_> = m.var_store().map(|vs| vs.variables()).unwrap_or_default().into_iter().map(|(n, t)| (format!("{instance}/{n}"), t)).collect();
-        own.sort_by(|a, b| a.0.cmp(&b.0));
-        all.extend(own);
+        all.extend(own_variables(m.as_ref()).into_iter().map(|(n, t)| (format!("{instance}/{n}"), t)));
     }
     all
+}
+
+/// A method's own variables under their names in its store, sorted.
+fn own_variables(m: &dyn Method) -> Vec<(String, Tensor)> {
+    let mut own: Vec<_> = m.var_store().map(|vs| vs.variables()).unwrap_or_default().into_iter().collect();
+    own.sort_by(|a, b| a.0.cmp(&b.0));
+    own
 }
 
 /// Every parameter that trains: the model's, then each method's (named
@@ -172,9 +177,7 @@ pub fn trainable(model: &Model, methods: &[Box<dyn Method>]) -> Vec<(String, Ten
 fn trainable_with_options(model: &Model, methods: &[Box<dyn Method>]) -> Vec<(Tensor, ParamOpts)> {
     let mut all: Vec<_> = model.trainable().into_iter().map(|(_, t)| (t, ParamOpts::default())).collect();
     for m in methods {
-        let mut own: Vec<_> = m.var_store().map(|vs| vs.variables()).unwrap_or_default().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        own.sort_by(|a, b| a.0.cmp(&b.0));
-        all.extend(own.into_iter().map(|(n, t)| (t, m.param_opts(&n))));
+        all.extend(own_variables(m.as_ref()).into_iter().filter(|(_, t)| t.requires_grad()).map(|(n, t)| (t, m.param_opts(&n))));
     }
     all
 }
@@ -259,23 +262,28 @@ pub fn frozen_prefix(model: &Model, methods: &[Box<dyn Method>]) -> Option<usize
 pub fn cache_prefix(model: &Model, methods: &[Box<dyn Method>], split: &Split, block: usize, batch_size: i64, label: &str) -> Result<Option<Split>> {
     let Input::Tokens { ids, mask } = &split.input else { return Ok(None) };
     let cx = Ctx::new(false, methods, Vec::new());
-    let (n, width) = (split.len(), ids.size()[1]);
-    let bar = progress_bar(n as u64, &format!("{label}: blocks 0..{block} of {}", split.name));
-    // Shortest first, each batch trimmed to its longest text (as `in_length_order`),
-    // then zero-padded back to the stored width so every example's states line up.
-    let order = mask.sum_dim_intlist(1, false, Kind::Int64).argsort(0, false);
-    let mut states = Vec::new();
-    for idx in batches(n, batch_size).map(|b| order.index_select(0, &b)) {
-        let batch = split.input.select(&idx, model.device())?;
-        let Some(Input::Hidden { states: s, .. }) = tch::no_grad(|| model.backbone.prefix(&cx, &batch, block)) else { return Ok(None) };
-        states.push(s.constant_pad_nd([0, 0, 0, width - s.size()[1]]).to_device(Device::Cpu));
-        bar.inc(idx.size()[0] as u64);
-    }
+    let width = ids.size()[1];
+    let bar = progress_bar(split.len() as u64, &format!("{label}: blocks 0..{block} of {}", split.name));
+    let mut resumable = true;
+    // Batches come trimmed to their longest text; their states are zero-padded
+    // back to the stored width so every example's line up.
+    let states = tch::no_grad(|| {
+        in_length_order(&split.input, batch_size, model.device(), |batch| {
+            bar.inc(batch.len() as u64);
+            match model.backbone.prefix(&cx, batch, block) {
+                Some(Input::Hidden { states, .. }) => states.constant_pad_nd([0, 0, 0, width - states.size()[1]]),
+                // A backbone that cannot resume cannot for any batch: this placeholder is dropped.
+                _ => {
+                    resumable = false;
+                    Tensor::zeros([batch.len(), 0], (Kind::Float, Device::Cpu))
+                }
+            }
+        })
+    })?;
     bar.finish_and_clear();
-    if states.is_empty() {
+    if !resumable {
         return Ok(None);
     }
-    let states = Tensor::cat(&states, 0).index_select(0, &order.argsort(0, false));
     let input = Input::Hidden { block, states, mask: mask.shallow_clone() };
     Ok(Some(Split { name: split.name.clone(), input, labels: split.labels.shallow_clone() }))
 }
