@@ -15,7 +15,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use tch::{Device, Kind, Tensor};
 use zhijian::backbones::{Bert, BertConfig, load_pretrained};
 use zhijian::core::train::{self, Split, TrainConfig, TrainOptions};
-use zhijian::core::{ImagePreset, ImageSource, Input, Method, Model};
+use zhijian::core::{Compute, ImagePreset, ImageSource, Input, Method, Model};
 use zhijian::data::{ImageLoader, ImageTransform, image::mnist_json_digits};
 
 const BATCH: i64 = 32;
@@ -90,7 +90,7 @@ fn inference(c: &mut Criterion) {
         let input = tokens(n);
         group.bench_function(format!("b{n}"), |b| {
             b.iter(|| {
-                let _ = black_box(train::predict(&model, &methods, &input, n).expect("predict"));
+                let _ = black_box(train::predict(&model, &methods, &input, n, Compute::Fp32).expect("predict"));
                 sync();
             })
         });

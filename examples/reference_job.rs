@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! reference_job prepare --steps N --out FILE [--config configs/demo.toml]
-//! reference_job job --method full_finetune|lora --data FILE --out JSON
+//! reference_job job --method full_finetune|lora [--precision fp32|bf16] --data FILE --out JSON
 //! reference_job ceiling --out JSON
 //! ```
 //!
@@ -59,11 +59,11 @@ use zhijian::bench::{BackboneConfig, DataConfig, Experiment};
 use zhijian::core::metrics::peak_rss_bytes;
 use zhijian::core::train::{self, TrainOptions};
 use zhijian::core::weights::{read_safetensors, tmp_sibling};
-use zhijian::core::{Input, Method, Split, TrainConfig};
+use zhijian::core::{Compute, Input, Method, Precision, Split, TrainConfig};
 
 const USAGE: &str = "\
 usage: reference_job prepare --steps N --out FILE [--config configs/demo.toml]
-       reference_job job --method full_finetune|lora --data FILE --out JSON
+       reference_job job --method full_finetune|lora [--precision fp32|bf16] --data FILE --out JSON
        reference_job ceiling --out JSON";
 
 /// The methods both sides run, by the name of their (only) method entry.
@@ -93,13 +93,19 @@ fn run() -> Result<()> {
         }
         "job" => {
             let method = required(&mut args, "--method")?;
+            let precision = flag(&mut args, "--precision")?.unwrap_or_else(|| "fp32".into());
             let data = PathBuf::from(required(&mut args, "--data")?);
             let out = PathBuf::from(required(&mut args, "--out")?);
             no_more(&args)?;
             if !METHODS.contains(&method.as_str()) {
                 bail!("--method must be one of {METHODS:?}, got `{method}`");
             }
-            job(&method, &data, &out)
+            let precision = match precision.as_str() {
+                "fp32" => Precision::Fp32,
+                "bf16" => Precision::Bf16,
+                other => bail!("--precision must be fp32 or bf16, got `{other}`"),
+            };
+            job(&method, precision, &data, &out)
         }
         "ceiling" => {
             let out = PathBuf::from(required(&mut args, "--out")?);
@@ -348,11 +354,16 @@ fn train_flops(bert: &BertConfig, classes: i64, adapter_params: Option<i64>, row
     2 * tokens * (2 * frozen + 3 * trained) + 12 * layers * h * rows * seq * seq + 6 * h * classes * rows
 }
 
-fn job(method: &str, data: &Path, out: &Path) -> Result<()> {
+/// Trains `method` on the prepared data; `bf16` computes training and the
+/// test evaluation in bf16, as the PyTorch side's autocast does.
+fn job(method: &str, precision: Precision, data: &Path, out: &Path) -> Result<()> {
     let (tensors, plan) = read_prepared(data)?;
     let get = |name: &str| tensors.get(name).map(Tensor::shallow_clone).with_context(|| format!("{} lacks tensor `{name}`", data.display()));
     let jp = &plan["jobs"][method];
-    let cfg: TrainConfig = serde_json::from_value(jp["train"].clone()).context("the plan's train config")?;
+    let mut cfg: TrainConfig = serde_json::from_value(jp["train"].clone()).context("the plan's train config")?;
+    (cfg.precision, cfg.eval_precision) = (precision, precision);
+    let (compute, _) = precision.resolve(Device::Cpu);
+    let precision_name = if compute == Compute::Bf16 { "bf16" } else { "fp32" };
     let registry = zhijian::bench::registry();
     let config = PathBuf::from(plan["config"].as_str().context("the plan names no config")?);
     let exp = Experiment::load(&config, &registry)?;
@@ -381,10 +392,10 @@ fn job(method: &str, data: &Path, out: &Path) -> Result<()> {
 
     let train_split = Split { name: "train".into(), input: Input::Tokens { ids: get("train.ids")?, mask: get("train.mask")? }, labels: get("train.labels")? };
     let test = Split { name: "test".into(), input: Input::Tokens { ids: get("test.ids")?, mask: get("test.mask")? }, labels: get("test.labels")? };
-    let label = format!("zhijian {method} fp32");
+    let label = format!("zhijian {method} {precision_name}");
     eprintln!("{label}: {desc}, {} training reviews, {} threads", train_split.len(), tch::get_num_threads());
     let report = train::train(&model, &mut methods, &train_split, None, &cfg, &TrainOptions { label: label.clone(), checkpoint: None })?;
-    let accuracy = train::evaluate(&model, &methods, &test, cfg.eval_batch_size)?;
+    let accuracy = train::evaluate(&model, &methods, &test, cfg.eval_batch_size, compute)?;
 
     // The batches the engine made: `randperm` right after seeding, consecutive
     // chunks of it, each trimmed to its longest real sequence (`Input::select`).
@@ -408,7 +419,7 @@ fn job(method: &str, data: &Path, out: &Path) -> Result<()> {
     let value = json!({
         "side": "zhijian",
         "method": method,
-        "precision": "fp32",
+        "precision": precision_name,
         "steps": report.steps,
         "samples": report.samples,
         "seconds": report.seconds,

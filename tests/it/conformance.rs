@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 use zhijian::backbones::{Bert, BertConfig, EfficientNetLite, EfficientNetLiteConfig, SmallCnn, SmallCnnConfig, Vit, VitConfig};
 use zhijian::core::train::{self, Split, TrainConfig, TrainOptions, method_variables, predict, restore, trainable};
-use zhijian::core::{Input, Method, Model, Registry};
+use zhijian::core::{Compute, Input, Method, Model, Precision, Registry};
 
 fn registry() -> Registry {
     zhijian::bench::registry()
@@ -94,7 +94,7 @@ fn snapshot(model: &Model, methods: &[Box<dyn Method>]) -> HashMap<String, Tenso
 }
 
 fn logits(model: &Model, methods: &[Box<dyn Method>], data: &Split) -> Tensor {
-    predict(model, methods, &data.input, 64).unwrap()
+    predict(model, methods, &data.input, 64, Compute::Fp32).unwrap()
 }
 
 fn prepared(name: &str, seed: i64) -> (Model, Vec<Box<dyn Method>>) {
@@ -164,6 +164,18 @@ fn specs() -> Vec<toml::Table> {
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
+}
+
+/// bf16 inference of a prepared model gives fp32 logits within a few bf16
+/// rounding steps (2⁻⁸ relative) of the fp32 ones.
+fn check_bf16(at: &str, model: &Model, methods: &[Box<dyn Method>], data: &Split) {
+    let fp32 = logits(model, methods, data);
+    let bf16 = predict(model, methods, &data.input, 64, Compute::Bf16).unwrap();
+    assert_eq!(bf16.kind(), Kind::Float, "{at}: logits are fp32 whatever the compute");
+    let scale = fp32.abs().max().double_value(&[]).max(1.0);
+    let d = max_diff(&bf16, &fp32);
+    assert!(d > 0.0, "{at}: bf16 logits equal the fp32 ones: the layers did not compute in bf16");
+    assert!(d < 0.05 * scale, "{at}: bf16 logits differ from fp32 by {d} (scale {scale})");
 }
 
 #[test]
@@ -263,7 +275,7 @@ fn every_method_passes_the_conformance_checks() {
             let all = logits(&model, &methods, &data);
             // The first 4 examples have 6 real tokens and 4 of padding.
             let alone = Input::Tokens { ids: ids.narrow(0, 0, 1).narrow(1, 0, 6), mask: mask.narrow(0, 0, 1).narrow(1, 0, 6) };
-            let d = max_diff(&predict(&model, &methods, &alone, 1).unwrap(), &all.narrow(0, 0, 1));
+            let d = max_diff(&predict(&model, &methods, &alone, 1, Compute::Fp32).unwrap(), &all.narrow(0, 0, 1));
             assert!(d < 1e-4, "{at}: padding changed an example's logits by {d}");
         }
 
@@ -271,6 +283,22 @@ fn every_method_passes_the_conformance_checks() {
         let mut round = methods[0].config();
         round.insert("method".into(), toml::Value::String(name.clone()));
         assert_eq!(registry().build(&round).unwrap().config(), methods[0].config(), "{at}: config round-trip");
+
+        // 8. bf16 compute: fp32 logits within bf16's rounding of the fp32 ones,
+        //    and a bf16 training step keeps fp32 parameters, finite, that moved.
+        check_bf16(&at, &model, &methods, &data);
+        let (model, mut methods) = try_prepared(toy, spec, 1).unwrap();
+        let before = snapshot(&model, &methods);
+        let cfg = TrainConfig { max_steps: 1, batch_size: 12, lr: 1e-2, warmup_ratio: 0.0, precision: Precision::Bf16, ..Default::default() };
+        let report = train::train(&model, &mut methods, &data, None, &cfg, &TrainOptions::default()).unwrap();
+        assert_eq!(report.compute, Compute::Bf16);
+        assert!(report.final_loss.is_finite(), "{at}: bf16 loss {}", report.final_loss);
+        let after = snapshot(&model, &methods);
+        let moved = before.iter().filter(|(n, t)| after.get(*n).is_some_and(|a| !a.equal(t))).count();
+        assert!(moved > 0, "{at}: nothing changed after a bf16 training step");
+        for (n, t) in &after {
+            assert!(t.kind() != Kind::BFloat16, "{at}: {n} became bf16: master weights stay in their kind");
+        }
     }
     for name in registry().names() {
         assert!(applies.get(&name).copied().unwrap_or(0) > 0, "{name} applies to none of the toy backbones");
@@ -362,10 +390,10 @@ fn predict_keeps_example_order_whatever_the_batching() {
     let Input::Tokens { ids, mask } = &data.input else { unreachable!() };
     for i in [0i64, 5, 11] {
         let one = Input::Tokens { ids: ids.narrow(0, i, 1), mask: mask.narrow(0, i, 1) };
-        let row = predict(&model, &[], &one, 1).unwrap();
+        let row = predict(&model, &[], &one, 1, Compute::Fp32).unwrap();
         assert!(row.allclose(&all.narrow(0, i, 1), 1e-5, 1e-6, false), "row {i} moved");
     }
-    assert!(predict(&model, &[], &data.input, 5).unwrap().allclose(&all, 1e-5, 1e-6, false));
+    assert!(predict(&model, &[], &data.input, 5, Compute::Fp32).unwrap().allclose(&all, 1e-5, 1e-6, false));
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use tch::{Device, Tensor};
 use zhijian::backbones::{SmallCnn, SmallCnnConfig};
 use zhijian::core::train::{self, Split, TrainConfig, TrainOptions, predict};
-use zhijian::core::{Error, ImageSource, Input, Method, Model, Result};
+use zhijian::core::{Compute, Error, ImageSource, Input, Method, Model, Result};
 
 /// 10 images of 3×8×8; augmentation adds a constant drawn from (seed, index).
 #[derive(Debug)]
@@ -76,8 +76,8 @@ fn lazy_batches_predict_like_images_in_memory() {
     let _rng = crate::rng_lock();
     let source = Arc::new(ToySource::new(None));
     let model = model();
-    let lazy = predict(&model, &[], &Input::Lazy(source.clone()), 3).unwrap();
-    let eager = predict(&model, &[], &Input::Images(source.all()), 3).unwrap();
+    let lazy = predict(&model, &[], &Input::Lazy(source.clone()), 3, Compute::Fp32).unwrap();
+    let eager = predict(&model, &[], &Input::Images(source.all()), 3, Compute::Fp32).unwrap();
     assert!(lazy.allclose(&eager, 1e-6, 1e-6, false));
     // Evaluation never augments.
     assert!(source.seeds.lock().unwrap().iter().all(Option::is_none));
@@ -114,6 +114,6 @@ fn a_batch_that_cannot_be_made_stops_training_with_its_error() {
     let cfg = TrainConfig { epochs: 1, batch_size: 4, ..Default::default() };
     let err = train::train(&model, &mut methods, &split(Arc::new(ToySource::new(Some(7)))), None, &cfg, &TrainOptions::default()).unwrap_err();
     assert!(err.to_string().contains("image 7 cannot be decoded"), "{err}");
-    let err = predict(&model, &[], &Input::Lazy(Arc::new(ToySource::new(Some(2)))), 4).unwrap_err();
+    let err = predict(&model, &[], &Input::Lazy(Arc::new(ToySource::new(Some(2)))), 4, Compute::Fp32).unwrap_err();
     assert!(matches!(err, Error::Data(_)), "{err}");
 }

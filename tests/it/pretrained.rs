@@ -5,7 +5,7 @@
 
 use zhijian::backbones::{EfficientNetLite, EfficientNetLiteConfig, load_pretrained};
 use zhijian::core::train::predict;
-use zhijian::core::{Accuracy, Model};
+use zhijian::core::{Accuracy, Compute, Model};
 use zhijian::data::{ImageLoader, ImageTransform, foolbox_imagenet};
 
 #[test]
@@ -27,7 +27,7 @@ fn efficientnet_lite0_classifies_foolbox_imagenet_samples() {
     let preset = model.backbone.image_preset().unwrap();
     let loader = ImageLoader::from_files(&samples, ImageTransform::from_preset(&preset)).unwrap();
     let split = loader.split("foolbox", &(0..20).collect::<Vec<_>>()).unwrap();
-    let logits = predict(&model, &[], &split.input, 10).unwrap();
+    let logits = predict(&model, &[], &split.input, 10, Compute::Fp32).unwrap();
     let accuracy = Accuracy::from_logits(&logits, &split.labels);
     let (top1, top5) = ((accuracy.top1() * 20.0).round() as i64, (accuracy.top5() * 20.0).round() as i64);
     println!("EfficientNet-Lite0 on foolbox's 20 ImageNet samples: top-1 {top1}/20, top-5 {top5}/20");

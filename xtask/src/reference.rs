@@ -103,8 +103,8 @@ pub fn reference(args: &[String]) -> Result<()> {
         pytorch("matmul ceiling, PyTorch", &["ceiling"], json_out("ceiling-pytorch")),
         pytorch("model FLOPs: formula vs FlopCounterMode", &["flops-check", "--data", data_arg], json_out("flops-check")),
     ];
-    // Six jobs follow; bf16 ones only where bf16 matmuls beat fp32 ones.
-    let total = first.len() + 6;
+    // Eight jobs follow; bf16 ones only where bf16 matmuls beat fp32 ones.
+    let total = first.len() + 8;
     let t_run = Instant::now();
     let mut results = serde_json::Map::new();
     let mut k = 0;
@@ -117,25 +117,26 @@ pub fn reference(args: &[String]) -> Result<()> {
     let skip_bf16 = (bf16 <= fp32).then(|| {
         format!(
             "bf16 matmuls run at {:.1} GFLOP/s on this CPU against {:.0} GFLOP/s in fp32 (no AVX-512 BF16 or AMX), \
-             so fp32 is PyTorch's best setting here and the bf16 autocast jobs were skipped",
+             so fp32 is the best setting here and the bf16 jobs were skipped",
             bf16 / 1e9,
             fp32 / 1e9
         )
     });
+    // Each precision's two sides run back to back.
     for method in ["full_finetune", "lora"] {
-        k += 1;
-        let stage =
-            zhijian(&format!("zhijian {method} fp32"), &["job", "--method", method, "--data", data_arg], Some(json_out(&format!("zhijian-{method}-fp32"))));
-        run_stage(stage, k, total, t_run, &mut results)?;
         for precision in ["fp32", "bf16"] {
-            k += 1;
-            let label = format!("PyTorch {method} {precision}");
-            if let (Some(why), "bf16") = (&skip_bf16, precision) {
-                step(&format!("[{k}/{total}] {label} skipped: {why}"));
-                continue;
+            for side in ["zhijian", "PyTorch"] {
+                k += 1;
+                let label = format!("{side} {method} {precision}");
+                if let (Some(why), "bf16") = (&skip_bf16, precision) {
+                    step(&format!("[{k}/{total}] {label} skipped: {why}"));
+                    continue;
+                }
+                let args = ["job", "--method", method, "--precision", precision, "--data", data_arg];
+                let out = json_out(&format!("{}-{method}-{precision}", side.to_lowercase()));
+                let stage = if side == "zhijian" { zhijian(&label, &args, Some(out)) } else { pytorch(&label, &args, out) };
+                run_stage(stage, k, total, t_run, &mut results)?;
             }
-            let args = ["job", "--method", method, "--precision", precision, "--data", data_arg];
-            run_stage(pytorch(&label, &args, json_out(&format!("pytorch-{method}-{precision}"))), k, total, t_run, &mut results)?;
         }
     }
     let run_seconds = t_run.elapsed().as_secs_f64();
@@ -273,44 +274,31 @@ fn render(report: &Value) -> Result<String> {
     )?;
     writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
     for (method, name) in methods {
-        let z = need("zhijian", method, "fp32")?;
-        let c = ceiling("fp32")?;
-        let p = need("pytorch", method, "fp32")?;
-        writeln!(
-            out,
-            "| {name}, fp32 | {:.1} | {:.1} | {:.2} | {} | {} | {:.2} | {:.2} | {:.3} | {:.3} | {:.0}% | {:.0}% |",
-            f(z, "samples_per_s")?,
-            f(p, "samples_per_s")?,
-            f(z, "samples_per_s")? / f(p, "samples_per_s")?,
-            bytes(f(z, "peak_rss_bytes")?),
-            bytes(f(p, "peak_rss_bytes")?),
-            100.0 * f(z, "test_top1")?,
-            100.0 * f(p, "test_top1")?,
-            f(z, "model_flops_per_s")? / 1e12,
-            f(p, "model_flops_per_s")? / 1e12,
-            100.0 * f(z, "model_flops_per_s")? / c,
-            100.0 * f(p, "model_flops_per_s")? / c,
-        )?;
-        match job("pytorch", method, "bf16") {
-            Some(p) => {
-                let c = ceiling("bf16")?;
-                writeln!(
-                    out,
-                    "| {name}, bf16 autocast | — | {:.1} | {:.2} (zhijian fp32 ÷ PyTorch bf16) | — | {} | — | {:.2} | — | {:.3} | — | {:.0}% |",
-                    f(p, "samples_per_s")?,
-                    f(z, "samples_per_s")? / f(p, "samples_per_s")?,
-                    bytes(f(p, "peak_rss_bytes")?),
-                    100.0 * f(p, "test_top1")?,
-                    f(p, "model_flops_per_s")? / 1e12,
-                    100.0 * f(p, "model_flops_per_s")? / c,
-                )?;
-            }
-            None => writeln!(out, "| {name}, bf16 autocast | — | skipped ‡ | | | | | | | | | |")?,
+        for (precision, shown) in [("fp32", "fp32"), ("bf16", "bf16 (zhijian's layers / PyTorch autocast)")] {
+            let (Some(z), Some(p)) = (job("zhijian", method, precision), job("pytorch", method, precision)) else {
+                writeln!(out, "| {name}, {shown} | skipped ‡ | skipped ‡ | | | | | | | | | |")?;
+                continue;
+            };
+            let c = ceiling(precision)?;
+            writeln!(
+                out,
+                "| {name}, {shown} | {:.1} | {:.1} | {:.2} | {} | {} | {:.2} | {:.2} | {:.3} | {:.3} | {:.0}% | {:.0}% |",
+                f(z, "samples_per_s")?,
+                f(p, "samples_per_s")?,
+                f(z, "samples_per_s")? / f(p, "samples_per_s")?,
+                bytes(f(z, "peak_rss_bytes")?),
+                bytes(f(p, "peak_rss_bytes")?),
+                100.0 * f(z, "test_top1")?,
+                100.0 * f(p, "test_top1")?,
+                f(z, "model_flops_per_s")? / 1e12,
+                f(p, "model_flops_per_s")? / 1e12,
+                100.0 * f(z, "model_flops_per_s")? / c,
+                100.0 * f(p, "model_flops_per_s")? / c,
+            )?;
         }
     }
-    writeln!(out, "\nzhijian has no bf16 path (tch exposes no CPU autocast), so its bf16 cells are empty.")?;
     if let Some(why) = m["bf16_skipped"].as_str() {
-        writeln!(out, "‡ {why}.")?;
+        writeln!(out, "\n‡ {why}.")?;
     }
 
     writeln!(out, "\n| matmul ceiling (best over n = 512 … 4096) | fp32 TFLOP/s | bf16 TFLOP/s |")?;
@@ -330,13 +318,12 @@ fn render(report: &Value) -> Result<String> {
     writeln!(out, "|---|---|---|---|---|---|---|")?;
     let mut notes = Vec::new();
     for (method, name) in methods {
-        let z = need("zhijian", method, "fp32")?;
         for precision in ["fp32", "bf16"] {
-            let Some(p) = job("pytorch", method, precision) else { continue };
-            let zl = if precision == "fp32" { format!("{:.6}", f(z, "final_loss")?) } else { "—".into() };
+            let (Some(z), Some(p)) = (job("zhijian", method, precision), job("pytorch", method, precision)) else { continue };
             writeln!(
                 out,
-                "| {name}, {precision} | {zl} | {:.6} | {} | {} | {} | {} |",
+                "| {name}, {precision} | {:.6} | {:.6} | {} | {} | {} | {} |",
+                f(z, "final_loss")?,
                 f(p, "final_loss")?,
                 z["tokens"],
                 p["tokens"],
@@ -395,6 +382,7 @@ mod tests {
             results.insert(format!("zhijian-{method}-fp32"), result("zhijian", 20.0, 1000));
             results.insert(format!("pytorch-{method}-fp32"), result("pytorch", 25.0, 1000));
             if with_bf16 {
+                results.insert(format!("zhijian-{method}-bf16"), result("zhijian", 60.0, 1000));
                 results.insert(format!("pytorch-{method}-bf16"), result("pytorch", 40.0, 1001));
             }
         }
@@ -414,8 +402,11 @@ mod tests {
         let table = render(&report(true)).unwrap();
         // zhijian ÷ PyTorch = 20 / 25; 7.5e10 FLOP/s of the higher fp32 ceiling 1.5e11 = 50 %, of the bf16 one 7.5e11 = 10 %.
         assert!(table.contains("| full fine-tuning, fp32 | 20.0 | 25.0 | 0.80 | 1.50 GiB | 1.50 GiB | 78.00 | 78.00 | 0.075 | 0.075 | 50% | 50% |"), "{table}");
+        // bf16: 60 / 40; 7.5e10 of the higher bf16 ceiling 7.5e11 = 10 %.
         assert!(
-            table.contains("| LoRA r8, bf16 autocast | — | 40.0 | 0.50 (zhijian fp32 ÷ PyTorch bf16) | — | 1.50 GiB | — | 78.00 | — | 0.075 | — | 10% |"),
+            table.contains(
+                "| LoRA r8, bf16 (zhijian's layers / PyTorch autocast) | 60.0 | 40.0 | 1.50 | 1.50 GiB | 1.50 GiB | 78.00 | 78.00 | 0.075 | 0.075 | 10% | 10% |"
+            ),
             "{table}"
         );
         assert!(table.contains("counts 1.0000 × the formula for full fine-tuning and 0.9800 × for LoRA"), "{table}");
@@ -427,7 +418,7 @@ mod tests {
     #[test]
     fn skipped_bf16_jobs_say_why() {
         let table = render(&report(false)).unwrap();
-        assert!(table.contains("| full fine-tuning, bf16 autocast | — | skipped ‡ |"), "{table}");
+        assert!(table.contains("| full fine-tuning, bf16 (zhijian's layers / PyTorch autocast) | skipped ‡ | skipped ‡ |"), "{table}");
         assert!(table.contains("‡ bf16 matmuls are slow here."), "{table}");
         assert!(!table.contains("**warning:**"), "{table}");
     }

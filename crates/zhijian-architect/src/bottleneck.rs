@@ -15,6 +15,7 @@
 use serde::{Deserialize, Serialize};
 use tch::nn::Path;
 use tch::{Kind, Tensor};
+use zhijian_core::precision::cast_like;
 use zhijian_core::{Error, Model, Result};
 
 /// The non-linearity between the two projections.
@@ -175,10 +176,12 @@ impl Bottleneck {
     /// # Shapes
     /// `x`: `[…, d]` → `[…, d]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let [down, up] = self.effective();
-        let h = self.activation.apply(&x.linear(&down, Some(&self.down_bias)));
+        // In the activations' precision (bf16 under mixed precision).
+        let [down, up] = self.effective().map(|w| cast_like(&w, x));
+        let [down_bias, up_bias] = [&self.down_bias, &self.up_bias].map(|b| cast_like(b, x));
+        let h = self.activation.apply(&x.linear(&down, Some(&down_bias)));
         let h = if train && self.dropout > 0.0 { h.dropout(self.dropout, true) } else { h };
-        h.linear(&up, Some(&self.up_bias))
+        h.linear(&up, Some(&up_bias))
     }
 }
 

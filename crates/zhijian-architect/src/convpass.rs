@@ -36,6 +36,7 @@ use zhijian_core::{Error, Layout, Method, Model, Result, Role, SubLayer, config_
 
 use crate::adapter::{slot, sublayer_name};
 use crate::bottleneck::{Activation, BlockSet, block_prefixes, check_dropout, xavier_uniform};
+use zhijian_core::precision::cast_like;
 
 /// How the 3×3 convolution of a bypass starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,17 +118,20 @@ impl Bypass {
     fn forward(&self, x: &Tensor, layout: &Layout, dropout: f64, train: bool) -> Tensor {
         let qgelu = |t: &Tensor| Activation::QuickGelu.apply(t);
         let [rows, cols] = layout.grid.expect("convpass: the backbone gave no patch grid (prepare checks for a ViT)");
-        let h = qgelu(&x.linear(&self.down, Some(&self.down_bias)));
+        // In the activations' precision (bf16 under mixed precision).
+        let [down, down_bias, conv, conv_bias, up, up_bias] =
+            [&self.down, &self.down_bias, &self.conv, &self.conv_bias, &self.up, &self.up_bias].map(|w| cast_like(w, x));
+        let h = qgelu(&x.linear(&down, Some(&down_bias)));
         let (b, t, c) = h.size3().expect("convpass input must be [batch, tokens, dim]");
         let start = layout.content_start();
         assert_eq!(t - start, rows * cols, "convpass: {t} tokens with {start} before the content do not fit a {rows}×{cols} patch grid");
         let grid = h.narrow(1, start, rows * cols).reshape([b, rows, cols, c]).permute([0, 3, 1, 2]);
-        let grid = grid.conv2d(&self.conv, Some(&self.conv_bias), [1, 1], [1, 1], [1, 1], 1).permute([0, 2, 3, 1]).reshape([b, rows * cols, c]);
+        let grid = grid.conv2d(&conv, Some(&conv_bias), [1, 1], [1, 1], [1, 1], 1).permute([0, 2, 3, 1]).reshape([b, rows * cols, c]);
         // A 3×3 convolution with padding 1 of a 1×1 image sees only its centre tap.
-        let single = h.narrow(1, 0, start).linear(&self.conv.select(3, 1).select(2, 1), Some(&self.conv_bias));
+        let single = h.narrow(1, 0, start).linear(&conv.select(3, 1).select(2, 1), Some(&conv_bias));
         let h = qgelu(&Tensor::cat(&[single, grid], 1));
         let h = if train && dropout > 0.0 { h.dropout(dropout, true) } else { h };
-        h.linear(&self.up, Some(&self.up_bias))
+        h.linear(&up, Some(&up_bias))
     }
 }
 

@@ -53,6 +53,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 use tch::nn::{Init, VarStore};
+use zhijian_core::precision::cast_like;
 use zhijian_core::{Error, Method, Model, Result, Role, Site, config_table};
 
 /// How the stacked weight updates are factorised.
@@ -250,7 +251,8 @@ impl Method for Fact {
         }
         let (r, d, p) = (self.config.dim, u.size()[1], self.config.dropout);
         let drop = |y: Tensor| if train && p > 0.0 { y.dropout(p, true) } else { y };
-        let mix = self.mixing(a);
+        // In the activations' precision (bf16 under mixed precision).
+        let (mix, u, v) = (cast_like(&self.mixing(a), x), &cast_like(u, x), &cast_like(v, x));
         let delta = match a.layout {
             Layout::MlpDown => drop(x.unflatten(-1, [a.slots, d]).linear::<Tensor>(u, None).flatten(-2, -1).matmul(&mix)).linear::<Tensor>(v, None),
             _ => drop(x.linear::<Tensor>(u, None).matmul(&mix)).unflatten(-1, [a.slots, r]).linear::<Tensor>(v, None).flatten(-2, -1),

@@ -44,6 +44,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 use tch::nn::{Init, VarStore};
+use zhijian_core::precision::cast_like;
 use zhijian_core::targets::select_sites;
 use zhijian_core::{Error, Method, Model, Result, Role, Site, config_table};
 
@@ -279,12 +280,14 @@ impl Method for Lora {
         match self.pairs.get(&site.path) {
             Some(pair) if !self.merged => {
                 let x = if train && self.config.dropout > 0.0 { x.dropout(self.config.dropout, true) } else { x.shallow_clone() };
-                let update = x.linear::<Tensor>(&pair.a, None).linear::<Tensor>(&pair.b, None) * pair.scale;
+                // In the activations' precision (bf16 under mixed precision).
+                let linear = |t: &Tensor, w: &Tensor| t.linear::<Tensor>(&cast_like(w, &x), None);
+                let update = linear(&linear(&x, &pair.a), &pair.b) * pair.scale;
                 match &pair.dora {
                     None => out + update,
                     Some(dora) => {
                         let ratio = dora_ratio(dora, &pair.b.matmul(&pair.a), pair.scale);
-                        out + (&ratio - 1.0) * x.linear::<Tensor>(&dora.w, None) + ratio * update
+                        out + (&ratio - 1.0) * linear(&x, &dora.w) + ratio * update
                     }
                 }
             }
@@ -298,7 +301,7 @@ impl Method for Lora {
                 let x = if train && self.config.dropout > 0.0 { x.dropout(self.config.dropout, true) } else { x.shallow_clone() };
                 let kernel = [site.out_features, site.in_features / g.groups, g.kernel[0], g.kernel[1]];
                 let delta = pair.b.matmul(&pair.a).reshape(kernel);
-                let conv = |w: &Tensor| x.conv2d::<Tensor>(w, None, [g.stride; 2], [g.padding; 2], [1, 1], g.groups);
+                let conv = |w: &Tensor| x.conv2d::<Tensor>(&cast_like(w, &x), None, [g.stride; 2], [g.padding; 2], [1, 1], g.groups);
                 let update = conv(&(&delta * pair.scale));
                 match &pair.dora {
                     None => out + update,

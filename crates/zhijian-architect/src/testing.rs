@@ -45,18 +45,39 @@ pub fn cnn(seed: i64) -> Model {
 }
 
 /// 6 token sequences of length 8 (ids 1‥49); the first 2 end with 3 padding tokens.
+/// Drawn from a local generator, not LibTorch's global one: tests on parallel
+/// threads draw from that between any reseed and the draw, so two calls would
+/// not be guaranteed to agree.
 pub fn tokens() -> Input {
-    tch::manual_seed(7);
-    let ids = Tensor::randint_low(1, 50, [6, 8], (Kind::Int64, Device::Cpu));
+    let ids: Vec<i64> = uniforms(7, 6 * 8).into_iter().map(|u| 1 + (u * 49.0) as i64).collect();
+    let ids = Tensor::from_slice(&ids).view([6, 8]);
     let mask = Tensor::ones([6, 8], (Kind::Int64, Device::Cpu));
     let _ = mask.narrow(1, 5, 3).narrow(0, 0, 2).fill_(0);
     Input::Tokens { ids, mask }
 }
 
-/// 6 random 3×16×16 images.
+/// 6 standard-normal 3×16×16 images (Box–Muller on the local generator).
 pub fn images() -> Input {
-    tch::manual_seed(7);
-    Input::Images(Tensor::randn([6, 3, 16, 16], (Kind::Float, Device::Cpu)))
+    let u = uniforms(7, 6 * 3 * 16 * 16);
+    let normal: Vec<f32> = u
+        .chunks(2)
+        .flat_map(|p| {
+            let (r, a) = ((-2.0 * (1.0 - p[0]).ln()).sqrt(), std::f64::consts::TAU * p[1]);
+            [(r * a.cos()) as f32, (r * a.sin()) as f32]
+        })
+        .collect();
+    Input::Images(Tensor::from_slice(&normal).view([6, 3, 16, 16]))
+}
+
+/// `n` uniforms in [0, 1) from a 64-bit linear congruential generator (Knuth's MMIX constants).
+fn uniforms(seed: u64, n: usize) -> Vec<f64> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        })
+        .collect()
 }
 
 /// 6 random labels in 0‥3.

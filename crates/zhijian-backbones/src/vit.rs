@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 use zhijian_core::layers::{Conv2d, LayerNorm, Linear, Padding, Role, Site, attention, dropout};
+use zhijian_core::precision::to_fp32;
 use zhijian_core::{Backbone, Ctx, Error, ImagePreset, Input, Kv, Layout, ParamGroup, Result, SubLayer, Tap, Tokens, block_index};
 
 /// How token states become one feature vector.
@@ -238,7 +239,8 @@ impl Vit {
     pub fn encode(&self, cx: &Ctx, images: &Tensor) -> Tokens {
         let patches = self.patch_embed.forward(cx, images);
         let (b, d, gh, gw) = patches.size4().expect("conv output is 4-d");
-        let tokens = patches.flatten(2, 3).transpose(1, 2);
+        // The residual stream is fp32 whatever the compute precision.
+        let tokens = to_fp32(&patches.flatten(2, 3).transpose(1, 2));
         let x = Tensor::cat(&[self.cls_token.expand([b, 1, d], false), tokens], 1) + self.pos_embed_for(gh, gw);
         let mut t = Tokens { x, keep: None, layout: Layout { lead: 1, grid: Some([gh, gw]), ..Default::default() } };
         for (i, block) in self.blocks.iter().enumerate() {

@@ -8,7 +8,8 @@ use zhijian_core::weights::tmp_sibling;
 
 use crate::features::FeatureOrigin;
 use crate::source::SourceScore;
-use zhijian_core::{Error, Result};
+use zhijian_core::precision::Probe;
+use zhijian_core::{Compute, Error, Result};
 
 /// Everything measured in one run of one strategy with one seed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -60,6 +61,16 @@ pub struct Record {
     /// once per example (their time is `feature_seconds`). (Absent in older records.)
     #[serde(default)]
     pub cached_prefix_block: Option<usize>,
+    /// What the training passes computed in (`train.precision` resolved).
+    /// (Absent in older records: fp32.)
+    #[serde(default)]
+    pub compute: Option<Compute>,
+    /// What evaluation and the inference timings computed in.
+    #[serde(default)]
+    pub eval_compute: Option<Compute>,
+    /// The matmul probe behind `precision = "auto"`, when it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision_probe: Option<Probe>,
     /// Seconds of the training loop (without validation).
     pub train_seconds: f64,
     /// Seconds of the per-epoch validation passes. (Absent in older records: 0.)
@@ -179,6 +190,9 @@ pub(crate) fn sample(strategy: &str, seed: u64, top1: f64) -> Record {
         feature_origin: None,
         feature_seconds: 0.0,
         cached_prefix_block: None,
+        compute: None,
+        eval_compute: None,
+        precision_probe: None,
         train_seconds: 2.0,
         eval_seconds: 0.5,
         train_samples_per_s: 50.0,

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use tch::Tensor;
 use zhijian_core::metrics::{peak_rss_bytes, reset_peak_rss};
 use zhijian_core::train::{self, TrainOptions, features_cacheable};
-use zhijian_core::{Error, Method, Model, Registry, Result, Split};
+use zhijian_core::{Compute, Error, Method, Model, Registry, Result, Split};
 
 use crate::build::{build_model, image_preset, weights_file};
 use crate::data::load_data;
@@ -117,19 +117,19 @@ const THROUGHPUT_EXAMPLES: i64 = 256;
 /// latency in milliseconds, and examples per second at `batch_size`. Inputs
 /// are made (decoded, tokenised) before the clock starts; one warm-up pass
 /// runs first.
-fn inference_speed(model: &Model, methods: &[Box<dyn Method>], test: &Split, batch_size: i64) -> Result<(f64, f64)> {
+fn inference_speed(model: &Model, methods: &[Box<dyn Method>], test: &Split, batch_size: i64, compute: Compute) -> Result<(f64, f64)> {
     let first = |n: i64| test.input.select(&Tensor::arange(n.min(test.len()), (tch::Kind::Int64, tch::Device::Cpu)), tch::Device::Cpu);
     let bulk = first(THROUGHPUT_EXAMPLES)?;
-    let _warm_up = train::predict(model, methods, &bulk, batch_size)?;
+    let _warm_up = train::predict(model, methods, &bulk, batch_size, compute)?;
     let t = Instant::now();
-    let _ = train::predict(model, methods, &bulk, batch_size)?;
+    let _ = train::predict(model, methods, &bulk, batch_size, compute)?;
     let per_s = bulk.len() as f64 / t.elapsed().as_secs_f64();
     let singles = first(LATENCY_EXAMPLES)?;
     let mut times: Vec<f64> = (0..singles.len())
         .map(|i| {
             let one = singles.select(&Tensor::from_slice(&[i]), tch::Device::Cpu)?;
             let t = Instant::now();
-            let _ = train::predict(model, methods, &one, 1)?;
+            let _ = train::predict(model, methods, &one, 1, compute)?;
             Ok(t.elapsed().as_secs_f64() * 1e3)
         })
         .collect::<Result<_>>()?;
@@ -228,17 +228,18 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             (&data.train, &data.val, &data.test, &data.ood)
         };
         let report = train::train(&model, &mut methods, train_split, Some(val_split), &cfg, &TrainOptions { label: label.clone(), checkpoint: None })?;
-        let test = train::evaluate(&model, &methods, test_split, cfg.eval_batch_size)?;
+        let (eval_compute, _) = cfg.eval_precision.resolve(device);
+        let test = train::evaluate(&model, &methods, test_split, cfg.eval_batch_size, eval_compute)?;
         let top5 = |a: &zhijian_core::Accuracy| (data.classes.len() > 5).then(|| a.top5());
         let ood = ood_splits
             .iter()
             .map(|s| {
-                let a = train::evaluate(&model, &methods, s, cfg.eval_batch_size)?;
+                let a = train::evaluate(&model, &methods, s, cfg.eval_batch_size, eval_compute)?;
                 Ok(SplitScore { split: s.name.clone(), top1: a.top1(), top5: top5(&a), n: a.n })
             })
             .collect::<Result<Vec<_>>>()?;
         let source_score = source.as_ref().map(|s| s.score(&model, &methods, cfg.eval_batch_size)).transpose()?;
-        let (latency_ms, inference_per_s) = inference_speed(&model, &methods, &data.test, cfg.eval_batch_size)?;
+        let (latency_ms, inference_per_s) = inference_speed(&model, &methods, &data.test, cfg.eval_batch_size, eval_compute)?;
         let peak = peak_rss_bytes();
         let artifact = artifacts.join(format!("{}-seed{seed}.safetensors", strategy.name));
         let artifact_bytes = zhijian_core::save_atomic(&train::artifact(&model, &methods), &artifact)?;
@@ -261,6 +262,9 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             feature_origin,
             feature_seconds,
             cached_prefix_block: prefix_block,
+            compute: Some(report.compute),
+            eval_compute: Some(eval_compute),
+            precision_probe: report.probe,
             train_seconds: report.seconds,
             eval_seconds: report.eval_seconds,
             train_samples_per_s: report.samples_per_s(),

@@ -14,6 +14,7 @@ use tch::Tensor;
 use crate::hooks::{Kv, Layout, SubLayer, Tokens};
 use crate::layers::Site;
 use crate::method::Method;
+use crate::precision::{Compute, WeightCache};
 
 /// An intermediate a method (or the caller) can ask a backbone to record.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -35,6 +36,8 @@ pub struct Ctx<'a> {
     methods: &'a [Box<dyn Method>],
     wanted: Vec<Tap>,
     taps: RefCell<BTreeMap<Tap, Tensor>>,
+    compute: Compute,
+    weights: Option<&'a WeightCache>,
 }
 
 impl<'a> Ctx<'a> {
@@ -47,17 +50,53 @@ impl<'a> Ctx<'a> {
                 wanted.push(tap);
             }
         }
-        Ctx { train, methods, wanted, taps: RefCell::new(BTreeMap::new()) }
+        Ctx { train, methods, wanted, taps: RefCell::new(BTreeMap::new()), compute: Compute::Fp32, weights: None }
     }
 
     /// A context with no methods and no taps: the plain backbone.
     pub fn plain(train: bool) -> Ctx<'static> {
-        Ctx { train, methods: &[], wanted: Vec::new(), taps: RefCell::new(BTreeMap::new()) }
+        Ctx { train, methods: &[], wanted: Vec::new(), taps: RefCell::new(BTreeMap::new()), compute: Compute::Fp32, weights: None }
+    }
+
+    /// The same context computing its matmuls in `compute` (fp32 by default).
+    pub fn with_compute(mut self, compute: Compute) -> Self {
+        self.compute = compute;
+        self
+    }
+
+    /// The same context reading bf16 copies of frozen weights from `cache`
+    /// instead of casting them at every use.
+    pub fn with_weight_cache(mut self, cache: &'a WeightCache) -> Self {
+        self.weights = Some(cache);
+        self
     }
 
     /// Whether this is a training pass (dropout active).
     pub fn is_train(&self) -> bool {
         self.train
+    }
+
+    /// What the matmuls of this pass compute in.
+    pub fn compute(&self) -> Compute {
+        self.compute
+    }
+
+    /// A layer's input in the compute precision (floats only).
+    pub fn cast(&self, x: &Tensor) -> Tensor {
+        let kind = self.compute.kind();
+        if x.kind() == kind || !x.is_floating_point() { x.shallow_clone() } else { x.to_kind(kind) }
+    }
+
+    /// A layer's weight in the compute precision: frozen weights come from the
+    /// weight cache when the pass has one; trainable ones are cast
+    /// differentiably, so their gradients reach the fp32 masters.
+    pub fn weight(&self, w: &Tensor) -> Tensor {
+        let kind = self.compute.kind();
+        match self.weights {
+            Some(cache) => cache.get(w, kind),
+            None if w.kind() == kind => w.shallow_clone(),
+            None => w.to_kind(kind),
+        }
     }
 
     /// Called by a hookable linear layer with its input before the matmul;

@@ -9,6 +9,7 @@ use tch::Tensor;
 use tch::nn::{Init, Path};
 
 use crate::ctx::Ctx;
+use crate::precision::to_fp32;
 
 /// What a backbone's sub-layer does; lets methods pick sensible default targets
 /// across backbone families (LoRA defaults to the attention query and value).
@@ -118,11 +119,14 @@ impl Linear {
         &self.site
     }
 
+    /// Computes in the context's precision; methods see the input and output
+    /// in it too.
+    ///
     /// # Shapes
     /// `x`: `[..., in_features]` → `[..., out_features]`.
     pub fn forward(&self, cx: &Ctx, x: &Tensor) -> Tensor {
-        let x = cx.linear_input(&self.site, x);
-        let base = x.linear(&self.ws, self.bs.as_ref());
+        let x = cx.cast(&cx.linear_input(&self.site, x));
+        let base = x.linear(&cx.weight(&self.ws), self.bs.as_ref().map(|b| cx.weight(b)).as_ref());
         cx.linear(&self.site, &x, base)
     }
 }
@@ -149,11 +153,13 @@ impl LayerNorm {
         &self.site
     }
 
-    /// Normalises, then lets every active method transform the output (`cx.norm`).
+    /// Normalises in fp32 whatever the context's precision, then lets every
+    /// active method transform the output (`cx.norm`).
     ///
     /// # Shapes
     /// `x`: `[..., dim]` → same.
     pub fn forward(&self, cx: &Ctx, x: &Tensor) -> Tensor {
+        let x = &to_fp32(x);
         let out = x.layer_norm([self.site.in_features], Some(&self.ws), Some(&self.bs), self.eps, true);
         cx.norm(&self.site, x, out)
     }
@@ -185,7 +191,8 @@ pub fn dropout(cx: &Ctx, x: &Tensor, p: f64) -> Tensor {
 }
 
 /// Multi-head scaled dot-product attention over already projected `q`, `k`, `v`,
-/// shared by every transformer backbone (fused kernel where LibTorch has one).
+/// shared by every transformer backbone (fused kernel where LibTorch has one),
+/// in the context's precision (the fused kernel accumulates its softmax in fp32).
 ///
 /// # Shapes
 /// `q`, `k`, `v`: `[batch, tokens, heads·head_dim]`; `keep`: optional boolean
@@ -194,6 +201,7 @@ pub fn attention(cx: &Ctx, q: &Tensor, k: &Tensor, v: &Tensor, keep: Option<&Ten
     let (b, t, d) = q.size3().expect("attention input must be [batch, tokens, dim]");
     let split = |x: &Tensor| x.view([b, -1, heads, d / heads]).transpose(1, 2);
     let p = if cx.is_train() { dropout_p } else { 0.0 };
+    let split = |x: &Tensor| split(&cx.cast(x));
     Tensor::scaled_dot_product_attention(&split(q), &split(k), &split(v), keep, p, false, None, false).transpose(1, 2).reshape([b, t, d])
 }
 
@@ -281,7 +289,8 @@ impl Conv2d {
                 if ph == 0 && pw == 0 { x.shallow_clone() } else { x.constant_pad_nd([pw / 2, pw - pw / 2, ph / 2, ph - ph / 2]) }
             }
         };
-        let base = x.conv2d(&self.ws, self.bs.as_ref(), [g.stride; 2], [g.padding; 2], [1, 1], g.groups);
+        let x = cx.cast(&x);
+        let base = x.conv2d(&cx.weight(&self.ws), self.bs.as_ref().map(|b| cx.weight(b)).as_ref(), [g.stride; 2], [g.padding; 2], [1, 1], g.groups);
         cx.conv(&self.site, &x, base)
     }
 }
@@ -327,9 +336,12 @@ impl BatchNorm2d {
     /// pre-trained statistics, so a frozen backbone computes the same features
     /// in training and evaluation, and methods on it start from the model as shipped.
     ///
+    /// Normalises in fp32 whatever the context's precision.
+    ///
     /// # Shapes
     /// `x`: `[batch, c, h, w]` → same.
     pub fn forward(&self, cx: &Ctx, x: &Tensor) -> Tensor {
+        let x = &to_fp32(x);
         let train = cx.is_train() && self.ws.requires_grad();
         if train {
             tch::no_grad(|| {
@@ -338,5 +350,70 @@ impl BatchNorm2d {
         }
         let out = x.batch_norm(Some(&self.ws), Some(&self.bs), Some(&self.running_mean), Some(&self.running_var), train, self.momentum, self.eps, false);
         cx.norm(&self.site, x, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::precision::{Compute, WeightCache};
+    use tch::nn::VarStore;
+    use tch::{Device, Kind};
+
+    fn randn(shape: &[i64]) -> Tensor {
+        Tensor::randn(shape, (Kind::Float, Device::Cpu))
+    }
+
+    /// Under bf16 a linear layer computes `x Wᵀ + b` on bf16 copies, returns
+    /// bf16, and its gradient reaches the fp32 weight; frozen weights are cast once.
+    #[test]
+    fn linear_computes_in_the_contexts_precision() {
+        let vs = VarStore::new(Device::Cpu);
+        let layer = Linear::new(vs.root() / "proj", 8, 4, true, Role::Other);
+        let x = randn(&[3, 8]);
+        let cache = WeightCache::new();
+        let cx = Ctx::plain(true).with_compute(Compute::Bf16).with_weight_cache(&cache);
+        let y = layer.forward(&cx, &x);
+        assert_eq!(y.kind(), Kind::BFloat16);
+        let bf = |t: &Tensor| t.to_kind(Kind::BFloat16);
+        let want = bf(&x).linear(&bf(&layer.ws), Some(&bf(layer.bs.as_ref().unwrap())));
+        assert!(y.equal(&want), "the same bf16 matmul");
+        y.to_kind(Kind::Float).sum(Kind::Float).backward();
+        assert_eq!(layer.ws.grad().kind(), Kind::Float);
+        assert!(cache.is_empty(), "trainable weights are not cached");
+
+        let _ = layer.ws.set_requires_grad(false);
+        let _ = layer.bs.as_ref().unwrap().set_requires_grad(false);
+        let _ = layer.forward(&cx, &x);
+        let _ = layer.forward(&cx, &x);
+        assert_eq!(cache.len(), 2, "the frozen weight and bias, cast once");
+        let fp32 = layer.forward(&Ctx::plain(false), &x);
+        assert_eq!(fp32.kind(), Kind::Float);
+        assert!(fp32.allclose(&y.to_kind(Kind::Float), 5e-2, 5e-2, false));
+    }
+
+    /// Norms are fp32 whatever comes in; convolutions and attention follow the context.
+    #[test]
+    fn norms_stay_fp32_and_convolutions_and_attention_follow_the_context() {
+        let vs = VarStore::new(Device::Cpu);
+        let cx = Ctx::plain(false).with_compute(Compute::Bf16);
+        let ln = LayerNorm::new(vs.root() / "ln", 8, 1e-5);
+        let x = randn(&[2, 3, 8]);
+        let normed = ln.forward(&cx, &x.to_kind(Kind::BFloat16));
+        assert_eq!(normed.kind(), Kind::Float);
+        assert!(normed.allclose(&ln.forward(&Ctx::plain(false), &x), 2e-2, 2e-2, false));
+
+        let conv = Conv2d::new(vs.root() / "conv", 3, 4, 3, 1, Padding::Fixed(1), 1, true);
+        let bn = BatchNorm2d::new(vs.root() / "bn", 4, 1e-5, 0.1);
+        let images = randn(&[2, 3, 5, 5]);
+        let c = conv.forward(&cx, &images);
+        assert_eq!(c.kind(), Kind::BFloat16);
+        assert!(c.to_kind(Kind::Float).allclose(&conv.forward(&Ctx::plain(false), &images), 5e-2, 5e-2, false));
+        assert_eq!(bn.forward(&cx, &c).kind(), Kind::Float);
+
+        let (q, k, v) = (randn(&[2, 3, 8]), randn(&[2, 3, 8]), randn(&[2, 3, 8]));
+        let a = attention(&cx, &q, &k, &v, None, 2, 0.0);
+        assert_eq!(a.kind(), Kind::BFloat16);
+        assert!(a.to_kind(Kind::Float).allclose(&attention(&Ctx::plain(false), &q, &k, &v, None, 2, 0.0), 5e-2, 5e-2, false));
     }
 }

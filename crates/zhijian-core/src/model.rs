@@ -90,7 +90,8 @@ impl Model {
     pub fn features(&self, cx: &Ctx, input: &Input) -> Tensor {
         let pooled = match input {
             Input::Features(f) => f.shallow_clone(),
-            other => self.backbone.forward(cx, other),
+            // Pooled features are fp32 whatever the compute precision.
+            other => crate::precision::to_fp32(&self.backbone.forward(cx, other)),
         };
         cx.tap(Tap::Pooled, &pooled);
         pooled
@@ -102,7 +103,7 @@ impl Model {
     /// `input` → `[batch, num_classes]`.
     pub fn forward(&self, cx: &Ctx, input: &Input) -> Tensor {
         let features = self.features(cx, input);
-        cx.logits(self.head.forward(cx, &features))
+        cx.logits(crate::precision::to_fp32(&self.head.forward(cx, &features)))
     }
 
     /// Freezes every backbone parameter and leaves the head trainable: the

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::method::{Method, StepCx, StepOutput};
 use crate::metrics::Accuracy;
 use crate::model::Model;
+use crate::precision::{Compute, Precision, Probe, WeightCache};
 use crate::weights::save_atomic;
 
 /// Training hyper-parameters. Every field has a default, so a config names only
@@ -46,6 +47,15 @@ pub struct TrainConfig {
     pub label_smoothing: f64,
     /// Seed of shuffling, dropout and method initialisation. Default 0.
     pub seed: u64,
+    /// Precision of the training passes' matmuls, convolutions and attention:
+    /// `fp32`, `bf16` (fp32 master weights, optimiser state, norms and loss)
+    /// or `auto` (bf16 where a matmul probe finds it faster). Default fp32, so
+    /// records are comparable across machines.
+    #[serde(skip_serializing_if = "Precision::is_fp32")]
+    pub precision: Precision,
+    /// The same for evaluation and inference. Default fp32.
+    #[serde(skip_serializing_if = "Precision::is_fp32")]
+    pub eval_precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -63,6 +73,8 @@ impl Default for TrainConfig {
             grad_clip: 1.0,
             label_smoothing: 0.0,
             seed: 0,
+            precision: Precision::Fp32,
+            eval_precision: Precision::Fp32,
         }
     }
 }
@@ -380,6 +392,10 @@ pub struct TrainReport {
     pub final_loss: f64,
     /// Validation top-1 after each epoch, if a validation split was given.
     pub val_top1: Vec<f64>,
+    /// What the training passes computed in.
+    pub compute: Compute,
+    /// The matmul probe, when `precision = "auto"` asked for it.
+    pub probe: Option<Probe>,
 }
 
 impl TrainReport {
@@ -424,9 +440,14 @@ pub fn train(
     let warmup = (cfg.warmup_ratio * total as f64).round() as usize;
     let taps: Vec<Tap> = methods.iter().flat_map(|m| m.taps()).collect();
     let device = model.device();
+    let (compute, probe) = cfg.precision.resolve(device);
+    let (eval_compute, _) = cfg.eval_precision.resolve(device);
+    // Frozen weights keep their bf16 copies for the whole run: nothing
+    // writes them between here and the end of training.
+    let weights = WeightCache::new();
     let bar = progress_bar(total as u64, &opts.label);
     tch::manual_seed(cfg.seed as i64);
-    let mut report = TrainReport::default();
+    let mut report = TrainReport { compute, probe, ..Default::default() };
     for epoch in 0..cfg.epochs.max(1) {
         if report.steps >= total {
             break;
@@ -443,7 +464,7 @@ pub fn train(
             let input = input.to_device(device);
             let labels = train.labels.index_select(0, idx).to_device(device);
             let (task, loss) = {
-                let cx = Ctx::new(true, methods, taps.clone());
+                let cx = Ctx::new(true, methods, taps.clone()).with_compute(compute).with_weight_cache(&weights);
                 let logits = model.forward(&cx, &input);
                 let task = logits.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, cfg.label_smoothing);
                 let step = StepOutput { logits, labels, taps: cx.take_taps() };
@@ -484,7 +505,7 @@ pub fn train(
         report.final_loss = loss_sum / loss_n.max(1) as f64;
         if let Some(val) = val {
             let t = Instant::now();
-            report.val_top1.push(evaluate(model, methods, val, cfg.eval_batch_size)?.top1());
+            report.val_top1.push(evaluate(model, methods, val, cfg.eval_batch_size, eval_compute)?.top1());
             report.eval_seconds += t.elapsed().as_secs_f64();
         }
         if let Some(path) = &opts.checkpoint {
@@ -499,9 +520,11 @@ pub fn train(
     Ok(report)
 }
 
-/// Logits of every example of `input`, in order, without gradients.
-pub fn predict(model: &Model, methods: &[Box<dyn Method>], input: &Input, batch_size: i64) -> Result<Tensor> {
-    let cx = Ctx::new(false, methods, Vec::new());
+/// Logits (fp32) of every example of `input`, in order, without gradients,
+/// computed in `compute` (frozen weights cast once for the whole call).
+pub fn predict(model: &Model, methods: &[Box<dyn Method>], input: &Input, batch_size: i64, compute: Compute) -> Result<Tensor> {
+    let weights = WeightCache::new();
+    let cx = Ctx::new(false, methods, Vec::new()).with_compute(compute).with_weight_cache(&weights);
     tch::no_grad(|| in_length_order(input, batch_size, model.device(), |batch| model.forward(&cx, batch)))
 }
 
@@ -515,9 +538,9 @@ pub fn features(model: &Model, methods: &[Box<dyn Method>], input: &Input, batch
     tch::no_grad(|| in_length_order(input, batch_size, model.device(), |batch| model.features(&cx, batch)))
 }
 
-/// Top-1 / top-5 accuracy on `split`.
-pub fn evaluate(model: &Model, methods: &[Box<dyn Method>], split: &Split, batch_size: i64) -> Result<Accuracy> {
-    Ok(Accuracy::from_logits(&predict(model, methods, &split.input, batch_size)?, &split.labels))
+/// Top-1 / top-5 accuracy on `split`, computed in `compute`.
+pub fn evaluate(model: &Model, methods: &[Box<dyn Method>], split: &Split, batch_size: i64, compute: Compute) -> Result<Accuracy> {
+    Ok(Accuracy::from_logits(&predict(model, methods, &split.input, batch_size, compute)?, &split.labels))
 }
 
 /// Consecutive index batches `[0, b), [b, 2b), …` over `n` examples.
