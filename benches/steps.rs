@@ -3,7 +3,9 @@
 //! first): one training step per method (batch 32 × 50 tokens, AdamW), the
 //! head's step on cached features, batch-1 and batch-32 inference, a LoRA
 //! merge + unmerge, and the image loader. Group names carry the device and
-//! dtype; on CUDA each timed call ends with a synchronisation.
+//! compute precision: the training steps and inference run in fp32 and, where
+//! bf16 matmuls are faster than fp32 ones (`precision = "auto"`'s probe), in
+//! bf16 too. On CUDA each timed call ends with a synchronisation.
 
 // criterion's macros generate undocumented functions.
 #![allow(missing_docs)]
@@ -15,7 +17,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use tch::{Device, Kind, Tensor};
 use zhijian::backbones::{Bert, BertConfig, load_pretrained};
 use zhijian::core::train::{self, Split, TrainConfig, TrainOptions};
-use zhijian::core::{Compute, ImagePreset, ImageSource, Input, Method, Model};
+use zhijian::core::{Compute, ImagePreset, ImageSource, Input, Method, Model, Precision};
 use zhijian::data::{ImageLoader, ImageTransform, image::mnist_json_digits};
 
 const BATCH: i64 = 32;
@@ -32,10 +34,26 @@ fn sync() {
     }
 }
 
-fn prefix() -> String {
+fn prefix(compute: Compute) -> String {
+    let dtype = match compute {
+        Compute::Fp32 => "f32",
+        Compute::Bf16 => "bf16",
+    };
     match device() {
-        Device::Cuda(i) => format!("cuda{i}-f32"),
-        _ => "cpu-f32".into(),
+        Device::Cuda(i) => format!("cuda{i}-{dtype}"),
+        _ => format!("cpu-{dtype}"),
+    }
+}
+
+/// fp32, and bf16 where the matmul probe finds it faster (on a CPU without
+/// bf16 units a bf16 step takes minutes).
+fn precisions() -> Vec<Compute> {
+    match Precision::Auto.resolve(device()) {
+        (Compute::Bf16, _) => vec![Compute::Fp32, Compute::Bf16],
+        (Compute::Fp32, probe) => {
+            eprintln!("bf16 groups skipped: bf16 matmuls are not faster than fp32 here ({probe:?})");
+            vec![Compute::Fp32]
+        }
     }
 }
 
@@ -60,46 +78,51 @@ fn labels(n: i64) -> Tensor {
 
 /// One optimiser step through the engine (AdamW, clipping); `cargo xtask
 /// reference` runs whole jobs of them side by side with PyTorch.
-fn step(model: &Model, methods: &mut [Box<dyn Method>], data: &Split, lr: f64) {
-    let cfg = TrainConfig { max_steps: 1, batch_size: BATCH, lr, warmup_ratio: 0.0, ..Default::default() };
+fn step(model: &Model, methods: &mut [Box<dyn Method>], data: &Split, lr: f64, compute: Compute) {
+    let precision = if compute == Compute::Bf16 { Precision::Bf16 } else { Precision::Fp32 };
+    let cfg = TrainConfig { max_steps: 1, batch_size: BATCH, lr, warmup_ratio: 0.0, precision, ..Default::default() };
     black_box(train::train(model, methods, data, None, &cfg, &TrainOptions::default()).expect("step"));
     sync();
 }
 
 fn train_steps(c: &mut Criterion) {
-    let mut group = c.benchmark_group(format!("{}/minilm-train-step-b{BATCH}x{SEQ}", prefix()));
-    group.sample_size(10).measurement_time(Duration::from_secs(12));
     tch::manual_seed(1);
     let data = Split { name: "random".into(), input: tokens(BATCH), labels: labels(BATCH) };
-    for (method, lr) in [("full_finetune", 5e-5), ("lora", 1e-3)] {
-        let (model, mut methods) = minilm(method);
-        group.bench_function(method, |b| b.iter(|| step(&model, &mut methods, &data, lr)));
+    for compute in precisions() {
+        let mut group = c.benchmark_group(format!("{}/minilm-train-step-b{BATCH}x{SEQ}", prefix(compute)));
+        group.sample_size(10).measurement_time(Duration::from_secs(12));
+        for (method, lr) in [("full_finetune", 5e-5), ("lora", 1e-3)] {
+            let (model, mut methods) = minilm(method);
+            group.bench_function(method, |b| b.iter(|| step(&model, &mut methods, &data, lr, compute)));
+        }
+        // The probe's step once features are cached: the head alone on [32, 384].
+        let (model, mut methods) = minilm("linear_probe");
+        let features = train::cache_features(&model, &data, BATCH, Compute::Fp32, "bench").expect("features");
+        group.bench_function("linear_probe-cached", |b| b.iter(|| step(&model, &mut methods, &features, 3e-3, compute)));
+        group.finish();
     }
-    // The probe's step once features are cached: the head alone on [32, 384].
-    let (model, mut methods) = minilm("linear_probe");
-    let features = train::cache_features(&model, &data, BATCH, "bench").expect("features");
-    group.bench_function("linear_probe-cached", |b| b.iter(|| step(&model, &mut methods, &features, 3e-3)));
-    group.finish();
 }
 
 fn inference(c: &mut Criterion) {
-    let mut group = c.benchmark_group(format!("{}/minilm-inference-x{SEQ}", prefix()));
-    group.sample_size(10);
     let (model, methods) = minilm("linear_probe");
-    for n in [1, BATCH] {
-        let input = tokens(n);
-        group.bench_function(format!("b{n}"), |b| {
-            b.iter(|| {
-                let _ = black_box(train::predict(&model, &methods, &input, n, Compute::Fp32).expect("predict"));
-                sync();
-            })
-        });
+    for compute in precisions() {
+        let mut group = c.benchmark_group(format!("{}/minilm-inference-x{SEQ}", prefix(compute)));
+        group.sample_size(10);
+        for n in [1, BATCH] {
+            let input = tokens(n);
+            group.bench_function(format!("b{n}"), |b| {
+                b.iter(|| {
+                    let _ = black_box(train::predict(&model, &methods, &input, n, compute).expect("predict"));
+                    sync();
+                })
+            });
+        }
+        group.finish();
     }
-    group.finish();
 }
 
 fn lora_merge(c: &mut Criterion) {
-    let mut group = c.benchmark_group(format!("{}/minilm-lora-r8", prefix()));
+    let mut group = c.benchmark_group(format!("{}/minilm-lora-r8", prefix(Compute::Fp32)));
     group.sample_size(10);
     let (model, mut methods) = minilm("lora");
     group.bench_function("merge+unmerge", |b| {

@@ -3,8 +3,8 @@
 //! and compares speed, memory, accuracy and model FLOP/s.
 //!
 //! ```text
-//! reference_job prepare --steps N --out FILE [--config configs/demo.toml]
-//! reference_job job --method full_finetune|lora [--precision fp32|bf16] --data FILE --out JSON
+//! reference_job prepare --steps N | --full --out FILE [--config configs/demo.toml]
+//! reference_job job --method linear_probe|full_finetune|lora [--precision fp32|bf16] [--epochs E] --data FILE --out JSON
 //! reference_job ceiling --out JSON
 //! ```
 //!
@@ -16,7 +16,13 @@
 //! (`init/head.*`, `init/lora/<site>.lora_A|B`, made as a zhijian run with the
 //! experiment's seed makes them) and, in its metadata (`plan`), the
 //! hyper-parameters of the experiment's `full_finetune` and `lora` strategies
-//! as zhijian parsed them, with one epoch.
+//! as zhijian parsed them, with one epoch. `--full` takes the whole training
+//! split instead (the time-to-accuracy jobs).
+//!
+//! `job --epochs E` trains E epochs and evaluates the test split after each
+//! (the `curve`: training seconds against test top-1). `linear_probe` runs
+//! the frozen backbone once over both splits (in the job's precision; that
+//! time is part of its training time) and trains the head on the features.
 //!
 //! `job` trains MiniLM with its real weights through zhijian's engine for that
 //! one epoch (`N` steps), evaluates test top-1 and writes JSON: training
@@ -62,12 +68,12 @@ use zhijian::core::weights::{read_safetensors, tmp_sibling};
 use zhijian::core::{Compute, Input, Method, Precision, Split, TrainConfig};
 
 const USAGE: &str = "\
-usage: reference_job prepare --steps N --out FILE [--config configs/demo.toml]
-       reference_job job --method full_finetune|lora [--precision fp32|bf16] --data FILE --out JSON
+usage: reference_job prepare --steps N | --full --out FILE [--config configs/demo.toml]
+       reference_job job --method linear_probe|full_finetune|lora [--precision fp32|bf16] [--epochs E] --data FILE --out JSON
        reference_job ceiling --out JSON";
 
 /// The methods both sides run, by the name of their (only) method entry.
-const METHODS: [&str; 2] = ["full_finetune", "lora"];
+const METHODS: [&str; 3] = ["linear_probe", "full_finetune", "lora"];
 
 fn main() {
     if let Err(e) = run() {
@@ -85,7 +91,12 @@ fn run() -> Result<()> {
     let command = args.remove(0);
     match command.as_str() {
         "prepare" => {
-            let steps: usize = required(&mut args, "--steps")?.parse().context("--steps takes a number")?;
+            let full = args.iter().position(|a| a == "--full").map(|i| args.remove(i)).is_some();
+            let steps = match flag(&mut args, "--steps")? {
+                Some(n) if !full => Some(n.parse::<usize>().context("--steps takes a number")?),
+                None if full => None,
+                _ => bail!("give either --steps N or --full\n{USAGE}"),
+            };
             let out = PathBuf::from(required(&mut args, "--out")?);
             let config = PathBuf::from(flag(&mut args, "--config")?.unwrap_or_else(|| "configs/demo.toml".into()));
             no_more(&args)?;
@@ -94,6 +105,7 @@ fn run() -> Result<()> {
         "job" => {
             let method = required(&mut args, "--method")?;
             let precision = flag(&mut args, "--precision")?.unwrap_or_else(|| "fp32".into());
+            let epochs = flag(&mut args, "--epochs")?.map(|e| e.parse::<usize>().context("--epochs takes a number")).transpose()?;
             let data = PathBuf::from(required(&mut args, "--data")?);
             let out = PathBuf::from(required(&mut args, "--out")?);
             no_more(&args)?;
@@ -105,7 +117,7 @@ fn run() -> Result<()> {
                 "bf16" => Precision::Bf16,
                 other => bail!("--precision must be fp32 or bf16, got `{other}`"),
             };
-            job(&method, precision, &data, &out)
+            job(&method, precision, epochs, &data, &out)
         }
         "ceiling" => {
             let out = PathBuf::from(required(&mut args, "--out")?);
@@ -205,7 +217,9 @@ fn strategy<'a>(exp: &'a Experiment, method: &str) -> Result<&'a zhijian::bench:
         .with_context(|| format!("experiment `{}` has no strategy whose only method is `{method}`", exp.name))
 }
 
-fn prepare(config: &Path, steps: usize, out: &Path) -> Result<()> {
+/// Writes the data file: `steps` batches of training reviews (a stratified
+/// subset), or the whole training split when `steps` is `None`.
+fn prepare(config: &Path, steps: Option<usize>, out: &Path) -> Result<()> {
     let registry = zhijian::bench::registry();
     // Absolute, so the jobs find it from any folder.
     let config = &config.canonicalize().with_context(|| format!("no experiment file {}", config.display()))?;
@@ -217,10 +231,10 @@ fn prepare(config: &Path, steps: usize, out: &Path) -> Result<()> {
         bail!("{}: the reference jobs use mean pooling (PyTorch's side does too)", config.display());
     }
     let batch = exp.train.batch_size as usize;
-    let wanted = steps.checked_mul(batch).filter(|&n| n > 0).context("--steps must be at least 1")?;
+    let wanted = steps.map(|s| s.checked_mul(batch).filter(|&n| n > 0).context("--steps must be at least 1")).transpose()?;
     let max_len = match &mut exp.data {
         DataConfig::RottenTomatoes { train_limit, max_len, .. } => {
-            *train_limit = Some(wanted);
+            *train_limit = wanted;
             *max_len
         }
         other => bail!("{}: the reference jobs need `rotten_tomatoes` data, not `{}`", config.display(), other.name()),
@@ -228,7 +242,8 @@ fn prepare(config: &Path, steps: usize, out: &Path) -> Result<()> {
     let seed = *exp.seeds.first().context("the experiment has no seed")?;
     let data = load_data(&exp, None, false)?;
     eprintln!("prepare: {}", data.describe(exp.data.name()));
-    if data.train.len() as usize != wanted {
+    let steps = steps.unwrap_or_else(|| (data.train.len() as usize).div_ceil(batch));
+    if let Some(wanted) = wanted.filter(|&w| data.train.len() as usize != w) {
         bail!(
             "{steps} steps of {batch} need {wanted} training reviews, but the training split has {}: at most {} steps",
             data.train.len(),
@@ -354,14 +369,16 @@ fn train_flops(bert: &BertConfig, classes: i64, adapter_params: Option<i64>, row
     2 * tokens * (2 * frozen + 3 * trained) + 12 * layers * h * rows * seq * seq + 6 * h * classes * rows
 }
 
-/// Trains `method` on the prepared data; `bf16` computes training and the
-/// test evaluation in bf16, as the PyTorch side's autocast does.
-fn job(method: &str, precision: Precision, data: &Path, out: &Path) -> Result<()> {
+/// Trains `method` on the prepared data (for `epochs`, else the plan's one);
+/// `bf16` computes training and the test evaluation in bf16, as the PyTorch
+/// side's autocast does.
+fn job(method: &str, precision: Precision, epochs: Option<usize>, data: &Path, out: &Path) -> Result<()> {
     let (tensors, plan) = read_prepared(data)?;
     let get = |name: &str| tensors.get(name).map(Tensor::shallow_clone).with_context(|| format!("{} lacks tensor `{name}`", data.display()));
     let jp = &plan["jobs"][method];
     let mut cfg: TrainConfig = serde_json::from_value(jp["train"].clone()).context("the plan's train config")?;
     (cfg.precision, cfg.eval_precision) = (precision, precision);
+    cfg.epochs = epochs.unwrap_or(cfg.epochs);
     let (compute, _) = precision.resolve(Device::Cpu);
     let precision_name = if compute == Compute::Bf16 { "bf16" } else { "fp32" };
     let registry = zhijian::bench::registry();
@@ -394,21 +411,43 @@ fn job(method: &str, precision: Precision, data: &Path, out: &Path) -> Result<()
     let test = Split { name: "test".into(), input: Input::Tokens { ids: get("test.ids")?, mask: get("test.mask")? }, labels: get("test.labels")? };
     let label = format!("zhijian {method} {precision_name}");
     eprintln!("{label}: {desc}, {} training reviews, {} threads", train_split.len(), tch::get_num_threads());
-    let report = train::train(&model, &mut methods, &train_split, None, &cfg, &TrainOptions { label: label.clone(), checkpoint: None })?;
+    let start = std::time::Instant::now();
+    // The probe's frozen backbone runs once over both splits; the head then
+    // trains on the features (what the harness does with its feature cache).
+    let (train_split, test) = if method == "linear_probe" {
+        let features = |s: &Split| train::cache_features(&model, s, cfg.eval_batch_size, compute, &label);
+        (features(&train_split)?, features(&test)?)
+    } else {
+        (train_split, test)
+    };
+    let feature_seconds = start.elapsed().as_secs_f64();
+    // With several epochs the test split is evaluated after each (not timed as training).
+    let val = (cfg.epochs > 1).then_some(&test);
+    let report = train::train(&model, &mut methods, &train_split, val, &cfg, &TrainOptions { label: label.clone(), checkpoint: None })?;
     let accuracy = train::evaluate(&model, &methods, &test, cfg.eval_batch_size, compute)?;
+    let curve: Vec<Value> = report
+        .epoch_seconds
+        .iter()
+        .zip(&report.val_top1)
+        .enumerate()
+        .map(|(i, (s, top1))| json!({ "epoch": i + 1, "seconds": feature_seconds + s, "test_top1": top1 }))
+        .collect();
 
     // The batches the engine made: `randperm` right after seeding, consecutive
     // chunks of it, each trimmed to its longest real sequence (`Input::select`).
     tch::manual_seed(cfg.seed as i64);
     let order = Tensor::randperm(train_split.len(), (Kind::Int64, Device::Cpu));
-    let Input::Tokens { mask, .. } = &train_split.input else { unreachable!("built as tokens") };
+    let mask = get("train.mask")?;
     let bert: BertConfig = serde_json::from_value(plan["bert"].clone()).context("the plan's bert config")?;
     let adapters = (method == "lora").then(|| jp["adapter_params"].as_i64()).flatten();
     if method == "lora" && adapters.is_none() {
         bail!("the plan lacks lora adapter_params");
     }
     let (mut tokens_computed, mut flops) = (0i64, 0i64);
-    for idx in train::batches(train_split.len(), cfg.batch_size).take(report.steps) {
+    // One epoch's batches: the reference jobs train one (the time-to-accuracy
+    // jobs, several, do not report FLOPs). The probe's steps see features.
+    let counted = cfg.epochs == 1 && method != "linear_probe";
+    for idx in train::batches(train_split.len(), cfg.batch_size).take(if counted { report.steps } else { 0 }) {
         let rows = mask.index_select(0, &order.index_select(0, &idx));
         let seq = rows.sum_dim_intlist(1, false, Kind::Int64).max().int64_value(&[]).max(1);
         let n = rows.size()[0];
@@ -423,15 +462,18 @@ fn job(method: &str, precision: Precision, data: &Path, out: &Path) -> Result<()
         "steps": report.steps,
         "samples": report.samples,
         "seconds": report.seconds,
+        "feature_seconds": feature_seconds,
+        "epochs": cfg.epochs,
+        "curve": curve,
         "samples_per_s": report.samples_per_s(),
         "final_loss": report.final_loss,
         "test_top1": accuracy.top1(),
         "test_n": accuracy.n,
         "trainable_params": numel(&trainable),
         "total_params": model.num_params() + numel(&train::method_variables(&methods)),
-        "tokens": tokens_computed,
-        "model_flops": flops,
-        "model_flops_per_s": flops as f64 / report.seconds,
+        "tokens": counted.then_some(tokens_computed),
+        "model_flops": counted.then_some(flops),
+        "model_flops_per_s": counted.then(|| flops as f64 / report.seconds),
         "peak_rss_bytes": peak_rss_bytes(),
         "threads": tch::get_num_threads(),
     });

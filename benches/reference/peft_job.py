@@ -13,12 +13,16 @@ script), from the same starting point, with the same optimiser and schedule.
 
 Subcommands (run with the set-up's venv; nothing is downloaded):
 
-    peft_job.py job --method full_finetune|lora --precision fp32|bf16 --data FILE --out JSON
+    peft_job.py job --method linear_probe|full_finetune|lora --precision fp32|bf16 [--epochs E] --data FILE --out JSON
     peft_job.py ceiling --out JSON
     peft_job.py flops-check --data FILE --out JSON
 
-`job` trains for exactly one epoch over the prepared examples and writes the
-same JSON fields as zhijian's job. `bf16` wraps forward and loss in
+`job` trains for one epoch over the prepared examples (or `--epochs E`,
+evaluating the test split after each: the `curve` of the time-to-accuracy
+jobs) and writes the same JSON fields as zhijian's job. `linear_probe` runs
+the frozen encoder once over both splits (under no_grad, in the job's
+precision; that time counts as training time) and trains the head on the
+pooled features, PyTorch's fastest way to train a probe. `bf16` wraps forward and loss in
 `torch.autocast("cpu", dtype=torch.bfloat16)` (PyTorch's fastest CPU setting
 here: bf16 matmuls run ~4x fp32); evaluation then runs under it too.
 
@@ -163,6 +167,9 @@ def build(plan, tensors, method):
                     found.append(site)
         if sorted(found) != sorted(sites):
             sys.exit(f"peft_job: peft adapted {sorted(found)}, zhijian {sorted(sites)}")
+    elif method == "linear_probe":
+        for p in encoder.parameters():
+            p.requires_grad_(False)
     else:
         for p in encoder.parameters():
             p.requires_grad_(True)
@@ -184,8 +191,24 @@ def evaluate(model, ids, mask, labels, batch_size, autocast):
     return correct / len(labels)
 
 
+def pooled_features(model, ids, mask, batch_size, autocast):
+    """The frozen encoder's mean-pooled features of every example, in order
+    (batches of similar length, as zhijian's `cache_features`), in fp32."""
+    model.eval()
+    order = mask.sum(1).argsort(stable=True)
+    out = torch.empty(len(ids), model.head.in_features)
+    with torch.no_grad(), autocast():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            x, m = trim(ids, mask, idx)
+            states = model.encoder(input_ids=x, attention_mask=m).last_hidden_state.float()
+            mm = m.unsqueeze(-1).float()
+            out[idx] = (states * mm).sum(1) / mm.sum(1).clamp_min(1e-9)
+    return out
+
+
 def job(args):
-    """Trains one epoch over the prepared examples, evaluates, writes the JSON."""
+    """Trains over the prepared examples, evaluates, writes the JSON."""
     tensors, plan = read_data(args.data)
     jp = plan["jobs"][args.method]
     cfg = jp["train"]
@@ -196,6 +219,7 @@ def job(args):
         sys.exit(f"peft_job: pooling {plan['pooling']} not supported (only mean)")
     if cfg["label_smoothing"] != 0.0:
         sys.exit("peft_job: label smoothing not supported")
+    epochs = args.epochs or cfg["epochs"]
     model, trainable = build(plan, tensors, args.method)
     # zhijian's AdamW decays matrices only, not biases and norm scales.
     decay = [p for p in trainable if p.dim() >= 2]
@@ -204,46 +228,77 @@ def job(args):
         [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
         lr=cfg["lr"], betas=(opt_cfg["beta1"], opt_cfg["beta2"]), eps=opt_cfg["eps"])
     ids, mask, labels = tensors["train.ids"], tensors["train.mask"], tensors["train.labels"]
+    test = (tensors["test.ids"], tensors["test.mask"], tensors["test.labels"])
     n, batch = len(labels), cfg["batch_size"]
-    total = math.ceil(n / batch)
+    per_epoch = math.ceil(n / batch)
+    total = per_epoch * epochs
     warmup = math.floor(cfg["warmup_ratio"] * total + 0.5)  # Rust's round(), half away from zero
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: schedule_factor(cfg["schedule"], k, total, warmup))
     bf16 = args.precision == "bf16"
+    probe = args.method == "linear_probe"
 
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
     label = f"pytorch {args.method} {args.precision}"
+    start = time.perf_counter()
+    if probe:
+        features = pooled_features(model, ids, mask, cfg["eval_batch_size"], autocast)
+        test_features = pooled_features(model, test[0], test[1], cfg["eval_batch_size"], autocast)
+    feature_seconds = time.perf_counter() - start
+
+    def test_top1():
+        if probe:
+            model.eval()
+            with torch.no_grad(), autocast():
+                return float((model.head(test_features).argmax(1) == test[2]).float().mean())
+        return evaluate(model, *test, cfg["eval_batch_size"], autocast)
+
     model.train()
     torch.manual_seed(cfg["seed"])
-    start = time.perf_counter()
-    order = torch.randperm(n)
-    loss_sum, tokens, flops = 0.0, 0, 0
-    for step in range(total):
-        idx = order[step * batch:(step + 1) * batch]
-        x, m = trim(ids, mask, idx)
-        with autocast():
-            loss = torch.nn.functional.cross_entropy(model(x, m), labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
-        opt.step()
-        sched.step()
-        value = loss.item()
-        if not math.isfinite(value):
-            sys.exit(f"peft_job: training diverged (loss {value}) at step {step}")
-        loss_sum += value
-        tokens += x.numel()
-        flops += train_flops(x.shape[0], x.shape[1], plan, args.method)
-        if (step + 1) % 10 == 0 or step + 1 == total:
-            rate = (step + 1) * batch / (time.perf_counter() - start)
-            print(f"  {label}: step {step + 1}/{total}  loss {loss_sum / (step + 1):.4f}  {rate:.1f} samples/s",
-                  flush=True)
-    seconds = time.perf_counter() - start
-    top1 = evaluate(model, tensors["test.ids"], tensors["test.mask"], tensors["test.labels"],
-                    cfg["eval_batch_size"], autocast)
-    samples = min(n, total * batch)
+    loss_sum, tokens, flops, step, eval_seconds, curve = 0.0, 0, 0, 0, 0.0, []
+    for epoch in range(epochs):
+        order = torch.randperm(n)
+        loss_sum = 0.0
+        for k in range(per_epoch):
+            idx = order[k * batch:(k + 1) * batch]
+            with autocast():
+                if probe:
+                    logits = model.head(features[idx])
+                else:
+                    x, m = trim(ids, mask, idx)
+                    logits = model(x, m)
+                loss = torch.nn.functional.cross_entropy(logits, labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            if cfg["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
+            opt.step()
+            sched.step()
+            value = loss.item()
+            if not math.isfinite(value):
+                sys.exit(f"peft_job: training diverged (loss {value}) at step {step}")
+            loss_sum += value
+            step += 1
+            if not probe and epoch == 0:
+                tokens += x.numel()
+                flops += train_flops(x.shape[0], x.shape[1], plan, args.method)
+            if not probe and (step % 10 == 0 or step == total):
+                rate = step * batch / (time.perf_counter() - start - eval_seconds)
+                print(f"  {label}: step {step}/{total}  loss {loss_sum / (k + 1):.4f}  {rate:.1f} samples/s",
+                      flush=True)
+        if epochs > 1:
+            t = time.perf_counter()
+            trained = t - start - eval_seconds
+            top1 = test_top1()
+            eval_seconds += time.perf_counter() - t
+            curve.append({"epoch": epoch + 1, "seconds": trained, "test_top1": top1})
+            print(f"  {label}: epoch {epoch + 1}/{epochs}  test top-1 {100 * top1:.2f}%", flush=True)
+            model.train()
+    seconds = time.perf_counter() - start - eval_seconds
+    top1 = test_top1()
+    samples = min(n, per_epoch * batch) * epochs
+    counted = epochs == 1 and not probe
     out = {
         "side": "pytorch",
         "method": args.method,
@@ -251,15 +306,18 @@ def job(args):
         "steps": total,
         "samples": samples,
         "seconds": seconds,
+        "feature_seconds": feature_seconds,
+        "epochs": epochs,
+        "curve": curve,
         "samples_per_s": samples / seconds,
-        "final_loss": loss_sum / total,
+        "final_loss": loss_sum / per_epoch,
         "test_top1": top1,
-        "test_n": len(tensors["test.labels"]),
+        "test_n": len(test[2]),
         "trainable_params": sum(p.numel() for p in trainable),
         "total_params": sum(p.numel() for p in model.parameters()),
-        "tokens": tokens,
-        "model_flops": flops,
-        "model_flops_per_s": flops / seconds,
+        "tokens": tokens if counted else None,
+        "model_flops": flops if counted else None,
+        "model_flops_per_s": flops / seconds if counted else None,
         # ru_maxrss is KiB on Linux.
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "threads": torch.get_num_threads(),
@@ -348,8 +406,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("job", help="train one job, write its JSON")
-    p.add_argument("--method", choices=["full_finetune", "lora"], required=True)
+    p.add_argument("--method", choices=["linear_probe", "full_finetune", "lora"], required=True)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the plan's one)")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(run=job)

@@ -359,7 +359,7 @@ fn linear_probe_caches_features_and_lora_does_not() {
     let (direct, mut m1) = probe(3);
     train::train(&direct, &mut m1, &data, None, &cfg, &TrainOptions::default()).unwrap();
     let (cached, mut m2) = probe(3);
-    let features = train::cache_features(&cached, &data, 64, "test").unwrap();
+    let features = train::cache_features(&cached, &data, 64, Compute::Fp32, "test").unwrap();
     train::train(&cached, &mut m2, &features, None, &cfg, &TrainOptions::default()).unwrap();
     let (a, b) = (&direct.vs.variables()["head.weight"], &cached.vs.variables()["head.weight"]);
     assert!(a.allclose(b, 1e-5, 1e-6, false));
@@ -460,5 +460,41 @@ fn training_from_a_cached_prefix_matches_recomputing_it() {
         // Evaluation on cached states gives the logits of the full model.
         let d = max_diff(&logits(&cached, &m2, &hidden), &logits(&cached, &m2, &data));
         assert!(d < 1e-5, "{text}: logits from the cached prefix differ by {d}");
+    }
+}
+
+/// Frozen weights get no gradient: after a training pass's backward, no frozen
+/// model variable has one (autograd computed only input gradients through
+/// them), and nothing before the first trainable site builds a graph — the
+/// states leaving a frozen block need no gradient.
+#[test]
+fn frozen_layers_compute_no_weight_gradients() {
+    let _rng = crate::rng_lock();
+    let data = batch();
+    let spec = |s: &str| -> toml::Table { toml::from_str(s).unwrap() };
+    // (method, the last block whose output needs no gradient, if any)
+    for (text, frozen_through) in [
+        ("method = \"linear_probe\"", Some(1)),
+        ("method = \"lora\"\ntargets = [\"re:encoder\\\\.layer\\\\.1\\\\..*(query|value)\"]", Some(0)),
+        ("method = \"adapter\"\nblocks = \"1..\"", Some(0)),
+        ("method = \"lora\"", None),
+        ("method = \"adapter\"", None),
+    ] {
+        for compute in [Compute::Fp32, Compute::Bf16] {
+            let model = tiny_model_with_dropout(3, 0.0);
+            let mut methods = vec![registry().build(&spec(text)).unwrap()];
+            train::prepare(&model, &mut methods, 0).unwrap();
+            let cx = zhijian::core::Ctx::new(true, &methods, vec![zhijian::core::Tap::Block(0), zhijian::core::Tap::Block(1)]).with_compute(compute);
+            let logits = model.forward(&cx, &data.input);
+            let taps = cx.take_taps();
+            logits.cross_entropy_for_logits(&data.labels).backward();
+            for (name, t) in model.vs.variables() {
+                assert_eq!(t.grad().defined(), t.requires_grad(), "{text} {compute:?}: {name} (trains: {})", t.requires_grad());
+            }
+            for block in 0..2 {
+                let needs = taps[&zhijian::core::Tap::Block(block)].requires_grad();
+                assert_eq!(needs, frozen_through.is_none_or(|last| block > last), "{text} {compute:?}: block {block}'s output needs a gradient: {needs}");
+            }
+        }
     }
 }

@@ -54,45 +54,25 @@ fn run_stage(mut stage: Stage, k: usize, total: usize, t_run: Instant, results: 
     Ok(())
 }
 
-/// Runs `cargo xtask reference [--steps N]`.
+/// Epochs of each time-to-accuracy job: the probe's head trains on features
+/// (its plan's epochs), LoRA and full fine-tuning as long as PyTorch + PEFT
+/// needed for its best accuracy in the issue's measurement.
+const TIME_TO_ACCURACY: [(&str, Option<usize>); 3] = [("linear_probe", None), ("lora", Some(3)), ("full_finetune", Some(2))];
+
+/// Runs `cargo xtask reference [--steps N | --time-to-accuracy]`.
 pub fn reference(args: &[String]) -> Result<()> {
+    if args == ["--time-to-accuracy"] {
+        return time_to_accuracy();
+    }
     let steps = parse_steps(args)?;
     let t0 = Instant::now();
-    let python = setup()?;
-    fetch_assets(DEMO_ASSETS)?;
-    let root = repo_root();
-    let script = root.join("benches/reference/peft_job.py");
-
-    step("cargo build --release --example reference_job");
-    let t = Instant::now();
-    let status =
-        spawn(cargo().current_dir(&root).args(["build", "--release", "-p", "zhijian", "--example", "reference_job"]), "cargo", "building the reference job")?;
-    if !status.success() {
-        bail!("building examples/reference_job.rs failed ({status})");
-    }
-    step(&format!("built in {:.0} s", t.elapsed().as_secs_f64()));
-    let exe = target_dir(&root).join("release/examples/reference_job");
-
-    let dir = root.join("results/reference");
-    let jobs_dir = dir.join("jobs");
-    fs::create_dir_all(&jobs_dir).with_context(|| format!("creating {}", jobs_dir.display()))?;
+    let env = JobEnv::new()?;
+    let root = env.root.clone();
+    let dir = env.dir.clone();
     let data = dir.join(format!("data-{steps}-steps.safetensors"));
-    let json_out = |name: &str| jobs_dir.join(format!("{name}.json"));
-    let zhijian = |label: &str, args: &[&str], out: Option<PathBuf>| {
-        let mut command = Command::new(&exe);
-        command.current_dir(&root).args(args);
-        if let Some(o) = &out {
-            command.arg("--out").arg(o);
-        }
-        Stage { label: label.to_string(), command, out }
-    };
-    let pytorch = |label: &str, args: &[&str], out: PathBuf| {
-        let mut command = Command::new(&python);
-        command.current_dir(&root).arg(&script).args(args).arg("--out").arg(&out);
-        // No hub access: the weights are zhijian's cached asset files.
-        command.env("HF_HUB_OFFLINE", "1").env("TRANSFORMERS_OFFLINE", "1");
-        Stage { label: label.to_string(), command, out: Some(out) }
-    };
+    let json_out = |name: &str| env.json_out(name);
+    let zhijian = |label: &str, args: &[&str], out: Option<PathBuf>| env.zhijian(label, args, out);
+    let pytorch = |label: &str, args: &[&str], out: PathBuf| env.pytorch(label, args, out);
     let data_arg = data.to_str().context("the repository path is not UTF-8")?;
     let steps_arg = steps.to_string();
     let mut prepare = zhijian("prepare the data (zhijian's tokens and split)", &["prepare", "--steps", &steps_arg], None);
@@ -112,16 +92,7 @@ pub fn reference(args: &[String]) -> Result<()> {
         k += 1;
         run_stage(stage, k, total, t_run, &mut results)?;
     }
-    let best = |precision: &str| results["ceiling-pytorch"][precision]["best"].as_f64().unwrap_or(0.0);
-    let (fp32, bf16) = (best("fp32"), best("bf16"));
-    let skip_bf16 = (bf16 <= fp32).then(|| {
-        format!(
-            "bf16 matmuls run at {:.1} GFLOP/s on this CPU against {:.0} GFLOP/s in fp32 (no AVX-512 BF16 or AMX), \
-             so fp32 is the best setting here and the bf16 jobs were skipped",
-            bf16 / 1e9,
-            fp32 / 1e9
-        )
-    });
+    let skip_bf16 = bf16_skip_reason(&results);
     // Each precision's two sides run back to back.
     for method in ["full_finetune", "lora"] {
         for precision in ["fp32", "bf16"] {
@@ -161,6 +132,207 @@ pub fn reference(args: &[String]) -> Result<()> {
         dir.display()
     ));
     Ok(())
+}
+
+/// What every stage of the command needs: the built zhijian job, the venv's
+/// python with PyTorch's job script, and the results folder.
+struct JobEnv {
+    root: PathBuf,
+    exe: PathBuf,
+    python: PathBuf,
+    script: PathBuf,
+    dir: PathBuf,
+    jobs_dir: PathBuf,
+}
+
+impl JobEnv {
+    /// Sets up the venv, fetches the demo assets and builds the zhijian job in release.
+    fn new() -> Result<JobEnv> {
+        let python = setup()?;
+        fetch_assets(DEMO_ASSETS)?;
+        let root = repo_root();
+        step("cargo build --release --example reference_job");
+        let t = Instant::now();
+        let status = spawn(
+            cargo().current_dir(&root).args(["build", "--release", "-p", "zhijian", "--example", "reference_job"]),
+            "cargo",
+            "building the reference job",
+        )?;
+        if !status.success() {
+            bail!("building examples/reference_job.rs failed ({status})");
+        }
+        step(&format!("built in {:.0} s", t.elapsed().as_secs_f64()));
+        let dir = root.join("results/reference");
+        let jobs_dir = dir.join("jobs");
+        fs::create_dir_all(&jobs_dir).with_context(|| format!("creating {}", jobs_dir.display()))?;
+        Ok(JobEnv {
+            exe: target_dir(&root).join("release/examples/reference_job"),
+            script: root.join("benches/reference/peft_job.py"),
+            python,
+            root,
+            dir,
+            jobs_dir,
+        })
+    }
+
+    fn json_out(&self, name: &str) -> PathBuf {
+        self.jobs_dir.join(format!("{name}.json"))
+    }
+
+    fn zhijian(&self, label: &str, args: &[&str], out: Option<PathBuf>) -> Stage {
+        let mut command = Command::new(&self.exe);
+        command.current_dir(&self.root).args(args);
+        if let Some(o) = &out {
+            command.arg("--out").arg(o);
+        }
+        Stage { label: label.to_string(), command, out }
+    }
+
+    fn pytorch(&self, label: &str, args: &[&str], out: PathBuf) -> Stage {
+        let mut command = Command::new(&self.python);
+        command.current_dir(&self.root).arg(&self.script).args(args).arg("--out").arg(&out);
+        // No hub access: the weights are zhijian's cached asset files.
+        command.env("HF_HUB_OFFLINE", "1").env("TRANSFORMERS_OFFLINE", "1");
+        Stage { label: label.to_string(), command, out: Some(out) }
+    }
+}
+
+/// Why the bf16 jobs are skipped, if PyTorch's bf16 matmuls are no faster than its fp32 ones.
+fn bf16_skip_reason(results: &serde_json::Map<String, Value>) -> Option<String> {
+    let best = |precision: &str| results["ceiling-pytorch"][precision]["best"].as_f64().unwrap_or(0.0);
+    let (fp32, bf16) = (best("fp32"), best("bf16"));
+    (bf16 <= fp32).then(|| {
+        format!(
+            "bf16 matmuls run at {:.1} GFLOP/s on this CPU against {:.0} GFLOP/s in fp32 (no AVX-512 BF16 or AMX), \
+             so fp32 is the best setting here and the bf16 jobs were skipped",
+            bf16 / 1e9,
+            fp32 / 1e9
+        )
+    })
+}
+
+/// `cargo xtask reference --time-to-accuracy`: on the whole training split,
+/// each of linear probe, LoRA and full fine-tuning in zhijian and in PyTorch +
+/// PEFT, at each side's best precision (bf16 where bf16 matmuls are faster),
+/// the test top-1 after every epoch against the time spent training; the
+/// table gives the time each side took to reach PyTorch's final accuracy.
+fn time_to_accuracy() -> Result<()> {
+    let t0 = Instant::now();
+    let env = JobEnv::new()?;
+    let data = env.dir.join("data-full.safetensors");
+    let data_arg = data.to_str().context("the repository path is not UTF-8")?.to_string();
+    let mut prepare = env.zhijian("prepare the data (every training review)", &["prepare", "--full"], None);
+    prepare.command.arg("--out").arg(&data);
+    let first = vec![prepare, env.pytorch("matmul ceiling, PyTorch", &["ceiling"], env.json_out("ceiling-pytorch"))];
+    let total = first.len() + 2 * TIME_TO_ACCURACY.len();
+    let t_run = Instant::now();
+    let mut results = serde_json::Map::new();
+    let mut k = 0;
+    for stage in first {
+        k += 1;
+        run_stage(stage, k, total, t_run, &mut results)?;
+    }
+    let skipped = bf16_skip_reason(&results);
+    let precision = if skipped.is_some() { "fp32" } else { "bf16" };
+    for (method, epochs) in TIME_TO_ACCURACY {
+        for side in ["zhijian", "PyTorch"] {
+            k += 1;
+            let epochs = epochs.map(|e| e.to_string());
+            let mut args = vec!["job", "--method", method, "--precision", precision, "--data", &data_arg];
+            if let Some(e) = &epochs {
+                args.extend(["--epochs", e]);
+            }
+            let label = format!("{side} {method} {precision}");
+            let out = env.json_out(&format!("tta-{}-{method}", side.to_lowercase()));
+            let stage = if side == "zhijian" { env.zhijian(&label, &args, Some(out)) } else { env.pytorch(&label, &args, out) };
+            run_stage(stage, k, total, t_run, &mut results)?;
+        }
+    }
+    let meta = json!({
+        "precision": precision,
+        "bf16_skipped": skipped,
+        "commit": git(&env.root, &["describe", "--always", "--dirty"]),
+        "date_utc": today_utc(),
+        "cpu": cpu_model(),
+        "run_seconds": t_run.elapsed().as_secs_f64(),
+        "command": "cargo xtask reference --time-to-accuracy",
+    });
+    let report = json!({ "meta": meta, "results": results });
+    let table = render_time_to_accuracy(&report)?;
+    println!("\n{table}");
+    write_atomic(&env.dir.join("time-to-accuracy.json"), &(serde_json::to_string_pretty(&report)? + "\n"))?;
+    write_atomic(&env.dir.join("time-to-accuracy.md"), &table)?;
+    step(&format!("time to accuracy done in {}; table and raw JSON in {}", clock(t0.elapsed().as_secs_f64()), env.dir.display()));
+    Ok(())
+}
+
+/// The first point of a job's curve at or above `target` top-1: `(epoch, seconds)`.
+fn reached(job: &Value, target: f64) -> Option<(u64, f64)> {
+    job["curve"]
+        .as_array()?
+        .iter()
+        .find(|p| p["test_top1"].as_f64().is_some_and(|a| a >= target))
+        .map(|p| (p["epoch"].as_u64().unwrap_or(0), p["seconds"].as_f64().unwrap_or(0.0)))
+}
+
+/// The markdown table of the time-to-accuracy jobs.
+fn render_time_to_accuracy(report: &Value) -> Result<String> {
+    let r = &report["results"];
+    let m = &report["meta"];
+    let mut out = String::new();
+    writeln!(
+        out,
+        "## Time to accuracy: MiniLM-L6 → Rotten Tomatoes, every training review\n\n{} on both sides, batch 32, dynamic padding, AdamW, \
+         warm-up + cosine over the whole run; test top-1 after every epoch. {}, commit {}, {}, `{}`, {}.\n",
+        m["precision"].as_str().unwrap_or("?"),
+        m["cpu"].as_str().unwrap_or("?"),
+        m["commit"].as_str().unwrap_or("?"),
+        m["date_utc"].as_str().unwrap_or("?"),
+        m["command"].as_str().unwrap_or("?"),
+        clock(m["run_seconds"].as_f64().unwrap_or(0.0)),
+    )?;
+    writeln!(
+        out,
+        "| method | epochs | target: PyTorch's final top-1 (%) | PyTorch: time to target | zhijian: time to target | PyTorch ÷ zhijian | \
+         zhijian top-1 per epoch (%) | PyTorch top-1 per epoch (%) |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|---|---|")?;
+    let per_epoch = |job: &Value| -> String {
+        job["curve"].as_array().map_or(String::new(), |c| {
+            c.iter()
+                .map(|p| format!("{:.2} ({:.0} s)", 100.0 * p["test_top1"].as_f64().unwrap_or(0.0), p["seconds"].as_f64().unwrap_or(0.0)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+    };
+    for (method, _) in TIME_TO_ACCURACY {
+        let (z, p) = (&r[format!("tta-zhijian-{method}")], &r[format!("tta-pytorch-{method}")]);
+        let target = p["test_top1"].as_f64().with_context(|| format!("no PyTorch result for {method}"))?;
+        let shown = |hit: Option<(u64, f64)>| hit.map_or("not reached".to_string(), |(e, s)| format!("{s:.0} s (epoch {e})"));
+        let (zt, pt) = (reached(z, target), reached(p, target));
+        let ratio = match (zt, pt) {
+            (Some((_, zs)), Some((_, ps))) if zs > 0.0 => format!("{:.2}", ps / zs),
+            _ => "—".into(),
+        };
+        writeln!(
+            out,
+            "| {method} | {} | {:.2} | {} | {} | {ratio} | {} | {} |",
+            p["epochs"],
+            100.0 * target,
+            shown(pt),
+            shown(zt),
+            per_epoch(z),
+            per_epoch(p)
+        )?;
+    }
+    if let Some(why) = m["bf16_skipped"].as_str() {
+        writeln!(out, "\n{why}.")?;
+    }
+    writeln!(
+        out,
+        "\nTimes are training wall time from the start of the job (for the probe: the frozen encoder's pass over both splits, then the head), without the per-epoch test evaluations."
+    )?;
+    Ok(out)
 }
 
 fn parse_steps(args: &[String]) -> Result<usize> {
@@ -421,6 +593,28 @@ mod tests {
         assert!(table.contains("| full fine-tuning, bf16 (zhijian's layers / PyTorch autocast) | skipped ‡ | skipped ‡ |"), "{table}");
         assert!(table.contains("‡ bf16 matmuls are slow here."), "{table}");
         assert!(!table.contains("**warning:**"), "{table}");
+    }
+
+    /// The time to target is the first epoch at or above PyTorch's final top-1; a side that never gets there says so.
+    #[test]
+    fn time_to_accuracy_table() {
+        let curve = |points: &[(f64, f64)]| -> Value {
+            let c: Vec<Value> = points.iter().enumerate().map(|(i, (s, a))| json!({ "epoch": i + 1, "seconds": s, "test_top1": a })).collect();
+            json!({ "curve": c, "epochs": points.len(), "test_top1": points.last().unwrap().1 })
+        };
+        let mut results = serde_json::Map::new();
+        results.insert("tta-pytorch-linear_probe".into(), curve(&[(100.0, 0.70), (200.0, 0.78)]));
+        results.insert("tta-zhijian-linear_probe".into(), curve(&[(40.0, 0.78), (80.0, 0.79)]));
+        results.insert("tta-pytorch-lora".into(), curve(&[(100.0, 0.80), (200.0, 0.84), (300.0, 0.85)]));
+        results.insert("tta-zhijian-lora".into(), curve(&[(90.0, 0.80), (180.0, 0.83), (270.0, 0.849)]));
+        results.insert("tta-pytorch-full_finetune".into(), curve(&[(100.0, 0.85), (200.0, 0.85)]));
+        results.insert("tta-zhijian-full_finetune".into(), curve(&[(50.0, 0.86), (100.0, 0.86)]));
+        let report = json!({ "meta": { "precision": "bf16", "cpu": "a CPU", "commit": "abc", "date_utc": "2026-01-01", "command": "c", "run_seconds": 60.0 }, "results": results });
+        let table = render_time_to_accuracy(&report).unwrap();
+        assert!(table.contains("| linear_probe | 2 | 78.00 | 200 s (epoch 2) | 40 s (epoch 1) | 5.00 |"), "{table}");
+        assert!(table.contains("| lora | 3 | 85.00 | 300 s (epoch 3) | not reached | — |"), "{table}");
+        // PyTorch reached its final accuracy already after epoch 1.
+        assert!(table.contains("| full_finetune | 2 | 85.00 | 100 s (epoch 1) | 50 s (epoch 1) | 2.00 |"), "{table}");
     }
 
     #[test]

@@ -282,7 +282,8 @@ impl Method for Lora {
                 let x = if train && self.config.dropout > 0.0 { x.dropout(self.config.dropout, true) } else { x.shallow_clone() };
                 // In the activations' precision (bf16 under mixed precision).
                 let linear = |t: &Tensor, w: &Tensor| t.linear::<Tensor>(&cast_like(w, &x), None);
-                let update = linear(&linear(&x, &pair.a), &pair.b) * pair.scale;
+                // The scale goes on the small B, not on the [tokens, out] update.
+                let update = linear(&linear(&x, &pair.a), &(&pair.b * pair.scale));
                 match &pair.dora {
                     None => out + update,
                     Some(dora) => {

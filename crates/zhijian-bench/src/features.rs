@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 use zhijian_core::train::cache_features;
 use zhijian_core::weights::read_safetensors;
-use zhijian_core::{Error, Input, Model, Result, Split};
+use zhijian_core::{Compute, Error, Input, Model, Result, Split};
 
 use crate::data::Data;
 use crate::experiment::Experiment;
@@ -89,7 +89,9 @@ impl FeatureCache {
         let (set, origin) = match from_disk {
             Some(set) => (set, FeatureOrigin::Disk),
             None => {
-                let features = |s: &Split| cache_features(model, s, batch_size, label);
+                // fp32 whatever the runs' precision: the cache is shared by every
+                // strategy and kept on disk, and its key does not hold a precision.
+                let features = |s: &Split| cache_features(model, s, batch_size, Compute::Fp32, label);
                 let set = FeatureSet {
                     train: features(&data.train)?,
                     val: features(&data.val)?,

@@ -84,6 +84,10 @@ pub struct Record {
     pub final_loss: f64,
     /// Validation top-1 after each epoch.
     pub val_top1: Vec<f64>,
+    /// Training seconds at the end of each epoch (with `val_top1`, accuracy
+    /// against time). (Absent in older records.)
+    #[serde(default)]
+    pub epoch_seconds: Vec<f64>,
     /// Test top-1.
     pub test_top1: f64,
     /// Test top-5, where there are more than 5 classes. (Absent in older records.)
@@ -199,6 +203,7 @@ pub(crate) fn sample(strategy: &str, seed: u64, top1: f64) -> Record {
         steps: 3,
         final_loss: 0.5,
         val_top1: vec![top1],
+        epoch_seconds: vec![2.0],
         test_top1: top1,
         test_top5: None,
         test_n: 10,

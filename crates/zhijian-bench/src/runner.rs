@@ -271,6 +271,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             steps: report.steps,
             final_loss: report.final_loss,
             val_top1: report.val_top1.clone(),
+            epoch_seconds: report.epoch_seconds.clone(),
             test_top1: test.top1(),
             test_top5: top5(&test),
             test_n: test.n,

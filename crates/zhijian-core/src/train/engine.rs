@@ -300,11 +300,13 @@ pub fn cache_prefix(model: &Model, methods: &[Box<dyn Method>], split: &Split, b
     Ok(Some(Split { name: split.name.clone(), input, labels: split.labels.shallow_clone() }))
 }
 
-/// Runs the frozen backbone over `split` once and returns its pooled features
-/// as a split of `Input::Features` (held on the CPU; batches move to the model's device).
-pub fn cache_features(model: &Model, split: &Split, batch_size: i64, label: &str) -> Result<Split> {
+/// Runs the frozen backbone over `split` once, computing in `compute`, and
+/// returns its pooled features (fp32) as a split of `Input::Features` (held on
+/// the CPU; batches move to the model's device).
+pub fn cache_features(model: &Model, split: &Split, batch_size: i64, compute: Compute, label: &str) -> Result<Split> {
     let bar = progress_bar(split.len() as u64, &format!("{label}: features of {}", split.name));
-    let cx = Ctx::plain(false);
+    let weights = WeightCache::new();
+    let cx = Ctx::plain(false).with_compute(compute).with_weight_cache(&weights);
     let features = tch::no_grad(|| {
         in_length_order(&split.input, batch_size, model.device(), |batch| {
             bar.inc(batch.len() as u64);
@@ -392,6 +394,9 @@ pub struct TrainReport {
     pub final_loss: f64,
     /// Validation top-1 after each epoch, if a validation split was given.
     pub val_top1: Vec<f64>,
+    /// Training seconds (without validation) at the end of each epoch, from
+    /// the start of the run: with `val_top1`, the accuracy-against-time curve.
+    pub epoch_seconds: Vec<f64>,
     /// What the training passes computed in.
     pub compute: Compute,
     /// The matmul probe, when `precision = "auto"` asked for it.
@@ -503,6 +508,7 @@ pub fn train(
             Ok(true)
         })?;
         report.final_loss = loss_sum / loss_n.max(1) as f64;
+        report.epoch_seconds.push(start.elapsed().as_secs_f64() - report.eval_seconds);
         if let Some(val) = val {
             let t = Instant::now();
             report.val_top1.push(evaluate(model, methods, val, cfg.eval_batch_size, eval_compute)?.top1());
