@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! reference_job prepare --steps N | --full --out FILE [--config configs/demo.toml]
-//! reference_job job --method linear_probe|full_finetune|lora [--precision fp32|bf16] [--epochs E] --data FILE --out JSON
+//! reference_job job --method linear_probe|full_finetune|lora [--precision fp32|bf16] [--epochs E] [--group-by-length] --data FILE --out JSON
 //! reference_job ceiling --out JSON
 //! ```
 //!
@@ -20,7 +20,9 @@
 //! split instead (the time-to-accuracy jobs).
 //!
 //! `job --epochs E` trains E epochs and evaluates the test split after each
-//! (the `curve`: training seconds against test top-1). `linear_probe` runs
+//! (the `curve`: training seconds against test top-1); `--group-by-length`
+//! batches reviews of similar length together (`train.group_by_length`).
+//! `linear_probe` runs
 //! the frozen backbone once over both splits (in the job's precision; that
 //! time is part of its training time) and trains the head on the features.
 //!
@@ -69,7 +71,7 @@ use zhijian::core::{Compute, Input, Method, Precision, Split, TrainConfig};
 
 const USAGE: &str = "\
 usage: reference_job prepare --steps N | --full --out FILE [--config configs/demo.toml]
-       reference_job job --method linear_probe|full_finetune|lora [--precision fp32|bf16] [--epochs E] --data FILE --out JSON
+       reference_job job --method linear_probe|full_finetune|lora [--precision fp32|bf16] [--epochs E] [--group-by-length] --data FILE --out JSON
        reference_job ceiling --out JSON";
 
 /// The methods both sides run, by the name of their (only) method entry.
@@ -106,6 +108,7 @@ fn run() -> Result<()> {
             let method = required(&mut args, "--method")?;
             let precision = flag(&mut args, "--precision")?.unwrap_or_else(|| "fp32".into());
             let epochs = flag(&mut args, "--epochs")?.map(|e| e.parse::<usize>().context("--epochs takes a number")).transpose()?;
+            let group_by_length = args.iter().position(|a| a == "--group-by-length").map(|i| args.remove(i)).is_some();
             let data = PathBuf::from(required(&mut args, "--data")?);
             let out = PathBuf::from(required(&mut args, "--out")?);
             no_more(&args)?;
@@ -117,7 +120,7 @@ fn run() -> Result<()> {
                 "bf16" => Precision::Bf16,
                 other => bail!("--precision must be fp32 or bf16, got `{other}`"),
             };
-            job(&method, precision, epochs, &data, &out)
+            job(&method, precision, epochs, group_by_length, &data, &out)
         }
         "ceiling" => {
             let out = PathBuf::from(required(&mut args, "--out")?);
@@ -372,13 +375,14 @@ fn train_flops(bert: &BertConfig, classes: i64, adapter_params: Option<i64>, row
 /// Trains `method` on the prepared data (for `epochs`, else the plan's one);
 /// `bf16` computes training and the test evaluation in bf16, as the PyTorch
 /// side's autocast does.
-fn job(method: &str, precision: Precision, epochs: Option<usize>, data: &Path, out: &Path) -> Result<()> {
+fn job(method: &str, precision: Precision, epochs: Option<usize>, group_by_length: bool, data: &Path, out: &Path) -> Result<()> {
     let (tensors, plan) = read_prepared(data)?;
     let get = |name: &str| tensors.get(name).map(Tensor::shallow_clone).with_context(|| format!("{} lacks tensor `{name}`", data.display()));
     let jp = &plan["jobs"][method];
     let mut cfg: TrainConfig = serde_json::from_value(jp["train"].clone()).context("the plan's train config")?;
     (cfg.precision, cfg.eval_precision) = (precision, precision);
     cfg.epochs = epochs.unwrap_or(cfg.epochs);
+    cfg.group_by_length = group_by_length;
     let (compute, _) = precision.resolve(Device::Cpu);
     let precision_name = if compute == Compute::Bf16 { "bf16" } else { "fp32" };
     let registry = zhijian::bench::registry();
@@ -464,6 +468,7 @@ fn job(method: &str, precision: Precision, epochs: Option<usize>, data: &Path, o
         "seconds": report.seconds,
         "feature_seconds": feature_seconds,
         "epochs": cfg.epochs,
+        "group_by_length": group_by_length,
         "curve": curve,
         "samples_per_s": report.samples_per_s(),
         "final_loss": report.final_loss,

@@ -13,7 +13,7 @@ script), from the same starting point, with the same optimiser and schedule.
 
 Subcommands (run with the set-up's venv; nothing is downloaded):
 
-    peft_job.py job --method linear_probe|full_finetune|lora --precision fp32|bf16 [--epochs E] --data FILE --out JSON
+    peft_job.py job --method linear_probe|full_finetune|lora --precision fp32|bf16 [--epochs E] [--group-by-length] --data FILE --out JSON
     peft_job.py ceiling --out JSON
     peft_job.py flops-check --data FILE --out JSON
 
@@ -191,6 +191,22 @@ def evaluate(model, ids, mask, labels, batch_size, autocast):
     return correct / len(labels)
 
 
+def grouped_by_length(order, mask, batch):
+    """zhijian's `grouped_by_length` (Hugging Face's LengthGroupedSampler):
+    runs of 50 batches of the shuffled order sorted by length, longest first,
+    the run holding the longest review first."""
+    lengths = mask.sum(1)[order]
+    mega = 50 * batch
+    groups = []
+    for start in range(0, len(order), mega):
+        chunk = order[start:start + mega]
+        by_length = lengths[start:start + mega].sort(stable=True, descending=True).indices
+        groups.append(chunk[by_length])
+    longest = max(range(len(groups)), key=lambda i: (int(mask[groups[i][0]].sum()), -i))
+    groups[0], groups[longest] = groups[longest], groups[0]
+    return torch.cat(groups)
+
+
 def pooled_features(model, ids, mask, batch_size, autocast):
     """The frozen encoder's mean-pooled features of every example, in order
     (batches of similar length, as zhijian's `cache_features`), in fp32."""
@@ -259,6 +275,8 @@ def job(args):
     loss_sum, tokens, flops, step, eval_seconds, curve = 0.0, 0, 0, 0, 0.0, []
     for epoch in range(epochs):
         order = torch.randperm(n)
+        if args.group_by_length and not probe:
+            order = grouped_by_length(order, mask, batch)
         loss_sum = 0.0
         for k in range(per_epoch):
             idx = order[k * batch:(k + 1) * batch]
@@ -295,7 +313,8 @@ def job(args):
             curve.append({"epoch": epoch + 1, "seconds": trained, "test_top1": top1})
             print(f"  {label}: epoch {epoch + 1}/{epochs}  test top-1 {100 * top1:.2f}%", flush=True)
             model.train()
-    seconds = time.perf_counter() - start - eval_seconds
+    # As zhijian's: the training loop alone (the curve's times include the features).
+    seconds = time.perf_counter() - start - eval_seconds - feature_seconds
     top1 = test_top1()
     samples = min(n, per_epoch * batch) * epochs
     counted = epochs == 1 and not probe
@@ -308,6 +327,7 @@ def job(args):
         "seconds": seconds,
         "feature_seconds": feature_seconds,
         "epochs": epochs,
+        "group_by_length": args.group_by_length,
         "curve": curve,
         "samples_per_s": samples / seconds,
         "final_loss": loss_sum / per_epoch,
@@ -409,6 +429,7 @@ def main():
     p.add_argument("--method", choices=["linear_probe", "full_finetune", "lora"], required=True)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the plan's one)")
+    p.add_argument("--group-by-length", action="store_true", help="batch reviews of similar length together")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(run=job)

@@ -1,4 +1,4 @@
-//! `cargo xtask`: set-up, fetch, demo, test, fixtures, reference.
+//! `cargo xtask`: set-up, fetch, demo, test, fixtures, reference (and time to accuracy).
 //!
 //! No LibTorch dependency: `setup` is what installs LibTorch (PyTorch's wheel in
 //! a shared venv) and points `.libtorch` at it, so this must build without it.
@@ -40,10 +40,16 @@ commands:
   demo [--full] [ARGS]  setup, fetch the demo assets, run `zhijian compare configs/demo.toml`
   fixtures              regenerate golden files: run every scripts/gen_*.py with the venv's python
   reference [--steps N] setup, fetch, build; run the same MiniLM training jobs (full fine-tuning, LoRA)
-                        in zhijian and in PyTorch + transformers + peft (fp32 and bf16 autocast), one
-                        process each, measure the matmul FLOP/s ceiling, print the table and write it
-                        with the raw JSON under results/reference/ (default N = 100 steps of 32:
-                        10 min on a 2-core CPU without fast bf16; the bf16 jobs add to that)
+                        in zhijian and in PyTorch + transformers + peft, in fp32 and in bf16 (zhijian's
+                        layers, PyTorch's autocast; skipped where bf16 matmuls are slow), one process
+                        each, measure the matmul FLOP/s ceiling, print the table and write it with the
+                        raw JSON under results/reference/ (default N = 100 steps of 32: 10 min on a
+                        2-core CPU without fast bf16; the bf16 jobs add to that)
+  reference --time-to-accuracy
+                        the same, on every training review: linear probe, LoRA (3 epochs) and full
+                        fine-tuning (2 epochs) on both sides, with dynamic padding and grouped by
+                        length, test top-1 after each epoch; the time each took to reach PyTorch's
+                        final accuracy (results/reference/time-to-accuracy.md; ~45 min on 2 cores)
 
 environment: ZHIJIAN_HOME (default ~/.cache/zhijian; the venv is $ZHIJIAN_HOME/venv),
              ZHIJIAN_CACHE (assets; default ~/.cache/zhijian/assets)";

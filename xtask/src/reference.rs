@@ -54,10 +54,10 @@ fn run_stage(mut stage: Stage, k: usize, total: usize, t_run: Instant, results: 
     Ok(())
 }
 
-/// Epochs of each time-to-accuracy job: the probe's head trains on features
-/// (its plan's epochs), LoRA and full fine-tuning as long as PyTorch + PEFT
-/// needed for its best accuracy in the issue's measurement.
-const TIME_TO_ACCURACY: [(&str, Option<usize>); 3] = [("linear_probe", None), ("lora", Some(3)), ("full_finetune", Some(2))];
+/// Epochs of each time-to-accuracy job: the probe's head as many as the
+/// demo gives it (it trains on features), LoRA and full fine-tuning as long
+/// as PyTorch + PEFT needed for its best accuracy in the issue's measurement.
+const TIME_TO_ACCURACY: [(&str, Option<usize>); 3] = [("linear_probe", Some(30)), ("lora", Some(3)), ("full_finetune", Some(2))];
 
 /// Runs `cargo xtask reference [--steps N | --time-to-accuracy]`.
 pub fn reference(args: &[String]) -> Result<()> {
@@ -224,7 +224,7 @@ fn time_to_accuracy() -> Result<()> {
     let mut prepare = env.zhijian("prepare the data (every training review)", &["prepare", "--full"], None);
     prepare.command.arg("--out").arg(&data);
     let first = vec![prepare, env.pytorch("matmul ceiling, PyTorch", &["ceiling"], env.json_out("ceiling-pytorch"))];
-    let total = first.len() + 2 * TIME_TO_ACCURACY.len();
+    let total = first.len() + TIME_TO_ACCURACY.iter().map(|(m, _)| tta_jobs(m).len()).sum::<usize>();
     let t_run = Instant::now();
     let mut results = serde_json::Map::new();
     let mut k = 0;
@@ -235,15 +235,19 @@ fn time_to_accuracy() -> Result<()> {
     let skipped = bf16_skip_reason(&results);
     let precision = if skipped.is_some() { "fp32" } else { "bf16" };
     for (method, epochs) in TIME_TO_ACCURACY {
-        for side in ["zhijian", "PyTorch"] {
+        for (side, grouped) in tta_jobs(method) {
             k += 1;
             let epochs = epochs.map(|e| e.to_string());
             let mut args = vec!["job", "--method", method, "--precision", precision, "--data", &data_arg];
             if let Some(e) = &epochs {
                 args.extend(["--epochs", e]);
             }
-            let label = format!("{side} {method} {precision}");
-            let out = env.json_out(&format!("tta-{}-{method}", side.to_lowercase()));
+            if grouped {
+                args.push("--group-by-length");
+            }
+            let name = tta_name(side, method, grouped);
+            let label = format!("{side} {method} {precision}{}", if grouped { ", grouped by length" } else { "" });
+            let out = env.json_out(&name);
             let stage = if side == "zhijian" { env.zhijian(&label, &args, Some(out)) } else { env.pytorch(&label, &args, out) };
             run_stage(stage, k, total, t_run, &mut results)?;
         }
@@ -266,6 +270,20 @@ fn time_to_accuracy() -> Result<()> {
     Ok(())
 }
 
+/// The time-to-accuracy jobs of `method`: `(side, grouped by length)`, each
+/// side as PyTorch + PEFT's reference setting has it (dynamic padding) and
+/// with length grouping (both sides' `group_by_length`; nothing to group for
+/// the probe, whose head trains on features).
+fn tta_jobs(method: &str) -> Vec<(&'static str, bool)> {
+    let plain = [("zhijian", false), ("PyTorch", false)];
+    if method == "linear_probe" { plain.to_vec() } else { [&plain[..], &[("zhijian", true), ("PyTorch", true)]].concat() }
+}
+
+/// The result name of a time-to-accuracy job.
+fn tta_name(side: &str, method: &str, grouped: bool) -> String {
+    format!("tta-{}-{method}{}", side.to_lowercase(), if grouped { "-grouped" } else { "" })
+}
+
 /// The first point of a job's curve at or above `target` top-1: `(epoch, seconds)`.
 fn reached(job: &Value, target: f64) -> Option<(u64, f64)> {
     job["curve"]
@@ -275,7 +293,9 @@ fn reached(job: &Value, target: f64) -> Option<(u64, f64)> {
         .map(|p| (p["epoch"].as_u64().unwrap_or(0), p["seconds"].as_f64().unwrap_or(0.0)))
 }
 
-/// The markdown table of the time-to-accuracy jobs.
+/// The markdown table of the time-to-accuracy jobs: each job's time to the
+/// top-1 PyTorch + PEFT reaches in its reference setting (dynamic padding),
+/// and its speed-up over that.
 fn render_time_to_accuracy(report: &Value) -> Result<String> {
     let r = &report["results"];
     let m = &report["meta"];
@@ -293,10 +313,9 @@ fn render_time_to_accuracy(report: &Value) -> Result<String> {
     )?;
     writeln!(
         out,
-        "| method | epochs | target: PyTorch's final top-1 (%) | PyTorch: time to target | zhijian: time to target | PyTorch ÷ zhijian | \
-         zhijian top-1 per epoch (%) | PyTorch top-1 per epoch (%) |"
+        "| method | side | batches | epochs | final top-1 (%) | target (%) | time to target | speed-up over PyTorch | top-1 per epoch (%, training time) |"
     )?;
-    writeln!(out, "|---|---|---|---|---|---|---|---|")?;
+    writeln!(out, "|---|---|---|---|---|---|---|---|---|")?;
     let per_epoch = |job: &Value| -> String {
         job["curve"].as_array().map_or(String::new(), |c| {
             c.iter()
@@ -306,31 +325,36 @@ fn render_time_to_accuracy(report: &Value) -> Result<String> {
         })
     };
     for (method, _) in TIME_TO_ACCURACY {
-        let (z, p) = (&r[format!("tta-zhijian-{method}")], &r[format!("tta-pytorch-{method}")]);
-        let target = p["test_top1"].as_f64().with_context(|| format!("no PyTorch result for {method}"))?;
-        let shown = |hit: Option<(u64, f64)>| hit.map_or("not reached".to_string(), |(e, s)| format!("{s:.0} s (epoch {e})"));
-        let (zt, pt) = (reached(z, target), reached(p, target));
-        let ratio = match (zt, pt) {
-            (Some((_, zs)), Some((_, ps))) if zs > 0.0 => format!("{:.2}", ps / zs),
-            _ => "—".into(),
-        };
-        writeln!(
-            out,
-            "| {method} | {} | {:.2} | {} | {} | {ratio} | {} | {} |",
-            p["epochs"],
-            100.0 * target,
-            shown(pt),
-            shown(zt),
-            per_epoch(z),
-            per_epoch(p)
-        )?;
+        let reference = &r[tta_name("PyTorch", method, false)];
+        let target = reference["test_top1"].as_f64().with_context(|| format!("no PyTorch result for {method}"))?;
+        let base = reached(reference, target).map(|(_, s)| s);
+        for (side, grouped) in tta_jobs(method) {
+            let job = &r[tta_name(side, method, grouped)];
+            let Some(top1) = job["test_top1"].as_f64() else { continue };
+            let hit = reached(job, target);
+            let time = hit.map_or("not reached".to_string(), |(e, s)| format!("{s:.0} s (epoch {e})"));
+            let speedup = match (hit, base) {
+                (Some((_, s)), Some(b)) if s > 0.0 => format!("{:.2}×", b / s),
+                _ => "—".into(),
+            };
+            let batches = if grouped { "grouped by length" } else { "dynamic padding" };
+            writeln!(
+                out,
+                "| {method} | {side} | {batches} | {} | {:.2} | {:.2} | {time} | {speedup} | {} |",
+                job["epochs"],
+                100.0 * top1,
+                100.0 * target,
+                per_epoch(job)
+            )?;
+        }
     }
     if let Some(why) = m["bf16_skipped"].as_str() {
         writeln!(out, "\n{why}.")?;
     }
     writeln!(
         out,
-        "\nTimes are training wall time from the start of the job (for the probe: the frozen encoder's pass over both splits, then the head), without the per-epoch test evaluations."
+        "\nThe target is the final top-1 of PyTorch + PEFT with dynamic padding (the issue's reference setting). Times are training wall time \
+         from the start of the job — for the probe, the frozen encoder's pass over both splits, then the head — without the per-epoch test evaluations."
     )?;
     Ok(out)
 }
@@ -345,7 +369,7 @@ fn parse_steps(args: &[String]) -> Result<usize> {
             }
             Ok(steps)
         }
-        _ => bail!("usage: cargo xtask reference [--steps N] (default {DEFAULT_STEPS}); got `{}`", args.join(" ")),
+        _ => bail!("usage: cargo xtask reference [--steps N | --time-to-accuracy] (default {DEFAULT_STEPS} steps); got `{}`", args.join(" ")),
     }
 }
 
@@ -595,7 +619,7 @@ mod tests {
         assert!(!table.contains("**warning:**"), "{table}");
     }
 
-    /// The time to target is the first epoch at or above PyTorch's final top-1; a side that never gets there says so.
+    /// The time to target is the first epoch at or above PyTorch's final top-1 with dynamic padding; a job that never gets there says so.
     #[test]
     fn time_to_accuracy_table() {
         let curve = |points: &[(f64, f64)]| -> Value {
@@ -607,14 +631,20 @@ mod tests {
         results.insert("tta-zhijian-linear_probe".into(), curve(&[(40.0, 0.78), (80.0, 0.79)]));
         results.insert("tta-pytorch-lora".into(), curve(&[(100.0, 0.80), (200.0, 0.84), (300.0, 0.85)]));
         results.insert("tta-zhijian-lora".into(), curve(&[(90.0, 0.80), (180.0, 0.83), (270.0, 0.849)]));
+        results.insert("tta-pytorch-lora-grouped".into(), curve(&[(70.0, 0.80), (140.0, 0.84), (210.0, 0.851)]));
+        results.insert("tta-zhijian-lora-grouped".into(), curve(&[(60.0, 0.81), (120.0, 0.85), (180.0, 0.86)]));
         results.insert("tta-pytorch-full_finetune".into(), curve(&[(100.0, 0.85), (200.0, 0.85)]));
         results.insert("tta-zhijian-full_finetune".into(), curve(&[(50.0, 0.86), (100.0, 0.86)]));
         let report = json!({ "meta": { "precision": "bf16", "cpu": "a CPU", "commit": "abc", "date_utc": "2026-01-01", "command": "c", "run_seconds": 60.0 }, "results": results });
         let table = render_time_to_accuracy(&report).unwrap();
-        assert!(table.contains("| linear_probe | 2 | 78.00 | 200 s (epoch 2) | 40 s (epoch 1) | 5.00 |"), "{table}");
-        assert!(table.contains("| lora | 3 | 85.00 | 300 s (epoch 3) | not reached | — |"), "{table}");
-        // PyTorch reached its final accuracy already after epoch 1.
-        assert!(table.contains("| full_finetune | 2 | 85.00 | 100 s (epoch 1) | 50 s (epoch 1) | 2.00 |"), "{table}");
+        assert!(table.contains("| linear_probe | zhijian | dynamic padding | 2 | 79.00 | 78.00 | 40 s (epoch 1) | 5.00× |"), "{table}");
+        assert!(table.contains("| lora | zhijian | dynamic padding | 3 | 84.90 | 85.00 | not reached | — |"), "{table}");
+        assert!(table.contains("| lora | zhijian | grouped by length | 3 | 86.00 | 85.00 | 120 s (epoch 2) | 2.50× |"), "{table}");
+        assert!(table.contains("| lora | PyTorch | grouped by length | 3 | 85.10 | 85.00 | 210 s (epoch 3) | 1.43× |"), "{table}");
+        // PyTorch reached its final accuracy already after epoch 1; a missing job has no row.
+        assert!(table.contains("| full_finetune | PyTorch | dynamic padding | 2 | 85.00 | 85.00 | 100 s (epoch 1) | 1.00× |"), "{table}");
+        assert!(table.contains("| full_finetune | zhijian | dynamic padding | 2 | 86.00 | 85.00 | 50 s (epoch 1) | 2.00× |"), "{table}");
+        assert!(!table.contains("| full_finetune | zhijian | grouped by length"), "{table}");
     }
 
     #[test]

@@ -56,6 +56,12 @@ pub struct TrainConfig {
     /// The same for evaluation and inference. Default fp32.
     #[serde(skip_serializing_if = "Precision::is_fp32")]
     pub eval_precision: Precision,
+    /// Batch text of similar lengths together, as Hugging Face's
+    /// `group_by_length`: each epoch's shuffled order is cut into mega-batches
+    /// of 50 batches, each sorted by length (longest first), so batches carry
+    /// less padding. Default false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub group_by_length: bool,
 }
 
 impl Default for TrainConfig {
@@ -75,6 +81,7 @@ impl Default for TrainConfig {
             seed: 0,
             precision: Precision::Fp32,
             eval_precision: Precision::Fp32,
+            group_by_length: false,
         }
     }
 }
@@ -457,7 +464,10 @@ pub fn train(
         if report.steps >= total {
             break;
         }
-        let order = Tensor::randperm(train.len(), (Kind::Int64, Device::Cpu));
+        let mut order = Tensor::randperm(train.len(), (Kind::Int64, Device::Cpu));
+        if cfg.group_by_length {
+            order = grouped_by_length(&train.input, &order, cfg.batch_size);
+        }
         let (mut loss_sum, mut loss_n) = (0.0, 0usize);
         let idx = batches(train.len(), cfg.batch_size).map(|b| order.index_select(0, &b)).collect();
         // Each epoch draws new augmentations, the same ones for the same seed.
@@ -549,6 +559,31 @@ pub fn evaluate(model: &Model, methods: &[Box<dyn Method>], split: &Split, batch
     Ok(Accuracy::from_logits(&predict(model, methods, &split.input, batch_size, compute)?, &split.labels))
 }
 
+/// Batches per mega-batch of [`TrainConfig::group_by_length`] (Hugging Face's `LengthGroupedSampler` uses 50).
+const MEGA_BATCH: i64 = 50;
+
+/// `order` with each run of [`MEGA_BATCH`] batches sorted by text length,
+/// longest first; the mega-batch holding the longest text goes first, so a
+/// run that runs out of memory does so at once. Inputs without a mask keep
+/// their order.
+pub fn grouped_by_length(input: &Input, order: &Tensor, batch_size: i64) -> Tensor {
+    let (Input::Tokens { mask, .. } | Input::Hidden { mask, .. }) = input else { return order.shallow_clone() };
+    let lengths = mask.sum_dim_intlist(1, false, Kind::Int64).index_select(0, order);
+    let mega = (MEGA_BATCH * batch_size).max(1);
+    let mut groups: Vec<(i64, Tensor)> = (0..order.size()[0])
+        .step_by(mega as usize)
+        .map(|start| {
+            let len = mega.min(order.size()[0] - start);
+            let (sorted, by_length) = lengths.narrow(0, start, len).sort_stable(true, 0, true);
+            (sorted.int64_value(&[0]), order.narrow(0, start, len).index_select(0, &by_length))
+        })
+        .collect();
+    if let Some(longest) = (0..groups.len()).max_by_key(|&i| (groups[i].0, std::cmp::Reverse(i))) {
+        groups.swap(0, longest);
+    }
+    Tensor::cat(&groups.into_iter().map(|(_, g)| g).collect::<Vec<_>>(), 0)
+}
+
 /// Consecutive index batches `[0, b), [b, 2b), …` over `n` examples.
 pub fn batches(n: i64, batch_size: i64) -> impl Iterator<Item = Tensor> {
     (0..n).step_by(batch_size.max(1) as usize).map(move |s| Tensor::arange_start(s, (s + batch_size).min(n), (Kind::Int64, Device::Cpu)))
@@ -564,4 +599,60 @@ pub fn progress_bar(len: u64, label: &str) -> ProgressBar {
     );
     bar.set_prefix(label.to_string());
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Grouping by length permutes the shuffled order only within mega-batches
+    /// of 50 batches, each sorted longest first, the longest text's group first.
+    #[test]
+    fn group_by_length_sorts_within_mega_batches() {
+        let n = 230;
+        // Length of example i: (7 i) mod 13 + 1, over 16 tokens.
+        let lengths: Vec<i64> = (0..n).map(|i| (7 * i) % 13 + 1).collect();
+        let mask = Tensor::arange(16, (Kind::Int64, Device::Cpu)).unsqueeze(0).lt_tensor(&Tensor::from_slice(&lengths).unsqueeze(1)).to_kind(Kind::Int64);
+        let input = Input::Tokens { ids: mask.ones_like(), mask };
+        let order = Tensor::from_slice(&(0..n).rev().collect::<Vec<i64>>());
+        // Batches of 2: mega-batches of 100, 100 and 30 examples.
+        let grouped = Vec::<i64>::try_from(grouped_by_length(&input, &order, 2)).unwrap();
+        let mut sorted = grouped.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "a permutation of the examples");
+        let original = Vec::<i64>::try_from(&order).unwrap();
+        let sizes = [100, 100, 30];
+        let mut groups: Vec<Vec<i64>> = Vec::new();
+        let mut at = 0;
+        for size in sizes {
+            groups.push(grouped[at..at + size].to_vec());
+            at += size;
+        }
+        for g in &groups {
+            let l: Vec<i64> = g.iter().map(|&i| lengths[i as usize]).collect();
+            assert!(l.windows(2).all(|w| w[0] >= w[1]), "sorted longest first: {l:?}");
+        }
+        // Every group is one of the original mega-batches (the first has the longest text: 13 tokens).
+        let mega: Vec<Vec<i64>> = sizes
+            .iter()
+            .scan(0, |at, &s| {
+                *at += s;
+                Some(original[*at - s..*at].to_vec())
+            })
+            .collect();
+        for g in &groups {
+            let mut g = g.clone();
+            g.sort();
+            assert!(mega.iter().any(|m| {
+                let mut m = m.clone();
+                m.sort();
+                m == g
+            }));
+        }
+        assert_eq!(lengths[groups[0][0] as usize], 13);
+        // Inputs without a mask keep their order.
+        let images = Input::Images(Tensor::zeros([4, 1], (Kind::Float, Device::Cpu)));
+        let o = Tensor::from_slice(&[2i64, 0, 3, 1]);
+        assert!(grouped_by_length(&images, &o, 2).equal(&o));
+    }
 }
