@@ -22,9 +22,9 @@
 //! `job --epochs E` trains E epochs and evaluates the test split after each
 //! (the `curve`: training seconds against test top-1); `--group-by-length`
 //! batches reviews of similar length together (`train.group_by_length`).
-//! `linear_probe` runs
-//! the frozen backbone once over both splits (in the job's precision; that
-//! time is part of its training time) and trains the head on the features.
+//! `linear_probe` runs the frozen backbone once over both splits (in the
+//! job's precision; that time is part of its training time) and trains the
+//! head on the features.
 //!
 //! `job` trains MiniLM with its real weights through zhijian's engine for that
 //! one epoch (`N` steps), evaluates test top-1 and writes JSON: training
@@ -448,9 +448,10 @@ fn job(method: &str, precision: Precision, epochs: Option<usize>, group_by_lengt
         bail!("the plan lacks lora adapter_params");
     }
     let (mut tokens_computed, mut flops) = (0i64, 0i64);
-    // One epoch's batches: the reference jobs train one (the time-to-accuracy
-    // jobs, several, do not report FLOPs). The probe's steps see features.
-    let counted = cfg.epochs == 1 && method != "linear_probe";
+    // One epoch's batches in shuffled order: the reference jobs train one
+    // (the time-to-accuracy jobs, several epochs or grouped batches, do not
+    // report FLOPs). The probe's steps see features.
+    let counted = cfg.epochs == 1 && !group_by_length && method != "linear_probe";
     for idx in train::batches(train_split.len(), cfg.batch_size).take(if counted { report.steps } else { 0 }) {
         let rows = mask.index_select(0, &order.index_select(0, &idx));
         let seq = rows.sum_dim_intlist(1, false, Kind::Int64).max().int64_value(&[]).max(1);

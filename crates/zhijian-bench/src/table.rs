@@ -42,9 +42,10 @@ fn optional(runs: &[&Record], f: impl Fn(&Record) -> Option<f64>, digits: usize)
     if xs.is_empty() { "n/a".into() } else { pm(&xs, 1.0, digits) }
 }
 
-/// A markdown table of `records`, one row per strategy in first-seen order.
-/// Train time includes computing cached features; a samples/s figure marked †
-/// is the head's throughput on those features, not comparable to whole-model rates.
+/// A markdown table of `records`, one row per strategy in first-seen order
+/// (`name (bf16)` when it trained in bf16). Train time includes computing
+/// cached features; a samples/s figure marked † is the head's throughput on
+/// those features, not comparable to whole-model rates.
 pub fn markdown(records: &[Record]) -> String {
     let mut order: Vec<&str> = Vec::new();
     for r in records {
@@ -87,8 +88,9 @@ pub fn markdown(records: &[Record]) -> String {
             let lost: Vec<f64> = runs.iter().filter_map(|r| r.source.as_ref()).map(|s| s.forgetting()).collect();
             ood.push_str(&if lost.is_empty() { " n/a |".to_string() } else { format!(" {} |", pm(&lost, 1.0, 1)) });
         }
+        let precision = if first.compute == Some(zhijian_core::Compute::Bf16) { " (bf16)" } else { "" };
         out.push_str(&format!(
-            "| {name} | {} | {} / {} ({:.2}%) | {} |{ood} {} | {} | {} | {} | {} | {} |\n",
+            "| {name}{precision} | {} | {} / {} ({:.2}%) | {} |{ood} {} | {} | {} | {} | {} | {} |\n",
             runs.len(),
             human_count(first.trainable_params),
             human_count(first.total_params),
@@ -117,9 +119,11 @@ mod tests {
     #[test]
     fn rows_aggregate_seeds() {
         let probe = Record { cached_features: true, ..sample("probe", 0, 0.70) };
-        let t = markdown(&[sample("lora", 0, 0.80), probe, sample("lora", 1, 0.84)]);
+        let bf16 = Record { compute: Some(zhijian_core::Compute::Bf16), ..sample("full", 0, 0.9) };
+        let t = markdown(&[sample("lora", 0, 0.80), probe, sample("lora", 1, 0.84), bf16]);
         let rows: Vec<&str> = t.lines().skip(2).take_while(|l| l.starts_with('|')).collect();
-        assert_eq!(rows.len(), 2);
+        assert_eq!(rows.len(), 3);
+        assert!(rows[2].starts_with("| full (bf16) | 1 |"), "{}", rows[2]);
         assert!(rows[0].starts_with("| lora | 2 | 10 / 100 (10.00%) | 82.00 ± 2.83 |"), "{}", rows[0]);
         assert!(rows[1].starts_with("| probe | 1 |") && rows[1].contains("50 † |"), "{}", rows[1]);
         assert!(t.contains("\n† head trained on cached features"));

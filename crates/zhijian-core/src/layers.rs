@@ -199,9 +199,8 @@ pub fn dropout(cx: &Ctx, x: &Tensor, p: f64) -> Tensor {
 /// `[batch, 1, 1, tokens]`, true where a key may be attended → `[batch, tokens, heads·head_dim]`.
 pub fn attention(cx: &Ctx, q: &Tensor, k: &Tensor, v: &Tensor, keep: Option<&Tensor>, heads: i64, dropout_p: f64) -> Tensor {
     let (b, t, d) = q.size3().expect("attention input must be [batch, tokens, dim]");
-    let split = |x: &Tensor| x.view([b, -1, heads, d / heads]).transpose(1, 2);
+    let split = |x: &Tensor| cx.cast(x).view([b, -1, heads, d / heads]).transpose(1, 2);
     let p = if cx.is_train() { dropout_p } else { 0.0 };
-    let split = |x: &Tensor| split(&cx.cast(x));
     Tensor::scaled_dot_product_attention(&split(q), &split(k), &split(v), keep, p, false, None, false).transpose(1, 2).reshape([b, t, d])
 }
 

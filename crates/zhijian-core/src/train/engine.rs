@@ -437,6 +437,10 @@ pub fn train(
     opts: &TrainOptions,
 ) -> Result<TrainReport> {
     cfg.validate()?;
+    let device = model.device();
+    // `auto`'s probe runs once per process, before the clock starts.
+    let (compute, probe) = cfg.precision.resolve(device);
+    let (eval_compute, _) = cfg.eval_precision.resolve(device);
     // Selection before training (SAFT's gradient passes, SNIP) is part of the
     // method's training cost, so the clock starts here.
     let start = Instant::now();
@@ -451,9 +455,6 @@ pub fn train(
     let total = cfg.total_steps(train.len());
     let warmup = (cfg.warmup_ratio * total as f64).round() as usize;
     let taps: Vec<Tap> = methods.iter().flat_map(|m| m.taps()).collect();
-    let device = model.device();
-    let (compute, probe) = cfg.precision.resolve(device);
-    let (eval_compute, _) = cfg.eval_precision.resolve(device);
     // Frozen weights keep their bf16 copies for the whole run: nothing
     // writes them between here and the end of training.
     let weights = WeightCache::new();
