@@ -57,7 +57,9 @@ pub fn register(r: &mut Registry) {
         Ok(Box::new(FullFinetune::new(parse_config("full_finetune", c)?)))
     });
     r.register("lora", Stage::Architect, "low-rank updates B·A on chosen layers (Hu et al. 2021), with DoRA, rsLoRA and per-site ranks as options", |c| {
-        Ok(Box::new(Lora::new(parse_config("lora", c)?)))
+        let config: LoraConfig = parse_config("lora", c)?;
+        config.validate()?;
+        Ok(Box::new(Lora::new(config)))
     });
     r.register("bitfit", Stage::Architect, "train only the bias terms (Ben Zaken et al. 2022)", |c| Ok(Box::new(BitFit::new(parse_config("bitfit", c)?))));
     r.register("ln_tuning", Stage::Architect, "train only the norms' scales and shifts (Qi et al. 2022; BatchNorm affine on CNNs)", |c| {

@@ -205,6 +205,27 @@ impl Lora {
     }
 }
 
+impl LoraConfig {
+    /// Rejects values no backbone can take (checked when the config is parsed
+    /// and again in `prepare`, for configs built in code).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |message: String| Err(Error::MethodConfig { method: "lora".into(), message });
+        if self.rank < 1 {
+            return bad(format!("rank must be ≥ 1, got {}", self.rank));
+        }
+        if let Some((k, r)) = self.rank_pattern.iter().find(|(_, r)| **r < 1) {
+            return bad(format!("rank_pattern `{k}` must be ≥ 1, got {r}"));
+        }
+        if !self.alpha.is_finite() || self.alpha_pattern.values().any(|a| !a.is_finite()) {
+            return bad(format!("alpha and alpha_pattern values must be finite, got {} and {:?}", self.alpha, self.alpha_pattern));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!("dropout must be in [0, 1), got {}", self.dropout));
+        }
+        Ok(())
+    }
+}
+
 impl Method for Lora {
     fn name(&self) -> &'static str {
         "lora"
@@ -216,19 +237,7 @@ impl Method for Lora {
 
     fn prepare(&mut self, model: &Model) -> Result<()> {
         let c = &self.config;
-        let bad = |message: String| Err(Error::MethodConfig { method: "lora".into(), message });
-        if c.rank < 1 {
-            return bad(format!("rank must be ≥ 1, got {}", c.rank));
-        }
-        if let Some((k, r)) = c.rank_pattern.iter().find(|(_, r)| **r < 1) {
-            return bad(format!("rank_pattern `{k}` must be ≥ 1, got {r}"));
-        }
-        if !c.alpha.is_finite() || c.alpha_pattern.values().any(|a| !a.is_finite()) {
-            return bad(format!("alpha and alpha_pattern values must be finite, got {} and {:?}", c.alpha, c.alpha_pattern));
-        }
-        if !(0.0..1.0).contains(&c.dropout) {
-            return bad(format!("dropout must be in [0, 1), got {}", c.dropout));
-        }
+        c.validate()?;
         // Norm layers have no weight matrix to update.
         let all: Vec<Site> = model.sites().into_iter().filter(|s| s.role != Role::Norm).collect();
         let sites = if c.targets.is_empty() {

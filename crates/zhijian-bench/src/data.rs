@@ -3,10 +3,10 @@
 
 use zhijian_core::{Error, ImagePreset, Result, Split};
 use zhijian_data::image::{FASHION_MNIST_CLASSES, idx_dataset, mnist_json_digits, optdigits};
-use zhijian_data::{Corruption, ImageLoader, ImageTransform, image_folder, stratified_split, subsample_stratified};
+use zhijian_data::{Corruption, ImageLoader, ImageTransform, SUBSET_STREAM, image_folder, stratified_split, subsample_stratified};
 
-use crate::build::asset;
-use crate::experiment::{BackboneConfig, DataConfig, Experiment, ImageTask};
+use crate::build::{asset, tokenizer_file};
+use crate::experiment::{DataConfig, Experiment, ImageTask};
 
 /// The loaded splits of an experiment.
 pub struct Data {
@@ -31,25 +31,27 @@ impl Data {
     }
 }
 
-/// A different seed stream from the split's, so subsets are not correlated
-/// with the order the split's shuffle produced.
-const SUBSET_STREAM: u64 = 0x5EED_5AB5_A3D1_E000;
-
 /// Loads the experiment's data: text tokenised for its backbone, images
 /// transformed as its `preset` says. `full` lifts the train and test limits.
 pub fn load_data(exp: &Experiment, preset: Option<&ImagePreset>, full: bool) -> Result<Data> {
     match &exp.data {
         DataConfig::RottenTomatoes { max_len, fractions, split_seed, train_limit } => {
-            let BackboneConfig::Bert { weights, .. } = &exp.backbone else {
+            let Some(tokenizer_json) = tokenizer_file(exp)? else {
                 return Err(Error::Config("data `rotten_tomatoes` is text: it needs a `bert` backbone (its tokenizer)".into()));
             };
             let dataset = zhijian_data::rotten_tomatoes(&asset("rotten-tomatoes", "rotten_tomatoes_corpus_full.csv.bz2")?)?;
-            let tokenizer = zhijian_data::TextTokenizer::from_file(&asset(weights, "tokenizer.json")?, *max_len)?;
-            let cache = zhijian_assets::cache_dir().join("tokenized");
-            let limit = if full { None } else { *train_limit };
-            let s =
-                zhijian_data::TextTask { fractions: *fractions, seed: *split_seed, train_limit: limit, cache_dir: Some(cache) }.build(&dataset, &tokenizer)?;
-            Ok(Data { train: s.train, val: s.val, test: s.test, ood: Vec::new(), classes: s.classes })
+            let task = text_task(*fractions, *split_seed, *train_limit, None, full);
+            let s = task.build(&dataset, &tokenizer(&tokenizer_json, *max_len)?)?;
+            Ok(Data { train: s.train, val: s.val, test: s.test, ood: s.ood, classes: s.classes })
+        }
+        DataConfig::Text(files) => {
+            let Some(tokenizer_json) = tokenizer_file(exp)? else {
+                return Err(Error::Config("data `text` needs a `bert` backbone (its tokenizer)".into()));
+            };
+            let corpus = files.load(&|path| locate(path, &exp.base))?;
+            let task = text_task([0.8, 0.1, 0.1], files.split_seed, files.train_limit, files.eval_limit, full);
+            let s = task.build_corpus(&corpus, &tokenizer(&tokenizer_json, files.max_len)?)?;
+            Ok(Data { train: s.train, val: s.val, test: s.test, ood: s.ood, classes: s.classes })
         }
         DataConfig::FashionMnist(task) => {
             let transform = transform(exp, task, preset)?;
@@ -76,6 +78,36 @@ pub fn load_data(exp: &Experiment, preset: Option<&ImagePreset>, full: bool) -> 
             let files = image_folder(&exp.base.join(path))?;
             image_splits(task, ImageLoader::from_files(&files, transform(exp, task, preset)?)?, None, &no_real_shift, full)
         }
+    }
+}
+
+/// A data file of the experiment: `asset:NAME/FILE` is a file of a fetched
+/// asset (the error says how to fetch it), anything else is relative to the
+/// experiment file.
+fn locate(path: &std::path::Path, base: &std::path::Path) -> Result<std::path::PathBuf> {
+    match path.to_str().and_then(|p| p.strip_prefix("asset:")) {
+        Some(spec) => {
+            let (name, file) = spec.split_once('/').ok_or_else(|| Error::Config(format!("data path `{}` must be `asset:NAME/FILE`", path.display())))?;
+            asset(name, file)
+        }
+        None => Ok(base.join(path)),
+    }
+}
+
+/// The backbone's tokenizer (its `tokenizer.json`), truncating to `max_len`.
+fn tokenizer(tokenizer_json: &std::path::Path, max_len: usize) -> Result<zhijian_data::TextTokenizer> {
+    zhijian_data::TextTokenizer::from_file(tokenizer_json, max_len)
+}
+
+/// How a text task is cut, its tokens cached under the asset cache; `full` lifts the limits.
+fn text_task(fractions: [f64; 3], seed: u64, train_limit: Option<usize>, eval_limit: Option<usize>, full: bool) -> zhijian_data::TextTask {
+    let lift = |limit: Option<usize>| limit.filter(|_| !full);
+    zhijian_data::TextTask {
+        fractions,
+        seed,
+        train_limit: lift(train_limit),
+        eval_limit: lift(eval_limit),
+        cache_dir: Some(zhijian_assets::cache_dir().join("tokenized")),
     }
 }
 

@@ -52,9 +52,11 @@ struct Point {
     ood: Vec<(String, (f64, f64))>,
 }
 
+/// Finished runs only: a failed run has no accuracy to plot.
 fn points(records: &[Record]) -> Vec<Point> {
+    let records: Vec<&Record> = records.iter().filter(|r| r.finished()).collect();
     let mut order: Vec<&str> = Vec::new();
-    for r in records {
+    for r in &records {
         if !order.contains(&r.strategy.as_str()) {
             order.push(&r.strategy);
         }
@@ -63,7 +65,7 @@ fn points(records: &[Record]) -> Vec<Point> {
         .iter()
         .enumerate()
         .map(|(i, name)| {
-            let runs: Vec<&Record> = records.iter().filter(|r| r.strategy == *name).collect();
+            let runs: Vec<&Record> = records.iter().copied().filter(|r| r.strategy == *name).collect();
             let col = |f: &dyn Fn(&Record) -> f64| mean_std(&runs.iter().map(|r| f(r)).collect::<Vec<_>>());
             let mut splits: Vec<&str> = Vec::new();
             for s in runs.iter().flat_map(|r| &r.ood) {
@@ -101,14 +103,19 @@ fn register_font() {
 
 /// Writes the plots of `records` into `dir`, PNG and SVG each, atomically:
 /// `{stem}-accuracy-vs-params`, `{stem}-accuracy-vs-time` and, where runs were
-/// tested out of distribution, `{stem}-id-vs-ood`. Returns the files written.
+/// tested out of distribution, `{stem}-id-vs-ood`. Returns the files written
+/// (none when no run finished).
 pub fn write_plots(records: &[Record], dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     if records.is_empty() {
         return Err(Error::Config("no records to plot".into()));
     }
+    let pts = points(records);
+    if pts.is_empty() {
+        // Every run failed: nothing to draw, and the table says why.
+        return Ok(Vec::new());
+    }
     register_font();
     std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
-    let pts = points(records);
     let seeds = records.iter().map(|r| r.seed).collect::<std::collections::BTreeSet<_>>().len();
     let title = |what: &str| format!("{}: {what} ({seeds} seed{})", records[0].experiment, if seeds == 1 { "" } else { "s" });
     let mut plots: Vec<(&str, String, Chart)> = vec![

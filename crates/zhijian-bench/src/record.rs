@@ -12,7 +12,10 @@ use zhijian_core::precision::Probe;
 use zhijian_core::{Compute, Error, Result};
 
 /// Everything measured in one run of one strategy with one seed.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+///
+/// A run that failed (its loss diverged) is recorded too, with `failed` saying
+/// why; its accuracies are NaN here and `null` in the file, never a number.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     /// Experiment name.
     pub experiment: String,
@@ -39,6 +42,10 @@ pub struct Record {
     pub device: String,
     /// `git describe` of the code that ran.
     pub git_rev: String,
+    /// Why the run stopped without a result (`training diverged: …`); none
+    /// for a finished run. A resumed comparison does not retry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
     /// Seconds since the Unix epoch when the run finished.
     pub finished_at: u64,
     /// Parameters that trained (model and methods).
@@ -77,10 +84,12 @@ pub struct Record {
     #[serde(default)]
     pub eval_seconds: f64,
     /// Training examples per second of the training loop.
+    #[serde(deserialize_with = "nan_if_null")]
     pub train_samples_per_s: f64,
     /// Optimiser steps.
     pub steps: usize,
     /// Mean training loss over the last epoch.
+    #[serde(deserialize_with = "nan_if_null")]
     pub final_loss: f64,
     /// Validation top-1 after each epoch.
     pub val_top1: Vec<f64>,
@@ -89,6 +98,7 @@ pub struct Record {
     #[serde(default)]
     pub epoch_seconds: Vec<f64>,
     /// Test top-1.
+    #[serde(deserialize_with = "nan_if_null")]
     pub test_top1: f64,
     /// Test top-5, where there are more than 5 classes. (Absent in older records.)
     #[serde(default)]
@@ -115,6 +125,19 @@ pub struct Record {
     pub peak_rss_bytes: Option<u64>,
     /// Size of the saved artifact (trainable parameters only) in bytes.
     pub artifact_bytes: u64,
+}
+
+impl Record {
+    /// Whether the run finished with a result.
+    pub fn finished(&self) -> bool {
+        self.failed.is_none()
+    }
+}
+
+/// A figure JSON holds as `null` because it is not a number (serde_json
+/// writes NaN and infinities so), read back as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Accuracy on one evaluation split.
@@ -173,6 +196,186 @@ pub fn append_record(path: &Path, record: &Record) -> Result<()> {
     write().map_err(Error::io(path))
 }
 
+/// Writes `records`, one per line, as the whole of `path`, atomically (a
+/// temporary file beside it, then a rename): the file is the old one or the
+/// new one at every moment. Its folder is created if needed.
+pub fn write_records(path: &Path, records: &[Record]) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+    }
+    let mut content = Vec::new();
+    for r in records {
+        content.extend_from_slice(serde_json::to_string(r).map_err(|e| Error::Config(e.to_string()))?.as_bytes());
+        content.push(b'\n');
+    }
+    let tmp = tmp_sibling(path);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&content)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(Error::io(path))
+}
+
+/// Fields that say when, where and how fast a run ran, not what it found:
+/// two records of one run (one key) that differ only here are duplicates.
+pub const MERGE_IGNORES: &[&str] = &[
+    "finished_at",
+    "git_rev",
+    "device",
+    "feature_origin",
+    "feature_seconds",
+    "cached_prefix_block",
+    "precision_probe",
+    "train_seconds",
+    "eval_seconds",
+    "train_samples_per_s",
+    "epoch_seconds",
+    "latency_ms",
+    "inference_per_s",
+    "peak_rss_bytes",
+];
+
+/// Where a record was read: file and line (from 1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    /// The records file.
+    pub file: std::path::PathBuf,
+    /// Its line.
+    pub line: usize,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// Two finished records of one run (one key) whose results differ.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Conflict {
+    /// The run's key.
+    pub key: String,
+    /// Its experiment.
+    pub experiment: String,
+    /// Its strategy.
+    pub strategy: String,
+    /// Its seed.
+    pub seed: u64,
+    /// Where the record read first (the one kept) came from.
+    pub kept: Origin,
+    /// Where the other one came from.
+    pub other: Origin,
+    /// The fields that differ, each `field: KEPT vs OTHER` (JSON values).
+    pub differences: Vec<String>,
+}
+
+impl std::fmt::Display for Conflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "run {} ({} / {} seed {}): {} and {} differ in {}",
+            self.key,
+            self.experiment,
+            self.strategy,
+            self.seed,
+            self.kept,
+            self.other,
+            self.differences.join("; ")
+        )
+    }
+}
+
+/// The records of several files merged into one per run: what [`merge_records`] returns.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Merged {
+    /// One record per key, in the order keys first appear (files in the order given).
+    pub records: Vec<Record>,
+    /// Records dropped because one read earlier has the same key and the same
+    /// results (fields in [`MERGE_IGNORES`] aside), or both failed.
+    pub duplicates: usize,
+    /// Failed records dropped for a finished record of the same key (a run
+    /// that failed once and was retried), whichever was read first.
+    pub retried: usize,
+    /// Runs recorded twice with different results; the record read first is kept.
+    pub conflicts: Vec<Conflict>,
+}
+
+/// Reads every record of `files` (each must exist) and keeps one per key: a
+/// finished record beats a failed one, identical results are duplicates,
+/// different results are conflicts (the first record is kept; the caller
+/// decides whether that is an error).
+pub fn merge_records(files: &[std::path::PathBuf]) -> Result<Merged> {
+    let mut merged = Merged::default();
+    let mut seen: std::collections::HashMap<String, (usize, Origin)> = std::collections::HashMap::new();
+    for file in files {
+        let text = std::fs::read_to_string(file).map_err(Error::io(file))?;
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let record: Record = serde_json::from_str(line).map_err(|e| Error::CorruptFile { path: file.clone(), reason: format!("line {}: {e}", i + 1) })?;
+            let origin = Origin { file: file.clone(), line: i + 1 };
+            let Some((at, first)) = seen.get(&record.key).cloned() else {
+                seen.insert(record.key.clone(), (merged.records.len(), origin));
+                merged.records.push(record);
+                continue;
+            };
+            let kept = &merged.records[at];
+            match (kept.finished(), record.finished()) {
+                (false, true) => {
+                    merged.retried += 1;
+                    seen.insert(record.key.clone(), (at, origin));
+                    merged.records[at] = record;
+                }
+                (true, false) => merged.retried += 1,
+                (false, false) => merged.duplicates += 1,
+                (true, true) => {
+                    let differences = result_differences(kept, &record);
+                    if differences.is_empty() {
+                        merged.duplicates += 1;
+                    } else {
+                        merged.conflicts.push(Conflict {
+                            key: record.key.clone(),
+                            experiment: record.experiment.clone(),
+                            strategy: record.strategy.clone(),
+                            seed: record.seed,
+                            kept: first,
+                            other: origin,
+                            differences,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(merged)
+}
+
+/// The fields (outside [`MERGE_IGNORES`]) whose values differ, as `field: A vs B`.
+fn result_differences(a: &Record, b: &Record) -> Vec<String> {
+    let as_map = |r: &Record| match serde_json::to_value(r) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    let (a, b) = (as_map(a), as_map(b));
+    let mut fields: Vec<&String> = a.keys().chain(b.keys()).filter(|k| !MERGE_IGNORES.contains(&k.as_str())).collect();
+    fields.sort();
+    fields.dedup();
+    let null = serde_json::Value::Null;
+    fields
+        .into_iter()
+        .filter_map(|k| {
+            let (x, y) = (a.get(k).unwrap_or(&null), b.get(k).unwrap_or(&null));
+            (x != y).then(|| format!("{k}: {} vs {}", short(x), short(y)))
+        })
+        .collect()
+}
+
+/// A JSON value cut to a readable length for a message.
+fn short(v: &serde_json::Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() <= 80 { s } else { format!("{}…", s.chars().take(80).collect::<String>()) }
+}
+
 #[cfg(test)]
 pub(crate) fn sample(strategy: &str, seed: u64, top1: f64) -> Record {
     Record {
@@ -187,6 +390,7 @@ pub(crate) fn sample(strategy: &str, seed: u64, top1: f64) -> Record {
         data: "d".into(),
         device: "cpu".into(),
         git_rev: "x".into(),
+        failed: None,
         finished_at: 0,
         trainable_params: 10,
         total_params: 100,
@@ -233,5 +437,56 @@ mod tests {
         std::fs::write(&path, "{\"not\": \"a record\"}\n").unwrap();
         let err = read_records(&path).unwrap_err();
         assert!(err.to_string().contains("line 1"), "{err}");
+    }
+
+    /// Duplicates are dropped, a retried failure gives way to its finished
+    /// run, different results for one key are conflicts naming both lines.
+    #[test]
+    fn merging_keeps_one_record_per_run_and_names_conflicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+        let failed = Record { failed: Some("training diverged".into()), test_top1: f64::NAN, ..sample("c", 0, 0.0) };
+        for r in [sample("a", 0, 0.5), failed.clone(), sample("b", 0, 0.7)] {
+            append_record(&a, &r).unwrap();
+        }
+        // The same run again, finished later on another machine: a duplicate.
+        let again = Record { finished_at: 99, git_rev: "y".into(), train_seconds: 7.0, latency_ms: None, ..sample("a", 0, 0.5) };
+        for r in [again, sample("c", 0, 0.9), sample("b", 0, 0.6), sample("d", 1, 0.1), failed] {
+            append_record(&b, &r).unwrap();
+        }
+        let m = merge_records(&[a.clone(), b.clone()]).unwrap();
+        let got: Vec<(&str, f64)> = m.records.iter().map(|r| (r.strategy.as_str(), r.test_top1)).collect();
+        assert_eq!(got, [("a", 0.5), ("c", 0.9), ("b", 0.7), ("d", 0.1)], "first-seen order; the finished c replaces the failed one");
+        assert_eq!((m.duplicates, m.retried), (1, 2));
+        assert_eq!(m.conflicts.len(), 1);
+        let c = &m.conflicts[0];
+        assert_eq!((c.kept.line, c.other.line, c.seed), (3, 3, 0));
+        assert_eq!(c.differences, ["test_top1: 0.7 vs 0.6", "val_top1: [0.7] vs [0.6]"]);
+        let text = c.to_string();
+        assert!(text.starts_with("run b-0 (e / b seed 0): ") && text.contains("a.jsonl:3 and ") && text.contains("b.jsonl:3 differ in test_top1"), "{text}");
+
+        let out = dir.path().join("out/merged.jsonl");
+        write_records(&out, &m.records).unwrap();
+        assert_eq!(read_records(&out).unwrap(), m.records);
+        assert_eq!(std::fs::read_dir(out.parent().unwrap()).unwrap().count(), 1, "no temporary file left");
+
+        let missing = dir.path().join("nope.jsonl");
+        let err = merge_records(&[a, missing]).unwrap_err().to_string();
+        assert!(err.contains("nope.jsonl"), "{err}");
+    }
+
+    /// A failed run's accuracies are `null` in the file and NaN when read back.
+    #[test]
+    fn failed_runs_round_trip_without_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("records.jsonl");
+        let failed = Record { failed: Some("training diverged: loss NaN at step 3".into()), test_top1: f64::NAN, final_loss: f64::INFINITY, ..sample("a", 0, 0.5) };
+        append_record(&path, &failed).unwrap();
+        let line = std::fs::read_to_string(&path).unwrap();
+        assert!(line.contains("\"test_top1\":null") && line.contains("\"final_loss\":null") && line.contains("\"failed\":\"training diverged"), "{line}");
+        let back = read_records(&path).unwrap().remove(0);
+        assert!(back.test_top1.is_nan() && back.final_loss.is_nan() && !back.finished());
+        append_record(&path, &sample("b", 0, 0.5)).unwrap();
+        assert!(!std::fs::read_to_string(&path).unwrap().lines().nth(1).unwrap().contains("failed"), "a finished run has no `failed` field");
     }
 }

@@ -1,6 +1,6 @@
 //! Runs an experiment: every strategy × seed under the same splits and budget.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -103,6 +103,10 @@ fn git_rev() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 fn numel(ts: &[(String, Tensor)]) -> i64 {
     ts.iter().map(|(_, t)| t.numel() as i64).sum()
 }
@@ -145,7 +149,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
     let records_path = opts.records.clone().unwrap_or_else(|| exp.records_path());
     let artifacts = opts.artifacts.clone().unwrap_or_else(|| records_path.parent().unwrap_or(Path::new(".")).join("artifacts").join(&exp.name));
     let existing = read_records(&records_path)?;
-    let done: HashSet<String> = existing.iter().map(|r| r.key.clone()).collect();
+    let done: HashMap<&str, &Record> = existing.iter().map(|r| (r.key.as_str(), r)).collect();
     // The data's transforms follow the backbone's preset (size, normalisation).
     let data = load_data(exp, image_preset(exp)?.as_ref(), opts.full)?;
     let data_desc = data.describe(exp.data.name());
@@ -177,8 +181,11 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
         let config = run_config(exp, &methods_json, &train_json, seed, opts.full);
         let key = run_key(&config);
         keys.push(key.clone());
-        if done.contains(&key) {
-            eprintln!("{} seed {seed}: already recorded in {}, skipped", strategy.name, records_path.display());
+        if let Some(earlier) = done.get(key.as_str()) {
+            match &earlier.failed {
+                None => eprintln!("{} seed {seed}: already recorded in {}, skipped", strategy.name, records_path.display()),
+                Some(why) => eprintln!("{} seed {seed}: recorded as failed ({why}); delete its line from {} to retry", strategy.name, records_path.display()),
+            }
             continue;
         }
         let label = format!("{} seed {seed}", strategy.name);
@@ -227,7 +234,49 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
         } else {
             (&data.train, &data.val, &data.test, &data.ood)
         };
-        let report = train::train(&model, &mut methods, train_split, Some(val_split), &cfg, &TrainOptions { label: label.clone(), checkpoint: None })?;
+        // What the record says whether or not the run finishes.
+        let identity = Record {
+            experiment: exp.name.clone(),
+            strategy: strategy.name.clone(),
+            seed,
+            key,
+            config,
+            methods: methods_json,
+            train: train_json,
+            backbone: backbone_desc,
+            data: data_desc.clone(),
+            device: format!("{device:?}").to_lowercase(),
+            git_rev: rev.clone(),
+            trainable_params: numel(&trainable),
+            total_params: model.num_params() + method_params,
+            cached_features: cached,
+            feature_origin,
+            feature_seconds,
+            cached_prefix_block: prefix_block,
+            ..Record::default()
+        };
+        let started = Instant::now();
+        let report = match train::train(&model, &mut methods, train_split, Some(val_split), &cfg, &TrainOptions { label: label.clone(), checkpoint: None }) {
+            Ok(report) => report,
+            // The run is lost, the comparison is not: record why, go on.
+            Err(e @ Error::Diverged { step, .. }) => {
+                let failed = Record {
+                    failed: Some(e.to_string()),
+                    finished_at: unix_now(),
+                    train_seconds: started.elapsed().as_secs_f64(),
+                    steps: step,
+                    train_samples_per_s: f64::NAN,
+                    final_loss: f64::NAN,
+                    test_top1: f64::NAN,
+                    peak_rss_bytes: peak_rss_bytes(),
+                    ..identity
+                };
+                append_record(&records_path, &failed)?;
+                eprintln!("{label}: FAILED, {e}; recorded as failed in {}, going on", records_path.display());
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let (eval_compute, _) = cfg.eval_precision.resolve(device);
         let test = train::evaluate(&model, &methods, test_split, cfg.eval_batch_size, eval_compute)?;
         let top5 = |a: &zhijian_core::Accuracy| (data.classes.len() > 5).then(|| a.top5());
@@ -244,24 +293,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
         let artifact = artifacts.join(format!("{}-seed{seed}.safetensors", strategy.name));
         let artifact_bytes = zhijian_core::save_atomic(&train::artifact(&model, &methods), &artifact)?;
         let record = Record {
-            experiment: exp.name.clone(),
-            strategy: strategy.name.clone(),
-            seed,
-            key,
-            config,
-            methods: methods_json,
-            train: train_json,
-            backbone: backbone_desc,
-            data: data_desc.clone(),
-            device: format!("{device:?}").to_lowercase(),
-            git_rev: rev.clone(),
-            finished_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-            trainable_params: numel(&trainable),
-            total_params: model.num_params() + method_params,
-            cached_features: cached,
-            feature_origin,
-            feature_seconds,
-            cached_prefix_block: prefix_block,
+            finished_at: unix_now(),
             compute: Some(report.compute),
             eval_compute: Some(eval_compute),
             precision_probe: report.probe,
@@ -281,6 +313,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             inference_per_s: Some(inference_per_s),
             peak_rss_bytes: peak,
             artifact_bytes,
+            ..identity
         };
         append_record(&records_path, &record)?;
         let mut shifted: String = record.ood.iter().map(|o| format!(", {} {:.2}%", o.split, 100.0 * o.top1)).collect();

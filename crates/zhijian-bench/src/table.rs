@@ -72,8 +72,24 @@ pub fn markdown(records: &[Record]) -> String {
          |---|---|---|---|{}---|---|---|---|---|---|\n",
         "---|".repeat(extra_columns)
     );
+    let failures: Vec<&Record> = records.iter().filter(|r| !r.finished()).collect();
     for name in order {
-        let runs: Vec<&Record> = records.iter().filter(|r| r.strategy == name).collect();
+        let all_runs: Vec<&Record> = records.iter().filter(|r| r.strategy == name).collect();
+        let runs: Vec<&Record> = all_runs.iter().copied().filter(|r| r.finished()).collect();
+        let failed = all_runs.len() - runs.len();
+        let seeds = if failed == 0 { runs.len().to_string() } else { format!("{} + {failed} failed", runs.len()) };
+        if runs.is_empty() {
+            // Every run of the strategy failed: no figure to show, and none shown.
+            let first = all_runs[0];
+            let reason = first.failed.as_deref().unwrap_or_default().split(';').next().unwrap_or_default();
+            out.push_str(&format!(
+                "| {name} | {seeds} | {} / {} | failed: {reason} |{} n/a | n/a | n/a | n/a | n/a | n/a |\n",
+                human_count(first.trainable_params),
+                human_count(first.total_params),
+                " n/a |".repeat(extra_columns)
+            ));
+            continue;
+        }
         let col = |f: &dyn Fn(&Record) -> f64| runs.iter().map(|r| f(r)).collect::<Vec<f64>>();
         let first = runs[0];
         let peak = runs.iter().filter_map(|r| r.peak_rss_bytes).max();
@@ -90,8 +106,7 @@ pub fn markdown(records: &[Record]) -> String {
         }
         let precision = if first.compute == Some(zhijian_core::Compute::Bf16) { " (bf16)" } else { "" };
         out.push_str(&format!(
-            "| {name}{precision} | {} | {} / {} ({:.2}%) | {} |{ood} {} | {} | {} | {} | {} | {} |\n",
-            runs.len(),
+            "| {name}{precision} | {seeds} | {} / {} ({:.2}%) | {} |{ood} {} | {} | {} | {} | {} | {} |\n",
             human_count(first.trainable_params),
             human_count(first.total_params),
             100.0 * first.trainable_params as f64 / first.total_params.max(1) as f64,
@@ -103,6 +118,12 @@ pub fn markdown(records: &[Record]) -> String {
             peak.map_or("n/a".into(), human_bytes),
             human_bytes(first.artifact_bytes),
         ));
+    }
+    if !failures.is_empty() {
+        out.push_str("\nFailed runs (recorded, never averaged in):\n");
+        for r in failures {
+            out.push_str(&format!("- {} seed {}: {}\n", r.strategy, r.seed, r.failed.as_deref().unwrap_or_default()));
+        }
     }
     if records.iter().any(|r| r.cached_features) {
         out.push_str("\n† head trained on cached features of the frozen backbone: train time includes computing them; samples/s is the head's alone.\n");
@@ -134,6 +155,24 @@ mod tests {
         assert!(rows[0].contains("| 12.5 ± 0.0 | 400 ± 0 |"), "{}", rows[0]);
         let old = Record { latency_ms: None, inference_per_s: None, ..sample("old", 0, 0.5) };
         assert!(markdown(&[old]).contains("| n/a | n/a |"));
+    }
+
+    /// Failed runs show as failed, never as an accuracy, and stay out of the means.
+    #[test]
+    fn failed_runs_show_as_failed() {
+        let failed = |strategy: &str, seed| Record {
+            failed: Some(format!("training diverged: loss NaN at step {seed}; lower train.lr or set train.grad_clip")),
+            test_top1: f64::NAN,
+            train_samples_per_s: f64::NAN,
+            ..sample(strategy, seed, 0.0)
+        };
+        let t = markdown(&[sample("lora", 0, 0.80), failed("lora", 1), failed("hot", 0), sample("lora", 2, 0.84)]);
+        let rows: Vec<&str> = t.lines().skip(2).take_while(|l| l.starts_with('|')).collect();
+        assert!(rows[0].starts_with("| lora | 2 + 1 failed | 10 / 100 (10.00%) | 82.00 ± 2.83 |"), "{}", rows[0]);
+        assert!(rows[1].starts_with("| hot | 0 + 1 failed | 10 / 100 | failed: training diverged: loss NaN at step 0 | n/a |"), "{}", rows[1]);
+        assert_eq!(rows[1].matches('|').count(), t.lines().next().unwrap().matches('|').count(), "{t}");
+        assert!(!t.contains("NaN ±") && !t.contains("| NaN"), "{t}");
+        assert!(t.contains("- lora seed 1: training diverged") && t.contains("- hot seed 0: training diverged"), "{t}");
     }
 
     #[test]

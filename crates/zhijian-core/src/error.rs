@@ -56,6 +56,15 @@ pub enum Error {
         /// The shape found.
         got: Vec<i64>,
     },
+    /// A checkpoint or artifact holds tensors whose shapes do not fit the
+    /// model (another size of the architecture, a head for other classes).
+    #[error("{path}: {} tensor(s) have the wrong shape for this model: {}", tensors.len(), tensors.iter().map(|(n, model, file)| format!("`{n}` (model {model:?}, file {file:?})")).collect::<Vec<_>>().join(", "))]
+    MisshapenWeights {
+        /// The checkpoint.
+        path: PathBuf,
+        /// Each mis-shaped tensor: name, the model's shape, the file's shape.
+        tensors: Vec<(String, Vec<i64>, Vec<i64>)>,
+    },
     /// A file exists but cannot be read as what it claims to be.
     #[error("cannot read {path}: {reason}")]
     CorruptFile {
@@ -71,6 +80,15 @@ pub enum Error {
         method: String,
         /// What was asked.
         operation: String,
+    },
+    /// Training produced a non-finite loss: the run cannot go on, but a
+    /// comparison can (the harness records the run as failed and moves on).
+    #[error("training diverged: loss {loss} at step {step}; lower train.lr or set train.grad_clip")]
+    Diverged {
+        /// Optimiser steps finished before the loss stopped being finite.
+        step: usize,
+        /// The loss (NaN or infinite).
+        loss: f64,
     },
     /// A data set could not be loaded.
     #[error("data: {0}")]

@@ -31,6 +31,6 @@ pub use metrics::Accuracy;
 pub use model::Model;
 pub use precision::{Compute, Precision, WeightCache};
 pub use pth::{ConvertReport, PthContents, PthFormat, Skipped, convert_pth, read_pth};
-pub use registry::{Registry, config_table, parse_config};
+pub use registry::{Registry, config_table, from_table, parse_config};
 pub use train::{Split, TrainConfig};
 pub use weights::{LoadReport, load_into, save_atomic};

@@ -73,7 +73,25 @@ impl Registry {
 /// Parses a method's config, naming the method in the error. Config structs use
 /// `#[serde(deny_unknown_fields)]`, so a misspelt field names itself.
 pub fn parse_config<T: DeserializeOwned>(method: &str, table: &toml::Table) -> Result<T> {
-    toml::Value::Table(table.clone()).try_into().map_err(|e: toml::de::Error| Error::MethodConfig { method: method.into(), message: e.message().to_string() })
+    from_table(table).map_err(|message| Error::MethodConfig { method: method.into(), message })
+}
+
+/// Deserialises a TOML table into `T`. On failure the message quotes the
+/// offending `key = value` line: serde's own message names an unknown or
+/// missing field, but not the field whose value has the wrong type or range.
+pub fn from_table<T: DeserializeOwned>(table: &toml::Table) -> std::result::Result<T, String> {
+    let text = toml::to_string(table).map_err(|e| e.to_string())?;
+    toml::from_str(&text).map_err(|e: toml::de::Error| {
+        let message = e.message().trim_end();
+        match e.span() {
+            Some(span) => {
+                let start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+                let end = text[span.start..].find('\n').map_or(text.len(), |i| span.start + i);
+                format!("`{}`: {message}", text[start..end].trim())
+            }
+            None => message.to_string(),
+        }
+    })
 }
 
 /// Serialises a method's config back to TOML (for records and round-trips).

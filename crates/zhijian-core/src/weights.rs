@@ -23,10 +23,12 @@ pub struct LoadReport {
 
 impl LoadReport {
     /// Fails unless every parameter not accepted by `may_be_missing` was loaded
-    /// with the right shape. Mis-shaped keys are reported before missing ones.
+    /// with the right shape. Mis-shaped keys (all of them, with the file) are
+    /// reported before missing ones.
     pub fn require_complete(&self, path: &Path, may_be_missing: impl Fn(&str) -> bool) -> Result<()> {
-        if let Some((name, expected, got)) = self.mismatched.iter().find(|(n, ..)| !may_be_missing(n)) {
-            return Err(Error::ShapeMismatch { name: name.clone(), expected: expected.clone(), got: got.clone() });
+        let misshapen: Vec<_> = self.mismatched.iter().filter(|(n, ..)| !may_be_missing(n)).cloned().collect();
+        if !misshapen.is_empty() {
+            return Err(Error::MisshapenWeights { path: path.into(), tensors: misshapen });
         }
         let names: Vec<String> = self.missing.iter().filter(|n| !may_be_missing(n)).cloned().collect();
         if names.is_empty() { Ok(()) } else { Err(Error::MissingWeights { path: path.into(), names }) }

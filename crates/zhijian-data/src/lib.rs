@@ -19,6 +19,7 @@ pub mod loader;
 pub mod rotten_tomatoes;
 pub mod split;
 pub mod text;
+pub mod text_files;
 pub mod tokenize;
 pub mod transforms;
 
@@ -27,8 +28,9 @@ pub use foolbox::{foolbox_imagenet, foolbox_samples};
 pub use image_folder::{ImageFile, ImageFiles, image_folder};
 pub use loader::ImageLoader;
 pub use rotten_tomatoes::rotten_tomatoes;
-pub use split::{SplitIndices, stratified_split, subsample_stratified};
-pub use text::{TextDataset, TextSource};
+pub use split::{SplitIndices, check_fractions, stratified_split, subsample_stratified};
+pub use text::{TextDataset, read_columns};
+pub use text_files::{TextColumns, TextCorpus, TextFiles, TextShift};
 pub use tokenize::{TextTokenizer, TokenizedText};
 pub use transforms::{Augment, Image, ImageTransform};
 
@@ -52,24 +54,28 @@ pub fn token_split(name: &str, tokens: &TokenizedText, labels: &[i64], indices: 
 /// How to turn a text data set into train / validation / test splits.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TextTask {
-    /// Train, validation and test fractions (non-negative, summing to 1).
+    /// Train, validation and test fractions (non-negative, summing to 1),
+    /// where the data does not come split.
     pub fractions: [f64; 3],
-    /// Seed of the split and of the training subsample.
+    /// Seed of the split and of the subsamples.
     pub seed: u64,
     /// Keep at most this many training examples, class proportions kept
-    /// ([`subsample_stratified`]); validation and test are untouched.
+    /// ([`subsample_stratified`]).
     pub train_limit: Option<usize>,
+    /// Keep at most this many examples of validation, test and each shifted
+    /// split, class proportions kept.
+    pub eval_limit: Option<usize>,
     /// Where tokenisations are cached; `None` tokenises every time.
     pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for TextTask {
     fn default() -> Self {
-        TextTask { fractions: [0.8, 0.1, 0.1], seed: 0, train_limit: None, cache_dir: None }
+        TextTask { fractions: [0.8, 0.1, 0.1], seed: 0, train_limit: None, eval_limit: None, cache_dir: None }
     }
 }
 
-/// The three splits of a text task, ready for the training engine.
+/// The splits of a text task, ready for the training engine.
 #[derive(Debug)]
 pub struct TextSplits {
     /// Training examples (possibly subsampled).
@@ -78,12 +84,19 @@ pub struct TextSplits {
     pub val: Split,
     /// Test examples.
     pub test: Split,
+    /// Shifted test splits, named as configured.
+    pub ood: Vec<Split>,
     /// Class names; label `i` is `classes[i]`.
     pub classes: Vec<String>,
 }
 
+/// A different seed stream from the split's, so a subsample is not correlated
+/// with which rows the split's shuffle put first.
+pub const SUBSET_STREAM: u64 = 0x5EED_5AB5_A3D1_E000;
+
 impl TextTask {
-    /// Tokenises every text once (through the cache when set), then splits.
+    /// Splits `data` by `fractions` (stratified), tokenises every text once
+    /// (through the cache when set) and cuts the splits.
     ///
     /// The split depends only on the labels and the seed, not on the tokenizer,
     /// so different backbones see the same examples in each part.
@@ -92,20 +105,32 @@ impl TextTask {
     /// Each split's input is `Input::Tokens` `[k, len ≤ max_len]` int64 with labels `[k]` int64.
     pub fn build(&self, data: &TextDataset, tokenizer: &TextTokenizer) -> Result<TextSplits> {
         let parts = stratified_split(&data.labels, self.fractions, self.seed)?;
-        let train = match self.train_limit {
-            // A different seed stream from the split's, so the subsample is not
-            // correlated with which rows the split's shuffle put first.
-            Some(n) => subsample_stratified(&parts.train, &data.labels, n, self.seed ^ 0x5EED_5AB5_A3D1_E000),
-            None => parts.train,
+        self.build_parts(data, parts, &[], tokenizer)
+    }
+
+    /// [`Self::build`] for a corpus that comes split, with its shifted test sets.
+    pub fn build_corpus(&self, corpus: &TextCorpus, tokenizer: &TextTokenizer) -> Result<TextSplits> {
+        self.build_parts(&corpus.data, corpus.parts.clone(), &corpus.ood, tokenizer)
+    }
+
+    fn build_parts(&self, data: &TextDataset, parts: SplitIndices, shifted: &[(String, TextDataset)], tokenizer: &TextTokenizer) -> Result<TextSplits> {
+        let limited = |rows: Vec<usize>, labels: &[i64], limit: Option<usize>| match limit {
+            Some(n) => subsample_stratified(&rows, labels, n, self.seed ^ SUBSET_STREAM),
+            None => rows,
         };
-        let tokens = match &self.cache_dir {
-            Some(dir) => tokenizer.encode_cached(&data.texts, dir)?,
-            None => tokenizer.encode(&data.texts)?,
-        };
+        let tokens = tokenizer.encode_dataset(data, self.cache_dir.as_deref())?;
+        let ood = shifted
+            .iter()
+            .map(|(name, set)| {
+                let rows = limited((0..set.len()).collect(), &set.labels, self.eval_limit);
+                Ok(token_split(name, &tokenizer.encode_dataset(set, self.cache_dir.as_deref())?, &set.labels, &rows))
+            })
+            .collect::<Result<_>>()?;
         Ok(TextSplits {
-            train: token_split("train", &tokens, &data.labels, &train),
-            val: token_split("val", &tokens, &data.labels, &parts.val),
-            test: token_split("test", &tokens, &data.labels, &parts.test),
+            train: token_split("train", &tokens, &data.labels, &limited(parts.train, &data.labels, self.train_limit)),
+            val: token_split("val", &tokens, &data.labels, &limited(parts.val, &data.labels, self.eval_limit)),
+            test: token_split("test", &tokens, &data.labels, &limited(parts.test, &data.labels, self.eval_limit)),
+            ood,
             classes: data.classes.clone(),
         })
     }
@@ -148,7 +173,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tok = TextTokenizer::from_file(&tokenize::tests::tiny_tokenizer(dir.path()), 32).unwrap();
         let data = dataset();
-        let task = TextTask { fractions: [0.6, 0.2, 0.2], seed: 3, train_limit: None, cache_dir: Some(dir.path().join("c")) };
+        let task = TextTask { fractions: [0.6, 0.2, 0.2], seed: 3, cache_dir: Some(dir.path().join("c")), ..TextTask::default() };
         let s = task.build(&data, &tok).unwrap();
         assert_eq!((s.train.len(), s.val.len(), s.test.len()), (30, 10, 10));
         assert_eq!(s.classes, ["neg", "pos"]);

@@ -86,6 +86,14 @@ fn by_class(indices: impl IntoIterator<Item = usize>, labels: &[i64]) -> BTreeMa
     classes
 }
 
+/// Checks that `fractions` (named `field` in the error) are non-negative and sum to 1.
+pub fn check_fractions(field: &str, fractions: [f64; 3]) -> Result<()> {
+    if fractions.iter().any(|f| !f.is_finite() || *f < 0.0) || (fractions.iter().sum::<f64>() - 1.0).abs() > 1e-6 {
+        return Err(Error::Config(format!("{field} must be non-negative and sum to 1, got {fractions:?}")));
+    }
+    Ok(())
+}
+
 /// Splits rows `0..labels.len()` into train / validation / test with the given
 /// `fractions` (non-negative, summing to 1), separately within each class.
 ///
@@ -93,9 +101,7 @@ fn by_class(indices: impl IntoIterator<Item = usize>, labels: &[i64]) -> BTreeMa
 /// into counts apportioned so they add up to the class size, each within 1 of
 /// `fraction × class size`. The same labels and seed always give the same split.
 pub fn stratified_split(labels: &[i64], fractions: [f64; 3], seed: u64) -> Result<SplitIndices> {
-    if fractions.iter().any(|f| !f.is_finite() || *f < 0.0) || (fractions.iter().sum::<f64>() - 1.0).abs() > 1e-6 {
-        return Err(Error::Config(format!("split fractions must be non-negative and sum to 1, got {fractions:?}")));
-    }
+    check_fractions("split fractions", fractions)?;
     let mut rng = SplitMix64::new(seed);
     let mut out = SplitIndices::default();
     for (_, mut rows) in by_class(0..labels.len(), labels) {

@@ -1,18 +1,19 @@
-//! Labelled text read from CSV or JSON Lines files, optionally compressed.
+//! Labelled text read from CSV, TSV or JSON Lines files, optionally compressed.
 
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use serde::Deserialize;
 use zhijian_core::{Error, Result};
 
 /// Texts with integer labels; label `i` names `classes[i]`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TextDataset {
-    /// One text per example.
+    /// One text per example (the first of a sentence pair).
     pub texts: Vec<String>,
+    /// The second text of each example, for sentence-pair tasks.
+    pub pairs: Option<Vec<String>>,
     /// One label per example, an index into `classes`.
     pub labels: Vec<i64>,
     /// Class names; a label is a position in this list.
@@ -69,52 +70,83 @@ impl TextDataset {
     }
 }
 
-/// Where a text data set comes from. A closed set: one variant per file format.
-///
-/// `.bz2` / `.gz` files are decompressed on the fly, chosen by extension.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum TextSource {
-    /// A CSV file with a header row.
-    Csv {
-        /// The file (`.csv`, `.csv.bz2`, `.csv.gz`).
-        path: PathBuf,
-        /// Header of the text column.
-        text_column: String,
-        /// Header of the label column.
-        label_column: String,
-        /// Classes to keep, in label order; absent means every distinct label, sorted.
-        #[serde(default)]
-        classes: Option<Vec<String>>,
-    },
-    /// One JSON object per line.
-    Jsonl {
-        /// The file (`.jsonl`, `.jsonl.bz2`, `.jsonl.gz`).
-        path: PathBuf,
-        /// Key of the text field (a string).
-        text_column: String,
-        /// Key of the label field (a string, number or boolean).
-        label_column: String,
-        /// Classes to keep, in label order; absent means every distinct label, sorted.
-        #[serde(default)]
-        classes: Option<Vec<String>>,
-    },
+/// The file formats [`read_columns`] reads, by extension (under `.gz` / `.bz2`).
+const FORMATS: &str = ".csv, .tsv, .jsonl or .ndjson, each optionally .gz or .bz2";
+
+/// One data row: its line in the file (from 1, header included) and the
+/// wanted columns' cells, in the order asked for.
+pub type Row = (usize, Vec<String>);
+
+/// Reads the columns `wanted` of every row of a CSV (header row), TSV (header
+/// row) or JSON Lines file, chosen by extension and decompressed on the fly.
+/// Errors name the file and, for a bad row, its line; a missing column lists
+/// the columns there are. JSON strings are taken as they are; numbers and
+/// booleans as written (`1`, `true`), so `1` and `"1"` are the same label.
+pub fn read_columns(path: &Path, wanted: &[&str]) -> Result<Vec<Row>> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let plain = name.strip_suffix(".gz").or_else(|| name.strip_suffix(".bz2")).unwrap_or(name);
+    let format = plain.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
+    let rows = match format.as_str() {
+        "csv" => read_delimited(path, b',', wanted)?,
+        "tsv" => read_delimited(path, b'\t', wanted)?,
+        "jsonl" | "ndjson" => read_json_lines(path, wanted)?,
+        _ => return Err(Error::Data(format!("{}: unknown text format; use {FORMATS}", path.display()))),
+    };
+    if rows.is_empty() {
+        return Err(Error::Data(format!("{}: no data rows (the file is empty or holds only a header)", path.display())));
+    }
+    Ok(rows)
 }
 
-impl TextSource {
-    /// Reads the file into a data set.
-    pub fn load(&self) -> Result<TextDataset> {
-        let (path, text_col, label_col, classes, rows) = match self {
-            TextSource::Csv { path, text_column, label_column, classes } => {
-                (path, text_column, label_column, classes, read_csv(path, text_column, label_column)?)
-            }
-            TextSource::Jsonl { path, text_column, label_column, classes } => {
-                (path, text_column, label_column, classes, read_jsonl(path, text_column, label_column)?)
-            }
-        };
-        let origin = format!("{} (text `{text_col}`, label `{label_col}`)", path.display());
-        TextDataset::from_rows(rows, classes.clone(), &origin)
+fn read_delimited(path: &Path, delimiter: u8, wanted: &[&str]) -> Result<Vec<Row>> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).delimiter(delimiter).from_reader(open_maybe_compressed(path)?);
+    let bad = |e: csv::Error| match e.position() {
+        Some(at) => Error::Data(format!("{} line {}: {e}", path.display(), at.line())),
+        None => Error::Data(format!("{}: {e}", path.display())),
+    };
+    let headers = reader.headers().map_err(bad)?.clone();
+    if headers.iter().all(str::is_empty) {
+        return Err(Error::Data(format!("{}: empty file (no header row)", path.display())));
     }
+    let columns = wanted
+        .iter()
+        .map(|name| {
+            headers.iter().position(|h| h == *name).ok_or_else(|| {
+                Error::Data(format!("{}: no column `{name}`; columns are: {}", path.display(), headers.iter().collect::<Vec<_>>().join(", ")))
+            })
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    let mut rows = Vec::new();
+    for record in reader.records() {
+        let record = record.map_err(bad)?;
+        let line = record.position().map_or(0, |p| p.line() as usize);
+        // The csv reader already rejects ragged rows, so every column exists.
+        rows.push((line, columns.iter().map(|&c| record[c].to_string()).collect()));
+    }
+    Ok(rows)
+}
+
+fn read_json_lines(path: &Path, wanted: &[&str]) -> Result<Vec<Row>> {
+    let reader = BufReader::new(open_maybe_compressed(path)?);
+    let mut rows = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line_no = i + 1;
+        let at = || format!("{} line {line_no}", path.display());
+        let line = line.map_err(|e| Error::Data(format!("{}: {e}", at())))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(&line).map_err(|e| Error::Data(format!("{}: not JSON: {e}", at())))?;
+        let object = value.as_object().ok_or_else(|| Error::Data(format!("{}: not a JSON object", at())))?;
+        let cell = |name: &&str| match object.get(*name) {
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => Ok(v.to_string()),
+            Some(other) => Err(Error::Data(format!("{}: `{name}` is not a string or number: {other}", at()))),
+            None => Err(Error::Data(format!("{}: no field `{name}`; fields are: {}", at(), object.keys().cloned().collect::<Vec<_>>().join(", ")))),
+        };
+        rows.push((line_no, wanted.iter().map(cell).collect::<Result<_>>()?));
+    }
+    Ok(rows)
 }
 
 /// Opens `path`, decompressing `.bz2` and `.gz` by extension.
@@ -132,56 +164,7 @@ pub fn open_maybe_compressed(path: &Path) -> Result<Box<dyn Read>> {
 
 /// Reads `(text, label)` pairs from a CSV file with a header row.
 pub fn read_csv(path: &Path, text_column: &str, label_column: &str) -> Result<Vec<(String, String)>> {
-    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(open_maybe_compressed(path)?);
-    let bad = |e: csv::Error| Error::Data(format!("{}: {e}", path.display()));
-    let headers = reader.headers().map_err(bad)?.clone();
-    let column = |name: &str| {
-        headers
-            .iter()
-            .position(|h| h == name)
-            .ok_or_else(|| Error::Data(format!("{}: no column `{name}`; columns are: {}", path.display(), headers.iter().collect::<Vec<_>>().join(", "))))
-    };
-    let (ti, li) = (column(text_column)?, column(label_column)?);
-    let mut rows = Vec::new();
-    for record in reader.records() {
-        let record = record.map_err(bad)?;
-        // The csv reader already rejects ragged rows, so both fields exist.
-        rows.push((record[ti].to_string(), record[li].to_string()));
-    }
-    Ok(rows)
-}
-
-/// Reads `(text, label)` pairs from a JSON Lines file; blank lines are skipped.
-pub fn read_jsonl(path: &Path, text_column: &str, label_column: &str) -> Result<Vec<(String, String)>> {
-    let reader = BufReader::new(open_maybe_compressed(path)?);
-    let mut rows = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
-        let line_no = i + 1;
-        let line = line.map_err(Error::io(path))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = || format!("{} line {line_no}", path.display());
-        let value: serde_json::Value = serde_json::from_str(&line).map_err(|e| Error::Data(format!("{}: not JSON: {e}", at())))?;
-        let object = value.as_object().ok_or_else(|| Error::Data(format!("{}: not a JSON object", at())))?;
-        let field = |name: &str| {
-            object
-                .get(name)
-                .ok_or_else(|| Error::Data(format!("{}: no field `{name}`; fields are: {}", at(), object.keys().cloned().collect::<Vec<_>>().join(", "))))
-        };
-        let text = match field(text_column)? {
-            serde_json::Value::String(s) => s.clone(),
-            other => return Err(Error::Data(format!("{}: `{text_column}` is not a string: {other}", at()))),
-        };
-        // Labels are compared as strings, so `1` and `"1"` name the same class.
-        let label = match field(label_column)? {
-            serde_json::Value::String(s) => s.clone(),
-            v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)) => v.to_string(),
-            other => return Err(Error::Data(format!("{}: `{label_column}` is not a string or number: {other}", at()))),
-        };
-        rows.push((text, label));
-    }
-    Ok(rows)
+    Ok(read_columns(path, &[text_column, label_column])?.into_iter().map(|(_, mut cells)| (cells.remove(0), cells.remove(0))).collect())
 }
 
 #[cfg(test)]
@@ -189,7 +172,7 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
+    fn write(dir: &Path, name: &str, content: &str) -> std::path::PathBuf {
         let path = dir.join(name);
         let file = File::create(&path).unwrap();
         let mut w: Box<dyn Write> = if name.ends_with(".bz2") {
@@ -207,8 +190,8 @@ mod tests {
     const CSV: &str = "id,label,text\n1,pos,\"good, really\"\n2,neg,bad\n3,meh,so-so\n4,pos,great\n";
     const JSONL: &str = "{\"t\": \"good\", \"y\": \"pos\"}\n\n{\"t\": \"bad\", \"y\": \"neg\", \"extra\": 1}\n{\"t\": \"so-so\", \"y\": 2}\n";
 
-    fn csv_source(path: PathBuf, classes: Option<Vec<String>>) -> TextSource {
-        TextSource::Csv { path, text_column: "text".into(), label_column: "label".into(), classes }
+    fn csv_dataset(path: &Path, classes: Option<Vec<String>>) -> Result<TextDataset> {
+        TextDataset::from_rows(read_csv(path, "text", "label")?, classes, "test")
     }
 
     #[test]
@@ -216,7 +199,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut loaded = Vec::new();
         for name in ["a.csv", "a.csv.bz2", "a.csv.gz"] {
-            loaded.push(csv_source(write(dir.path(), name, CSV), None).load().unwrap());
+            loaded.push(csv_dataset(&write(dir.path(), name, CSV), None).unwrap());
         }
         assert_eq!(loaded[0], loaded[1]);
         assert_eq!(loaded[0], loaded[2]);
@@ -231,45 +214,37 @@ mod tests {
     fn given_classes_filter_and_order() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), "a.csv", CSV);
-        let d = csv_source(path, Some(vec!["pos".into(), "neg".into()])).load().unwrap();
+        let d = csv_dataset(&path, Some(vec!["pos".into(), "neg".into()])).unwrap();
         assert_eq!(d.classes, ["pos", "neg"]);
         assert_eq!(d.texts, ["good, really", "bad", "great"]);
         assert_eq!(d.labels, [0, 1, 0]);
-    }
-
-    #[test]
-    fn empty_result_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), "a.csv", CSV);
-        let err = csv_source(path, Some(vec!["nope".into()])).load().unwrap_err().to_string();
+        let err = csv_dataset(&path, Some(vec!["nope".into()])).unwrap_err().to_string();
         assert!(err.contains("no examples"), "{err}");
     }
 
     #[test]
     fn missing_file_names_the_path() {
-        let err = csv_source("/nonexistent/zz.csv".into(), None).load().unwrap_err().to_string();
+        let err = read_columns(Path::new("/nonexistent/zz.csv"), &["t"]).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/zz.csv"), "{err}");
     }
 
     #[test]
-    fn missing_column_lists_the_header() {
+    fn columns_come_in_the_order_asked_with_their_lines() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), "a.csv", CSV);
-        let src = TextSource::Csv { path, text_column: "review".into(), label_column: "label".into(), classes: None };
-        let err = src.load().unwrap_err().to_string();
-        assert!(err.contains("`review`") && err.contains("id, label, text"), "{err}");
+        let path = write(dir.path(), "a.tsv", "a\tb\tc\n1\t2\t3\n\"x y\"\t5\t6\n");
+        assert_eq!(read_columns(&path, &["c", "a"]).unwrap(), [(2, vec!["3".to_string(), "1".into()]), (3, vec!["6".to_string(), "x y".into()])]);
+        let err = read_columns(&path, &["a", "review"]).unwrap_err().to_string();
+        assert!(err.contains("`review`") && err.contains("a, b, c"), "{err}");
     }
 
     #[test]
-    fn jsonl_reads_strings_and_numbers_and_gz() {
+    fn jsonl_reads_strings_and_numbers_and_compressed() {
         let dir = tempfile::tempdir().unwrap();
-        for name in ["a.jsonl", "a.jsonl.gz", "a.jsonl.bz2"] {
-            let path = write(dir.path(), name, JSONL);
-            let src = TextSource::Jsonl { path, text_column: "t".into(), label_column: "y".into(), classes: None };
-            let d = src.load().unwrap();
-            assert_eq!(d.classes, ["2", "neg", "pos"]);
-            assert_eq!(d.texts, ["good", "bad", "so-so"]);
-            assert_eq!(d.labels, [2, 1, 0]);
+        for name in ["a.jsonl", "a.jsonl.gz", "a.ndjson.bz2"] {
+            let rows = read_columns(&write(dir.path(), name, JSONL), &["t", "y"]).unwrap();
+            let cells: Vec<Vec<String>> = rows.iter().map(|(_, c)| c.clone()).collect();
+            assert_eq!(cells, [["good", "pos"], ["bad", "neg"], ["so-so", "2"]].map(|r| r.map(String::from).to_vec()));
+            assert_eq!(rows.iter().map(|(l, _)| *l).collect::<Vec<_>>(), [1, 3, 4], "blank lines count, and are skipped");
         }
     }
 
@@ -277,21 +252,13 @@ mod tests {
     fn jsonl_bad_line_names_the_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), "a.jsonl", "{\"t\": \"a\", \"y\": \"b\"}\n{\"t\": oops}\n");
-        let src = TextSource::Jsonl { path, text_column: "t".into(), label_column: "y".into(), classes: None };
-        let err = src.load().unwrap_err().to_string();
+        let err = read_columns(&path, &["t", "y"]).unwrap_err().to_string();
         assert!(err.contains("line 2"), "{err}");
         let path = write(dir.path(), "b.jsonl", "{\"t\": \"a\", \"y\": \"b\"}\n\n{\"text\": \"a\", \"y\": \"b\"}\n");
-        let src = TextSource::Jsonl { path, text_column: "t".into(), label_column: "y".into(), classes: None };
-        let err = src.load().unwrap_err().to_string();
+        let err = read_columns(&path, &["t", "y"]).unwrap_err().to_string();
         assert!(err.contains("line 3") && err.contains("`t`") && err.contains("text, y"), "{err}");
-    }
-
-    #[test]
-    fn config_parses_and_rejects_unknown_fields() {
-        let src: TextSource = serde_json::from_str(r#"{"kind": "jsonl", "path": "x.jsonl", "text_column": "t", "label_column": "y"}"#).unwrap();
-        assert_eq!(src, TextSource::Jsonl { path: "x.jsonl".into(), text_column: "t".into(), label_column: "y".into(), classes: None });
-        let err = serde_json::from_str::<TextSource>(r#"{"kind": "csv", "path": "x.csv", "text_column": "t", "label_colum": "y"}"#).unwrap_err().to_string();
-        assert!(err.contains("label_colum"), "{err}");
-        assert!(serde_json::from_str::<TextSource>(r#"{"kind": "parquet", "path": "x"}"#).is_err());
+        let path = write(dir.path(), "c.jsonl", "{\"t\": [1], \"y\": \"b\"}\n");
+        let err = read_columns(&path, &["t", "y"]).unwrap_err().to_string();
+        assert!(err.contains("line 1") && err.contains("not a string"), "{err}");
     }
 }

@@ -106,7 +106,28 @@ impl TextTokenizer {
     /// `texts` (n of them) → `ids`, `mask`: `[n, len]` int64, where `len` is the
     /// longest encoding (at most `max_len`; 0 when `texts` is empty).
     pub fn encode(&self, texts: &[String]) -> Result<TokenizedText> {
-        let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        self.encode_inputs(texts, None)
+    }
+
+    /// Tokenises sentence pairs `(first[i], second[i])` with the tokenizer's
+    /// pair template (`[CLS] a [SEP] b [SEP]` for BERT), truncating the longer
+    /// of the two first. Token type ids are not kept: zhijian's encoders embed
+    /// every token as type 0.
+    ///
+    /// # Shapes
+    /// As [`Self::encode`].
+    pub fn encode_pairs(&self, first: &[String], second: &[String]) -> Result<TokenizedText> {
+        if first.len() != second.len() {
+            return Err(Error::Data(format!("{} first texts but {} second texts", first.len(), second.len())));
+        }
+        self.encode_inputs(first, Some(second))
+    }
+
+    fn encode_inputs(&self, texts: &[String], pairs: Option<&[String]>) -> Result<TokenizedText> {
+        let inputs: Vec<tokenizers::EncodeInput> = match pairs {
+            None => texts.iter().map(|t| t.as_str().into()).collect(),
+            Some(second) => texts.iter().zip(second).map(|(a, b)| (a.as_str(), b.as_str()).into()).collect(),
+        };
         let encodings = self.tokenizer.encode_batch(inputs, true).map_err(|e| Error::Data(format!("tokenising: {e}")))?;
         let n = encodings.len();
         let len = encodings.iter().map(|e| e.get_ids().len()).max().unwrap_or(0);
@@ -124,15 +145,22 @@ impl TextTokenizer {
 
     /// The cache file [`Self::encode_cached`] uses for `texts` in `cache_dir`.
     pub fn cache_path(&self, texts: &[String], cache_dir: &Path) -> PathBuf {
+        self.cache_path_of(texts, None, cache_dir)
+    }
+
+    fn cache_path_of(&self, texts: &[String], pairs: Option<&[String]>, cache_dir: &Path) -> PathBuf {
         let mut h = Sha256::new();
         // Length-prefix everything so no two different inputs hash the same bytes.
         h.update(b"zhijian-data/tokens/v1\0");
         h.update(self.fingerprint);
         h.update((self.max_len as u64).to_le_bytes());
         h.update((texts.len() as u64).to_le_bytes());
-        for t in texts {
+        // Single texts hash as they always did, so existing caches stay valid.
+        let second = pairs.into_iter().flatten().map(|t| t.as_bytes());
+        let marker = pairs.map(|_| b"pairs\0".as_slice());
+        for t in texts.iter().map(|t| t.as_bytes()).chain(marker).chain(second) {
             h.update((t.len() as u64).to_le_bytes());
-            h.update(t.as_bytes());
+            h.update(t);
         }
         cache_dir.join(format!("tokens-{}.safetensors", hex::encode(h.finalize())))
     }
@@ -144,14 +172,32 @@ impl TextTokenizer {
     /// # Shapes
     /// As [`Self::encode`].
     pub fn encode_cached(&self, texts: &[String], cache_dir: &Path) -> Result<TokenizedText> {
-        let path = self.cache_path(texts, cache_dir);
+        self.encode_through(texts, None, Some(cache_dir))
+    }
+
+    /// The texts of `data` (pairs where it has them), through the cache in
+    /// `cache_dir` when one is given.
+    ///
+    /// # Shapes
+    /// As [`Self::encode`], with `n = data.len()`.
+    pub fn encode_dataset(&self, data: &crate::TextDataset, cache_dir: Option<&Path>) -> Result<TokenizedText> {
+        self.encode_through(&data.texts, data.pairs.as_deref(), cache_dir)
+    }
+
+    fn encode_through(&self, texts: &[String], pairs: Option<&[String]>, cache_dir: Option<&Path>) -> Result<TokenizedText> {
+        let encode = || match pairs {
+            Some(second) => self.encode_pairs(texts, second),
+            None => self.encode(texts),
+        };
+        let Some(cache_dir) = cache_dir else { return encode() };
+        let path = self.cache_path_of(texts, pairs, cache_dir);
         if path.exists() {
             match read_cache(&path, texts.len()) {
                 Some(t) => return Ok(t),
                 None => eprintln!("zhijian-data: ignoring unreadable token cache {}", path.display()),
             }
         }
-        let tokens = self.encode(texts)?;
+        let tokens = encode()?;
         // Atomic (temporary file, then rename): readers never see a half-written file.
         zhijian_core::save_atomic(&[("ids".into(), tokens.ids.shallow_clone()), ("mask".into(), tokens.mask.shallow_clone())], &path)?;
         Ok(tokens)
@@ -219,6 +265,23 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn pairs_use_the_pair_template_and_their_own_cache_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = TextTokenizer::from_file(&tiny_tokenizer(dir.path()), 16).unwrap();
+        let (a, b) = (texts(&["good film", "bad"]), texts(&["very bad", "film !"]));
+        let t = tok.encode_pairs(&a, &b).unwrap();
+        assert_eq!(rows(&t.ids), [vec![2, 4, 6, 3, 7, 5, 3], vec![2, 5, 3, 6, 8, 3, 1]]);
+        assert!(tok.encode_pairs(&a, &b[..1]).is_err());
+        let pairs = crate::TextDataset { texts: a.clone(), pairs: Some(b), labels: vec![0, 1], classes: vec!["x".into(), "y".into()] };
+        let single = crate::TextDataset { pairs: None, ..pairs.clone() };
+        let cache = dir.path().join("cache");
+        assert_eq!(rows(&tok.encode_dataset(&pairs, Some(&cache)).unwrap().ids), rows(&t.ids));
+        assert_eq!(rows(&tok.encode_dataset(&single, Some(&cache)).unwrap().ids), rows(&tok.encode(&a).unwrap().ids));
+        assert_eq!(fs::read_dir(&cache).unwrap().count(), 2, "pairs and single texts are cached apart");
+        assert_eq!(rows(&tok.encode_dataset(&pairs, Some(&cache)).unwrap().ids), rows(&t.ids));
+    }
+
+    #[test]
     fn truncates_to_max_len_including_specials() {
         let dir = tempfile::tempdir().unwrap();
         let tok = TextTokenizer::from_file(&tiny_tokenizer(dir.path()), 4).unwrap();
@@ -267,6 +330,20 @@ pub(crate) mod tests {
     fn missing_tokenizer_names_the_path() {
         let err = TextTokenizer::from_file(Path::new("/nonexistent/tokenizer.json"), 8).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/tokenizer.json"), "{err}");
+    }
+
+    /// A truncated or foreign tokenizer.json is a corrupt file, named.
+    #[test]
+    fn damaged_tokenizer_names_the_path_and_the_fault() {
+        let dir = tempfile::tempdir().unwrap();
+        let whole = fs::read(tiny_tokenizer(dir.path())).unwrap();
+        for (name, bytes) in [("cut.json", &whole[..whole.len() / 2]), ("foreign.json", &b"{\"model\": {\"type\": \"Nope\"}}"[..]), ("empty.json", &b""[..])] {
+            let path = dir.path().join(name);
+            fs::write(&path, bytes).unwrap();
+            let err = TextTokenizer::from_file(&path, 8).unwrap_err();
+            assert!(matches!(&err, Error::CorruptFile { path: p, .. } if p.ends_with(name)), "{err}");
+            assert!(err.to_string().starts_with(&format!("cannot read {}: ", path.display())), "{err}");
+        }
     }
 
     #[test]

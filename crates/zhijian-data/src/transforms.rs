@@ -425,6 +425,21 @@ impl Default for Augment {
     }
 }
 
+impl Augment {
+    /// Rejects crops that cannot be drawn, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let [lo, hi] = self.scale;
+        if !(lo > 0.0 && lo <= hi && hi <= 1.0) {
+            return Err(Error::Config(format!("augment.scale {:?} must satisfy 0 < lo ≤ hi ≤ 1", self.scale)));
+        }
+        let [lo, hi] = self.ratio;
+        if !(lo > 0.0 && lo <= hi && hi.is_finite()) {
+            return Err(Error::Config(format!("augment.ratio {:?} must satisfy 0 < lo ≤ hi", self.ratio)));
+        }
+        Ok(())
+    }
+}
+
 /// How raw images become model input, evaluation and training (the usual
 /// torchvision / timm pipelines):
 ///
@@ -490,15 +505,7 @@ impl ImageTransform {
         if !(self.crop_pct > 0.0 && self.crop_pct <= 1.0) {
             return bad(format!("crop_pct {} must be in (0, 1]", self.crop_pct));
         }
-        let [lo, hi] = self.train.scale;
-        if !(lo > 0.0 && lo <= hi && hi <= 1.0) {
-            return bad(format!("train.scale {:?} must satisfy 0 < lo ≤ hi ≤ 1", self.train.scale));
-        }
-        let [lo, hi] = self.train.ratio;
-        if !(lo > 0.0 && lo <= hi && hi.is_finite()) {
-            return bad(format!("train.ratio {:?} must satisfy 0 < lo ≤ hi", self.train.ratio));
-        }
-        Ok(())
+        self.train.validate()
     }
 
     fn side(&self) -> usize {

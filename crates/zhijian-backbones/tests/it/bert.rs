@@ -100,7 +100,8 @@ fn missing_and_misshaped_weights_are_named() {
     }
     let wide = bert_model(&BertConfig { intermediate_size: 65, ..tiny_config() });
     let err = load_pretrained(&wide, &checkpoint(&g, "w.", dir.path())).unwrap_err();
-    assert!(matches!(err, Error::ShapeMismatch { ref name, .. } if name.contains("intermediate.dense")), "{err}");
+    assert!(matches!(err, Error::MisshapenWeights { ref tensors, .. } if tensors.iter().any(|(n, ..)| n.contains("intermediate.dense"))), "{err}");
+    assert!(err.to_string().contains("checkpoint.safetensors") && err.to_string().contains("(model [65, 32], file [64, 32])"), "{err}");
 }
 
 #[test]

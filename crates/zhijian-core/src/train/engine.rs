@@ -90,8 +90,11 @@ impl TrainConfig {
     /// Rejects values that cannot work, naming the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, why: &str| Err(Error::Config(format!("train.{field} {why}")));
-        if self.batch_size < 1 || self.eval_batch_size < 1 {
+        if self.batch_size < 1 {
             return bad("batch_size", "must be at least 1");
+        }
+        if self.eval_batch_size < 1 {
+            return bad("eval_batch_size", "must be at least 1");
         }
         if self.epochs == 0 && self.max_steps == 0 {
             return bad("epochs", "must be at least 1 (or set max_steps)");
@@ -105,6 +108,13 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return bad("label_smoothing", "must be in [0, 1)");
         }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return bad("weight_decay", "must be a non-negative number");
+        }
+        if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
+            return bad("grad_clip", "must be a non-negative number (0 = off)");
+        }
+        self.optimizer.validate()?;
         Ok(())
     }
 
@@ -235,8 +245,9 @@ pub fn restore(model: &Model, methods: &[Box<dyn Method>], path: &std::path::Pat
         return Err(Error::CorruptFile { path: path.into(), reason: format!("tensors the model does not have: {}", unknown.join(", ")) });
     }
     // Every shape is checked before anything is copied: a bad file changes nothing.
-    if let Some((name, value)) = tensors.iter().find(|(n, v)| targets[n].size() != v.size()) {
-        return Err(Error::ShapeMismatch { name: name.clone(), expected: targets[name].size(), got: value.size() });
+    let misshapen: Vec<_> = tensors.iter().filter(|(n, v)| targets[n].size() != v.size()).map(|(n, v)| (n.clone(), targets[n].size(), v.size())).collect();
+    if !misshapen.is_empty() {
+        return Err(Error::MisshapenWeights { path: path.into(), tensors: misshapen });
     }
     tch::no_grad(|| {
         for (name, value) in &tensors {
@@ -501,10 +512,10 @@ pub fn train(
             for m in methods.iter_mut() {
                 m.after_step(&step_cx)?;
             }
-            let task_loss = task.double_value(&[]);
-            if !task_loss.is_finite() {
+            let (task_loss, total_loss) = (task.double_value(&[]), loss.double_value(&[]));
+            if !total_loss.is_finite() {
                 bar.abandon();
-                return Err(Error::Config(format!("training diverged (loss {task_loss}) at step {}; lower train.lr", report.steps)));
+                return Err(Error::Diverged { step: report.steps, loss: total_loss });
             }
             loss_sum += task_loss;
             loss_n += 1;

@@ -47,6 +47,26 @@ fn default_momentum() -> f64 {
     0.9
 }
 
+impl OptimizerConfig {
+    /// Rejects hyper-parameters outside their range, naming the field.
+    pub fn validate(&self) -> crate::Result<()> {
+        let unit = |field: &str, v: f64| {
+            if (0.0..1.0).contains(&v) { Ok(()) } else { Err(crate::Error::Config(format!("train.optimizer.{field} must be in [0, 1), got {v}"))) }
+        };
+        match *self {
+            OptimizerConfig::Adamw { beta1, beta2, eps } => {
+                unit("beta1", beta1)?;
+                unit("beta2", beta2)?;
+                if !(eps > 0.0 && eps.is_finite()) {
+                    return Err(crate::Error::Config(format!("train.optimizer.eps must be a positive number, got {eps}")));
+                }
+                Ok(())
+            }
+            OptimizerConfig::Sgd { momentum, .. } => unit("momentum", momentum),
+        }
+    }
+}
+
 impl Default for OptimizerConfig {
     fn default() -> Self {
         OptimizerConfig::Adamw { beta1: default_beta1(), beta2: default_beta2(), eps: default_eps() }
