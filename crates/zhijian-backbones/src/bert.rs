@@ -5,6 +5,11 @@
 //! Presets: [`BertConfig::minilm_l6`] (sentence-transformers/all-MiniLM-L6-v2) and
 //! [`BertConfig::bert_base`]. Pooling is mean over real tokens, as
 //! sentence-transformers does, or the `[CLS]` token.
+//!
+//! RoBERTa and XLM-RoBERTa (Liu et al. 2019, <https://arxiv.org/abs/1907.11692>)
+//! share the architecture and the key names; what differs is where position ids
+//! start ([`BertConfig::position_offset`]), read from `config.json` by
+//! [`BertConfig::from_json`].
 
 use std::path::Path;
 
@@ -52,7 +57,16 @@ pub struct BertConfig {
     /// Feature pooling (not in upstream `config.json`; sentence-transformers keeps it apart).
     #[serde(default)]
     pub pooling: Pooling,
+    /// Position id of the first real token. 0 for BERT (positions `0, 1, …`);
+    /// `pad_token_id + 1` for RoBERTa, whose padding tokens take position
+    /// `pad_token_id` (so that row is never a real token's). Not an upstream
+    /// key: [`Self::from_json`] derives it from `model_type`. Default 0.
+    #[serde(default)]
+    pub position_offset: i64,
 }
+
+/// The `model_type`s of `config.json` that [`BertConfig::from_json`] reads.
+pub const SUPPORTED_MODEL_TYPES: [&str; 3] = ["bert", "roberta", "xlm-roberta"];
 
 impl BertConfig {
     /// all-MiniLM-L6-v2: 6 layers, hidden 384, 12 heads, 22.7 M parameters, mean pooling.
@@ -69,6 +83,7 @@ impl BertConfig {
             attention_probs_dropout_prob: 0.1,
             layer_norm_eps: 1e-12,
             pooling: Pooling::Mean,
+            position_offset: 0,
         }
     }
 
@@ -77,10 +92,36 @@ impl BertConfig {
         BertConfig { hidden_size: 768, num_hidden_layers: 12, intermediate_size: 3072, pooling: Pooling::Cls, ..Self::minilm_l6() }
     }
 
-    /// Reads a Hugging Face `config.json`.
+    /// Reads a Hugging Face `config.json` of a BERT-family encoder
+    /// ([`SUPPORTED_MODEL_TYPES`]). The family comes from `model_type`, else from
+    /// `architectures` (`BertModel`, `RobertaForSequenceClassification`, …), else
+    /// BERT (files older than `model_type`). RoBERTa's position offset is
+    /// derived from `pad_token_id` (default 1).
+    ///
+    /// Errors: [`Error::Config`] naming the file for another family, an
+    /// activation other than `gelu` or relative position embeddings, which
+    /// this encoder does not compute; [`Error::CorruptFile`] for bad JSON.
     pub fn from_json(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
-        serde_json::from_str(&text).map_err(|e| Error::CorruptFile { path: path.into(), reason: e.to_string() })
+        let corrupt = |e: serde_json::Error| Error::CorruptFile { path: path.into(), reason: e.to_string() };
+        let raw: serde_json::Value = serde_json::from_str(&text).map_err(corrupt)?;
+        let unsupported = |what: String| Error::Config(format!("{}: {what}", path.display()));
+        let model_type = model_type(&raw).map_err(unsupported)?;
+        let str_field = |key: &str| raw.get(key).and_then(|v| v.as_str());
+        // Hugging Face's "gelu" is the erf form the layers compute; "gelu_new" and others differ.
+        if let Some(act) = str_field("hidden_act").filter(|a| *a != "gelu") {
+            return Err(unsupported(format!("hidden_act `{act}` is not supported; the encoder computes `gelu` (the erf form)")));
+        }
+        if let Some(kind) = str_field("position_embedding_type").filter(|k| *k != "absolute") {
+            return Err(unsupported(format!("position_embedding_type `{kind}` is not supported; only `absolute`")));
+        }
+        let mut config: BertConfig = serde_json::from_value(raw.clone()).map_err(corrupt)?;
+        config.position_offset = match model_type {
+            "bert" => 0,
+            // transformers' `create_position_ids_from_input_ids`: padding_idx + cumulative count.
+            _ => raw.get("pad_token_id").and_then(|v| v.as_i64()).unwrap_or(1) + 1,
+        };
+        Ok(config)
     }
 
     /// Rejects inconsistent sizes.
@@ -88,8 +129,30 @@ impl BertConfig {
         if self.hidden_size % self.num_attention_heads != 0 {
             return Err(Error::Config(format!("bert: hidden_size {} is not a multiple of num_attention_heads {}", self.hidden_size, self.num_attention_heads)));
         }
+        if !(0..self.max_position_embeddings).contains(&self.position_offset) {
+            return Err(Error::Config(format!(
+                "bert: position_offset {} leaves no room in max_position_embeddings {}",
+                self.position_offset, self.max_position_embeddings
+            )));
+        }
         Ok(())
     }
+}
+
+/// The supported family a `config.json` describes, by `model_type`, else by
+/// its first `architectures` entry, else BERT; the error lists the supported ones.
+fn model_type(raw: &serde_json::Value) -> std::result::Result<&'static str, String> {
+    let supported = || SUPPORTED_MODEL_TYPES.join(", ");
+    if let Some(t) = raw.get("model_type").and_then(|v| v.as_str()) {
+        return SUPPORTED_MODEL_TYPES.into_iter().find(|s| *s == t).ok_or_else(|| format!("model_type `{t}` is not supported; supported: {}", supported()));
+    }
+    let Some(arch) = raw.get("architectures").and_then(|v| v.get(0)).and_then(|v| v.as_str()) else { return Ok("bert") };
+    // Longest prefix first: `XLMRoberta…` before `Roberta…`.
+    [("XLMRoberta", "xlm-roberta"), ("Roberta", "roberta"), ("Bert", "bert")]
+        .into_iter()
+        .find(|(prefix, _)| arch.starts_with(prefix))
+        .map(|(_, t)| t)
+        .ok_or_else(|| format!("architecture `{arch}` is not a BERT-family encoder; supported model types: {}", supported()))
 }
 
 struct Layer {
@@ -196,8 +259,15 @@ impl Bert {
 
     /// The embeddings' output: the tokens entering layer 0.
     fn embed(&self, cx: &Ctx, ids: &Tensor, mask: &Tensor) -> Tokens {
-        let seq = ids.size()[1];
-        let positions = Tensor::arange(seq, (Kind::Int64, ids.device())).unsqueeze(0);
+        let positions = match self.config.position_offset {
+            0 => Tensor::arange(ids.size()[1], (Kind::Int64, ids.device())).unsqueeze(0),
+            // RoBERTa: real tokens count up from the offset, padding sits at `offset - 1`
+            // (= pad_token_id), as transformers numbers them (it finds padding by the pad id).
+            offset => {
+                let real = mask.gt(0).to_kind(Kind::Int64);
+                real.cumsum(1, Kind::Int64) * &real + (offset - 1)
+            }
+        };
         let x = self.word.forward(ids) + self.position.forward(&positions) + self.token_type.forward(&ids.zeros_like());
         let x = dropout(cx, &self.norm.forward(cx, &x), self.config.hidden_dropout_prob);
         Self::tokens(x, mask)

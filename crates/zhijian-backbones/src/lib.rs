@@ -8,7 +8,7 @@ pub mod resnet;
 pub mod small;
 pub mod vit;
 
-pub use bert::{Bert, BertConfig, Pooling};
+pub use bert::{Bert, BertConfig, Pooling, SUPPORTED_MODEL_TYPES};
 pub use efficientnet::{EfficientNetLite, EfficientNetLiteConfig};
 pub use pretrained::load_pretrained;
 pub use resnet::{BlockKind, ResNet, ResNetConfig};

@@ -70,13 +70,23 @@ impl DeviceChoice {
 }
 
 /// The backbone families the runner can build. A closed set.
+///
+/// Records key a run on this configuration as written (see `runner`): the same
+/// weights named another way (an asset, its preset, a folder holding copies of
+/// its files) give the same results but count as other runs, and a folder is
+/// keyed by its path, not its contents, so after replacing a folder's weights
+/// write to a new records file (or delete the old lines) to run again.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum BackboneConfig {
-    /// A BERT-family encoder from an asset holding `model.safetensors`,
-    /// `config.json` and `tokenizer.json` (e.g. `all-minilm-l6-v2`).
+    /// A BERT-family encoder (BERT, MiniLM, RoBERTa, XLM-RoBERTa, as its
+    /// `config.json` says) with its `config.json`, `tokenizer.json` and weights.
     Bert {
-        /// Asset name (see `datasets/`).
+        /// Where the files are: a `bert` preset (`all_minilm_l6_v2`), an asset
+        /// (`all-minilm-l6-v2`, see `datasets/`), or a Hugging Face model folder
+        /// relative to the config holding `config.json`, `tokenizer.json` and
+        /// `model.safetensors` (or shards with `model.safetensors.index.json`,
+        /// or `pytorch_model.bin`). Looked up in that order.
         weights: String,
         /// Pooling; default mean (sentence-transformers).
         #[serde(default)]
@@ -87,9 +97,13 @@ pub enum BackboneConfig {
         /// Preset: `lite0` … `lite4`. Default `lite0`.
         #[serde(default = "default_lite")]
         preset: String,
-        /// Pre-trained weights: an asset name (e.g. `efficientnet-lite0`; a
-        /// PyTorch `.pth` is converted to safetensors once, into the cache) or a
-        /// safetensors path relative to the config. None: random init.
+        /// Pre-trained weights: a preset of the same architecture
+        /// (`efficientnet_lite0.in1k`), an asset name (e.g. `efficientnet-lite0`;
+        /// a PyTorch `.pth` is converted to safetensors once, into the cache), or
+        /// a path relative to the config: a `.safetensors` / `.pth` / `.bin`
+        /// file, or a timm-style folder (`model.safetensors` or
+        /// `pytorch_model.bin`, and a `config.json` whose `architecture` must be
+        /// this one). None: random init.
         #[serde(default)]
         weights: Option<String>,
     },
@@ -97,7 +111,7 @@ pub enum BackboneConfig {
     Resnet {
         /// 18, 34 or 50.
         depth: u32,
-        /// Pre-trained weights (asset name or safetensors path); none: random init.
+        /// Pre-trained weights, as for `efficientnet_lite`; none: random init.
         #[serde(default)]
         weights: Option<String>,
     },
@@ -105,9 +119,16 @@ pub enum BackboneConfig {
     Vit {
         /// `tiny_patch16_224`, `small_patch16_224`, `base_patch16_224` or `tiny_patch4_32`.
         preset: String,
-        /// Pre-trained weights (asset name or safetensors path); none: random init.
+        /// Pre-trained weights, as for `efficientnet_lite`; none: random init.
         #[serde(default)]
         weights: Option<String>,
+    },
+    /// A named preset (`zhijian presets` lists them), e.g. `all_minilm_l6_v2`,
+    /// `efficientnet_lite0.in1k` or `resnet18` (random init): the backbone and
+    /// weights the name stands for. Records key on the name.
+    Preset {
+        /// The preset's name, `arch.tag`.
+        name: String,
     },
     /// The small CNN (3×3 conv stages), trained from scratch.
     SmallCnn {
@@ -162,6 +183,9 @@ pub enum DataConfig {
         #[serde(default)]
         train_limit: Option<usize>,
     },
+    /// Your own labelled text: a CSV, TSV or JSON Lines file (plain, `.gz`,
+    /// `.bz2`) with text and label columns (see [`zhijian_data::TextFiles`]).
+    Text(zhijian_data::TextFiles),
     /// Fashion-MNIST (asset `fashion-mnist`): 60,000 training images (validation
     /// held out from them) and the official 10,000 test images; 10 classes.
     FashionMnist(ImageTask),
@@ -207,13 +231,61 @@ pub struct ImageTask {
 }
 
 impl DataConfig {
+    /// Rejects values that cannot work, naming the field, before anything loads.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            DataConfig::RottenTomatoes { max_len, fractions, train_limit, .. } => {
+                zhijian_data::check_fractions("data.fractions", *fractions)?;
+                if *max_len < 3 {
+                    return Err(Error::Config(format!("data.max_len must leave room for text next to special tokens, got {max_len}")));
+                }
+                at_least_one("train_limit", *train_limit)
+            }
+            DataConfig::Text(files) => files.validate(),
+            DataConfig::FashionMnist(task) | DataConfig::Mnist(task) | DataConfig::ImageFolder { task, .. } => task.validate(),
+        }
+    }
+
     /// The data set's name in records and tables.
     pub fn name(&self) -> &'static str {
         match self {
             DataConfig::RottenTomatoes { .. } => "rotten_tomatoes",
+            DataConfig::Text(_) => "text",
             DataConfig::FashionMnist(_) => "fashion_mnist",
             DataConfig::Mnist(_) => "mnist",
             DataConfig::ImageFolder { .. } => "image_folder",
+        }
+    }
+}
+
+fn at_least_one(field: &str, limit: Option<usize>) -> Result<()> {
+    match limit {
+        Some(0) => Err(Error::Config(format!("data.{field} must be at least 1"))),
+        _ => Ok(()),
+    }
+}
+
+impl ImageTask {
+    /// Rejects values that cannot work, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        at_least_one("train_limit", self.train_limit)?;
+        at_least_one("eval_limit", self.eval_limit)?;
+        if let Some(holdout) = self.holdout
+            && (holdout.iter().any(|f| !(0.0..1.0).contains(f)) || holdout[0] + holdout[1] >= 1.0)
+        {
+            return Err(Error::Config(format!("data.holdout {holdout:?} must be two fractions in [0, 1) that leave training examples")));
+        }
+        if let Some(size) = self.image_size
+            && size < 1
+        {
+            return Err(Error::Config(format!("data.image_size must be positive, got {size}")));
+        }
+        match &self.augment {
+            Some(augment) => augment.validate().map_err(|e| match e {
+                Error::Config(why) => Error::Config(format!("data.{why}")),
+                other => other,
+            }),
+            None => Ok(()),
         }
     }
 }
@@ -257,9 +329,11 @@ impl Strategy {
         for (k, v) in &self.train {
             table.insert(k.clone(), v.clone());
         }
-        let config: TrainConfig =
-            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| Error::Config(format!("strategy `{}` train: {}", self.name, e.message())))?;
-        config.validate()?;
+        let config: TrainConfig = zhijian_core::from_table(&table).map_err(|e| Error::Config(format!("strategy `{}` train: {e}", self.name)))?;
+        config.validate().map_err(|e| match e {
+            Error::Config(why) => Error::Config(format!("strategy `{}`: {why}", self.name)),
+            other => other,
+        })?;
         Ok(config)
     }
 }
@@ -269,7 +343,16 @@ impl Experiment {
     /// bad method configs are reported before anything runs.
     pub fn load(path: &Path, registry: &Registry) -> Result<Experiment> {
         let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
-        let mut exp: Experiment = toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {}", path.display(), e)))?;
+        Experiment::from_toml(&text, path, registry)
+    }
+
+    /// [`Self::load`] of `text`, as if read from `path` (relative paths in it
+    /// start at the path's folder).
+    pub fn from_toml(text: &str, path: &Path, registry: &Registry) -> Result<Experiment> {
+        let mut exp: Experiment = toml::from_str(text).map_err(|e| {
+            let at_fault = field_at_fault(text, &e).map(|f| format!("\n{f}")).unwrap_or_default();
+            Error::Config(format!("{}: {e}{at_fault}", path.display()))
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         exp.base = base.to_path_buf();
         exp.records = Some(match exp.records.take() {
@@ -294,6 +377,10 @@ impl Experiment {
             return Err(Error::Config("seeds is empty".into()));
         }
         self.train.validate()?;
+        self.data.validate()?;
+        if let BackboneConfig::Preset { name } = &self.backbone {
+            crate::presets::preset(name)?;
+        }
         for (i, s) in self.strategies.iter().enumerate() {
             if self.strategies[..i].iter().any(|o| o.name == s.name) {
                 return Err(Error::Config(format!("strategy name `{}` used twice", s.name)));
@@ -313,6 +400,54 @@ impl Experiment {
     pub fn records_path(&self) -> PathBuf {
         self.records.clone().unwrap_or_else(|| PathBuf::from(format!("results/{}.jsonl", self.name)))
     }
+}
+
+/// The field behind a parse error that does not name one. Inside an
+/// internally tagged table (`[backbone]`, `[data]`: `kind` picks the variant)
+/// serde buffers the table and loses its spans, so a bad value's error points
+/// at the table's header and names no field. The table's keys are then taken
+/// out one at a time: the one whose absence changes the error is at fault.
+/// Any other error that does not say which table it is in (a table given where
+/// a word was expected: `device = { x = 1 }`) is placed in it.
+fn field_at_fault(text: &str, err: &toml::de::Error) -> Option<String> {
+    fn header(line: &str) -> Option<&str> {
+        let line = line.trim();
+        line.strip_prefix("[[").and_then(|l| l.strip_suffix("]]")).or_else(|| line.strip_prefix('[')?.strip_suffix(']')).map(str::trim)
+    }
+    let span = err.span()?;
+    let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+    let at = text[line_start..].lines().next()?;
+    let unnamed = |name: &str| !err.message().contains(&format!("`{name}`"));
+    let enclosing = || header(text[..line_start].lines().rev().find(|l| l.trim_start().starts_with('['))?);
+    let Some(name) = header(at) else {
+        // The line's own key (`device = { x = 1 }`), and its table.
+        let key = at.split_once('=').map(|(k, _)| k.trim()).filter(|k| !k.contains(['{', '[', '"']) && unnamed(k));
+        let table = enclosing().filter(|t| unnamed(t));
+        return match (key, table) {
+            (None, None) => None,
+            (Some(key), None) => Some(format!("(at `{key}`)")),
+            (None, Some(table)) => Some(format!("(in the `{table}` table)")),
+            (Some(key), Some(table)) => Some(format!("(at `{key}` in the `{table}` table)")),
+        };
+    };
+    let placed = unnamed(name).then(|| format!("(in the `{name}` table)"));
+    let doc: toml::Table = text.parse().ok()?;
+    let Some(table) = doc.get(name).and_then(|t| t.as_table()) else { return placed };
+    let message = err.message();
+    if !table.contains_key("kind") && message.contains("`kind`") {
+        let keys: Vec<String> = table.keys().map(|k| format!("`{k}`")).collect();
+        return Some(format!("[{name}] needs `kind`; its keys are: {}", keys.join(", ")));
+    }
+    let ablated = table.iter().filter(|(k, _)| *k != "kind").find_map(|(key, value)| {
+        let mut without = doc.clone();
+        without.get_mut(name)?.as_table_mut()?.remove(key);
+        let changed = match toml::from_str::<Experiment>(&toml::to_string(&without).ok()?) {
+            Ok(_) => true,
+            Err(e) => e.message() != message,
+        };
+        changed.then(|| format!("the field at fault: `{key} = {value}` in [{name}]"))
+    });
+    ablated.or(placed)
 }
 
 #[cfg(test)]
@@ -343,5 +478,23 @@ mod tests {
             let err = data(&format!("[data]\n{text}\n")).unwrap_err();
             assert!(err.contains(field), "{text}: {err}");
         }
+    }
+
+    /// A bad value inside a tagged table, whose serde error names no field,
+    /// is traced to its field; other errors say which table they are in.
+    #[test]
+    fn parse_errors_name_the_field_at_fault() {
+        let registry = Registry::new();
+        let load = |text: &str| Experiment::from_toml(text, Path::new("x/exp.toml"), &registry).unwrap_err().to_string();
+        let strategy = "[[strategy]]\nname = \"p\"\nmethods = []\n";
+        let data = "[data]\nkind = \"mnist\"\n";
+        let err = load(&format!("name = \"e\"\n[backbone]\nkind = \"vit\"\npreset = true\n{data}{strategy}"));
+        assert!(err.contains("x/exp.toml") && err.contains("the field at fault: `preset = true` in [backbone]"), "{err}");
+        let err = load(&format!("name = \"e\"\n[backbone]\nknd = \"vit\"\n{data}{strategy}"));
+        assert!(err.contains("[backbone] needs `kind`; its keys are: `knd`"), "{err}");
+        let err = load(&format!("name = \"e\"\ndevice = {{ x = 1 }}\n[backbone]\nkind = \"small_cnn\"\n{data}{strategy}"));
+        assert!(err.contains("unknown variant `x`") && err.contains("(at `device`)"), "{err}");
+        let err = load(&format!("name = \"e\"\n[device]\nx = 1\n[backbone]\nkind = \"small_cnn\"\n{data}{strategy}"));
+        assert!(err.contains("unknown variant `x`") && err.contains("(in the `device` table)"), "{err}");
     }
 }

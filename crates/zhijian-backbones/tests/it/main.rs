@@ -3,6 +3,7 @@
 mod bert;
 mod efficientnet;
 mod resnet;
+mod roberta;
 mod small;
 mod vit;
 
