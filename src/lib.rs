@@ -9,3 +9,4 @@ pub use zhijian_backbones as backbones;
 pub use zhijian_bench as bench;
 pub use zhijian_core as core;
 pub use zhijian_data as data;
+pub use zhijian_merger as merger;

@@ -4,13 +4,20 @@
 //! already recorded. [`table::markdown`] renders the comparison.
 
 pub mod build;
+#[cfg(test)]
+mod config_fuzz;
 pub mod data;
 pub mod experiment;
 pub mod features;
+pub mod folder;
+pub mod peft;
 pub mod plot;
 mod plot_text;
+pub mod presets;
+pub mod rank;
 pub mod record;
 pub mod runner;
+pub mod slurm;
 pub mod source;
 pub mod sweep;
 pub mod table;
@@ -23,5 +30,6 @@ pub use runner::{CompareOptions, Shard, compare};
 pub fn registry() -> zhijian_core::Registry {
     let mut r = zhijian_core::Registry::new();
     zhijian_architect::register(&mut r);
+    zhijian_merger::register(&mut r);
     r
 }

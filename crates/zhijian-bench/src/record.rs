@@ -172,9 +172,6 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
 /// over the old one: a crash at any moment leaves either the old or the new
 /// file, never a torn line, and finished records are never lost.
 pub fn append_record(path: &Path, record: &Record) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
-    }
     let mut content = match std::fs::read(path) {
         Ok(c) => c,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -183,35 +180,38 @@ pub fn append_record(path: &Path, record: &Record) -> Result<()> {
     if !content.is_empty() && !content.ends_with(b"\n") {
         content.push(b'\n');
     }
-    let line = serde_json::to_string(record).map_err(|e| Error::Config(e.to_string()))?;
-    content.extend_from_slice(line.as_bytes());
-    content.push(b'\n');
-    let tmp = tmp_sibling(path);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&content)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(Error::io(path))
+    push_line(&mut content, record)?;
+    replace_atomically(path, &content)
 }
 
 /// Writes `records`, one per line, as the whole of `path`, atomically (a
 /// temporary file beside it, then a rename): the file is the old one or the
 /// new one at every moment. Its folder is created if needed.
 pub fn write_records(path: &Path, records: &[Record]) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
-    }
     let mut content = Vec::new();
     for r in records {
-        content.extend_from_slice(serde_json::to_string(r).map_err(|e| Error::Config(e.to_string()))?.as_bytes());
-        content.push(b'\n');
+        push_line(&mut content, r)?;
+    }
+    replace_atomically(path, &content)
+}
+
+/// `record` as one JSON line at the end of `content`.
+fn push_line(content: &mut Vec<u8>, record: &Record) -> Result<()> {
+    content.extend_from_slice(serde_json::to_string(record).map_err(|e| Error::Config(e.to_string()))?.as_bytes());
+    content.push(b'\n');
+    Ok(())
+}
+
+/// Makes `content` the whole of `path` (its folder created if needed): written
+/// and synced to a temporary sibling, then renamed over it.
+fn replace_atomically(path: &Path, content: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
     }
     let tmp = tmp_sibling(path);
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&content)?;
+        f.write_all(content)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     };

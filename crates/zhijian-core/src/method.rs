@@ -54,7 +54,8 @@ pub struct StepCx<'a> {
 /// [`Method::before_train`] with the training split, trains with every method
 /// active at each hook site ([`Method::after_backward`] and
 /// [`Method::after_step`] around each optimiser step), and calls
-/// [`Method::after_train`] at the end. Every hook is the identity by default.
+/// [`Method::after_train`] at the end, then [`Method::fit`] on the training
+/// split's features. Every hook is the identity by default.
 ///
 /// Parameters live in the method's own [`VarStore`]: its trainable variables
 /// train; its variables without gradient are persistent state (masks, indices,
@@ -131,6 +132,25 @@ pub trait Method: Send {
     /// Called once after the last step, with the training split (a final
     /// pruning cut, class prototypes).
     fn after_train(&mut self, _model: &Model, _train: &Split) -> Result<()> {
+        Ok(())
+    }
+
+    /// Whether the method is fitted, without gradients, on the training
+    /// split's pooled features once training ends ([`Method::fit`]): class
+    /// means, nearest neighbours. A strategy in which nothing else trains then
+    /// takes no optimiser step, where it would otherwise be refused.
+    fn fits_features(&self) -> bool {
+        false
+    }
+
+    /// Called once after [`Method::after_train`] when [`Method::fits_features`],
+    /// with the training split's pooled features through the backbone as every
+    /// method of the strategy leaves it (evaluation mode, no augmentation, no
+    /// gradient) and its labels.
+    ///
+    /// # Shapes
+    /// `features` `[n, hidden]` and `labels` `[n]` (int64), both on the CPU.
+    fn fit(&mut self, _features: &Tensor, _labels: &Tensor) -> Result<()> {
         Ok(())
     }
 

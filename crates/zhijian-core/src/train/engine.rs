@@ -235,7 +235,10 @@ pub fn artifact(model: &Model, methods: &[Box<dyn Method>]) -> Vec<(String, Tens
 
 /// Loads an artifact written from [`artifact`] back into `model` and `methods`
 /// (after [`prepare`]): the inverse of saving the trainable parameters. Every
-/// tensor of the file must land somewhere with the right shape.
+/// tensor of the file must land somewhere with the right shape, except a
+/// method's growable state: a variable without gradient that `prepare` made
+/// with a first dimension of 0 (kNN's memory of training features, whose
+/// length only fitting knows) takes the saved length, its other dimensions equal.
 pub fn restore(model: &Model, methods: &[Box<dyn Method>], path: &std::path::Path) -> Result<usize> {
     let mut targets: std::collections::HashMap<String, Tensor> = model.vs.variables();
     targets.extend(method_variables(methods));
@@ -245,13 +248,24 @@ pub fn restore(model: &Model, methods: &[Box<dyn Method>], path: &std::path::Pat
         return Err(Error::CorruptFile { path: path.into(), reason: format!("tensors the model does not have: {}", unknown.join(", ")) });
     }
     // Every shape is checked before anything is copied: a bad file changes nothing.
-    let misshapen: Vec<_> = tensors.iter().filter(|(n, v)| targets[n].size() != v.size()).map(|(n, v)| (n.clone(), targets[n].size(), v.size())).collect();
+    let growable = |t: &Tensor, v: &Tensor| !t.requires_grad() && t.size().first() == Some(&0) && t.size().get(1..) == v.size().get(1..);
+    let misshapen: Vec<_> = tensors
+        .iter()
+        .filter(|(n, v)| targets[n].size() != v.size() && !(n.contains('/') && growable(&targets[n], v)))
+        .map(|(n, v)| (n.clone(), targets[n].size(), v.size()))
+        .collect();
     if !misshapen.is_empty() {
         return Err(Error::MisshapenWeights { path: path.into(), tensors: misshapen });
     }
     tch::no_grad(|| {
         for (name, value) in &tensors {
-            targets[name].shallow_clone().copy_(&value.to_device(targets[name].device()));
+            let mut target = targets[name].shallow_clone();
+            if target.size() == value.size() {
+                target.copy_(&value.to_device(target.device()));
+            } else {
+                // Growable state: the variable itself takes the saved data, so its store sees the new length.
+                target.set_data(&value.to_kind(target.kind()).to_device(target.device()));
+            }
         }
     });
     Ok(tensors.len())
@@ -459,11 +473,14 @@ pub fn train(
         m.before_train(model, train, cfg)?;
     }
     let params = trainable_with_options(model, methods);
-    if params.is_empty() {
+    let fits = methods.iter().any(|m| m.fits_features());
+    if params.is_empty() && !fits {
         return Err(Error::Config("nothing to train: every parameter is frozen".into()));
     }
+    // A strategy fitted only on features (NCM alone) takes no step: the
+    // methods' fitting below is all its training, inside the clock.
+    let total = if params.is_empty() { 0 } else { cfg.total_steps(train.len()) };
     let mut opt = Optimizer::with_options(cfg.optimizer.clone(), params, cfg.weight_decay);
-    let total = cfg.total_steps(train.len());
     let warmup = (cfg.warmup_ratio * total as f64).round() as usize;
     let taps: Vec<Tap> = methods.iter().flat_map(|m| m.taps()).collect();
     // Frozen weights keep their bf16 copies for the whole run: nothing
@@ -542,6 +559,12 @@ pub fn train(
     }
     for m in methods.iter_mut() {
         m.after_train(model, train)?;
+    }
+    if fits {
+        let pooled = features(model, methods, &train.input, cfg.eval_batch_size)?;
+        for m in methods.iter_mut().filter(|m| m.fits_features()) {
+            m.fit(&pooled, &train.labels)?;
+        }
     }
     report.seconds = start.elapsed().as_secs_f64() - report.eval_seconds;
     bar.finish_and_clear();
