@@ -146,7 +146,22 @@ const MORE_CONFIGS: &[&str] = &[
     "method = \"sparse_adapter\"\ncriterion = \"magnitude\"",
     "method = \"sparse_ft\"\nselection = \"random\"",
     "method = \"ssf\"\ninit_std = 0.1",
+    "method = \"ncm\"\nmetric = \"cosine\"",
+    // The head trains in the step, then the means replace its logits.
+    "method = \"ncm\"\ntrain_head = true",
+    "method = \"simpleshot\"\ncenter = false",
+    KNN_INVERSE_DISTANCE,
 ];
+
+/// kNN with inverse-distance votes: in the table's runs every query is also
+/// a training example, at distance ~0 of itself in fp32 (weight 1e12, a vote
+/// share of 1) but 2⁻⁸·‖x‖ away in bf16, where its neighbours get a say again.
+const KNN_INVERSE_DISTANCE: &str = "method = \"knn\"\nk = 3\nmetric = \"euclidean\"\nweighting = \"distance\"";
+
+/// Configurations whose logits are not a smooth function of the features, so
+/// bf16 cannot keep them within its rounding of fp32's (see each entry): their
+/// bf16 logits are checked for what the method promises of any logits instead.
+const BF16_NOT_SMOOTH: &[&str] = &[KNN_INVERSE_DISTANCE];
 
 /// Every registered method with its default configuration, then the extra ones.
 fn specs() -> Vec<toml::Table> {
@@ -168,10 +183,18 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 /// bf16 inference of a prepared model gives fp32 logits within a few bf16
 /// rounding steps (2⁻⁸ relative) of the fp32 ones.
-fn check_bf16(at: &str, model: &Model, methods: &[Box<dyn Method>], data: &Split) {
+fn check_bf16(at: &str, spec: &toml::Table, model: &Model, methods: &[Box<dyn Method>], data: &Split) {
     let fp32 = logits(model, methods, data);
     let bf16 = predict(model, methods, &data.input, 64, Compute::Bf16).unwrap();
     assert_eq!(bf16.kind(), Kind::Float, "{at}: logits are fp32 whatever the compute");
+    if BF16_NOT_SMOOTH.iter().any(|text| toml::from_str::<toml::Table>(text).unwrap() == *spec) {
+        // Vote shares: non-negative, one per class, summing to 1 per example.
+        assert_eq!(bf16.size(), fp32.size(), "{at}");
+        assert!(max_diff(&bf16, &fp32) > 0.0, "{at}: bf16 logits equal the fp32 ones: the layers did not compute in bf16");
+        let rows = bf16.sum_dim_intlist(1, false, Kind::Float);
+        assert!(bf16.ge(0.0).all().int64_value(&[]) == 1 && rows.allclose(&rows.ones_like(), 1e-5, 1e-5, false), "{at}: bf16 votes {bf16}");
+        return;
+    }
     let scale = fp32.abs().max().double_value(&[]).max(1.0);
     let d = max_diff(&bf16, &fp32);
     assert!(d > 0.0, "{at}: bf16 logits equal the fp32 ones: the layers did not compute in bf16");
@@ -286,7 +309,7 @@ fn every_method_passes_the_conformance_checks() {
 
         // 8. bf16 compute: fp32 logits within bf16's rounding of the fp32 ones,
         //    and a bf16 training step keeps fp32 parameters, finite, that moved.
-        check_bf16(&at, &model, &methods, &data);
+        check_bf16(&at, spec, &model, &methods, &data);
         let (model, mut methods) = try_prepared(toy, spec, 1).unwrap();
         let before = snapshot(&model, &methods);
         let cfg = TrainConfig { max_steps: 1, batch_size: 12, lr: 1e-2, warmup_ratio: 0.0, precision: Precision::Bf16, ..Default::default() };

@@ -241,8 +241,32 @@ fn a_thousand_broken_configs_never_panic_and_name_the_field() {
     assert!(faults.is_empty(), "{} of {cases} mutated configs went wrong; the first ones:\n\n{}", faults.len(), faults[..faults.len().min(12)].join("\n\n"));
     // Random documents over the schema's own keys and some others.
     let keys = [
-        "name", "seeds", "device", "backbone", "data", "train", "strategy", "kind", "weights", "preset", "pooling", "max_len", "fractions", "path",
-        "text_column", "label_column", "lr", "epochs", "batch_size", "methods", "method", "rank", "targets", "records", "source", "colour",
+        "name",
+        "seeds",
+        "device",
+        "backbone",
+        "data",
+        "train",
+        "strategy",
+        "kind",
+        "weights",
+        "preset",
+        "pooling",
+        "max_len",
+        "fractions",
+        "path",
+        "text_column",
+        "label_column",
+        "lr",
+        "epochs",
+        "batch_size",
+        "methods",
+        "method",
+        "rank",
+        "targets",
+        "records",
+        "source",
+        "colour",
     ];
     let values = ["\"bert\"", "\"lora\"", "3", "-1", "0.5", "true", "[1, 2]", "[\"a\"]", "{ kind = \"mnist\" }", "[{ method = \"lora\" }]", "\"\""];
     for i in 0..600 {

@@ -246,6 +246,8 @@ pub struct RankReport {
     pub rows: Vec<RankRow>,
     /// Per score: τ-b against the accuracies and the number of candidates it used (none: fewer than two, or constant).
     pub taus: Vec<(Option<f64>, usize)>,
+    /// Caveats printed under the table.
+    pub notes: Vec<String>,
 }
 
 /// A candidate's features on the training split (and on the test split for a probe), and its source predictions.
@@ -264,6 +266,7 @@ pub fn rank(cfg: &RankConfig, opts: &RankOptions) -> Result<RankReport> {
         None => Vec::new(),
     };
     let mut data_desc = String::new();
+    let mut train_examples = None;
     let mut rows = Vec::new();
     // Candidates that share a backbone and input size share one pass over the data.
     let mut done: HashMap<String, (Data, HashMap<Option<usize>, Features>)> = HashMap::new();
@@ -307,6 +310,7 @@ pub fn rank(cfg: &RankConfig, opts: &RankOptions) -> Result<RankReport> {
             done.insert(key.clone(), (data, by_tap));
         }
         let (data, by_tap) = &done[&key];
+        train_examples = Some(data.train.len());
         let f = &by_tap[&c.block];
         let scores = cfg
             .scores
@@ -338,12 +342,23 @@ pub fn rank(cfg: &RankConfig, opts: &RankOptions) -> Result<RankReport> {
     }
     let taus = (0..cfg.scores.len())
         .map(|k| {
-            let pairs: Vec<(f64, f64)> = rows.iter().filter_map(|r| Some((*r.scores[k].as_ref().ok()?, r.accuracy.as_ref()?.0))).collect();
+            let pairs: Vec<(f64, f64)> = rows.iter().filter_map(|r| Some((snap(*r.scores[k].as_ref().ok()?), r.accuracy.as_ref()?.0))).collect();
             let (x, y): (Vec<f64>, Vec<f64>) = pairs.iter().copied().unzip();
             (kendall_tau_b(&x, &y), pairs.len())
         })
         .collect();
-    Ok(RankReport { name: cfg.name.clone(), data: data_desc, scores: cfg.scores.clone(), rows, taus })
+    let mut notes = Vec::new();
+    let n = train_examples.unwrap_or(0);
+    let wide: Vec<&str> = rows.iter().filter(|r| r.dim >= n - 1).map(|r| r.candidate.as_str()).collect();
+    if cfg.scores.contains(&Score::Hscore) && !wide.is_empty() {
+        notes.push(format!(
+            "hscore: {} ha{} at least as many dimensions as training examples − 1 ({n} examples): there tr(cov(f)⁺ cov(E[f|y])) is the trace of two \
+             projections, exactly the number of classes − 1 whatever the features, so H-score ties them",
+            wide.join(", "),
+            if wide.len() == 1 { "s" } else { "ve" }
+        ));
+    }
+    Ok(RankReport { name: cfg.name.clone(), data: data_desc, scores: cfg.scores.clone(), rows, taus, notes })
 }
 
 /// What decides a pass over the data: candidates with equal keys (same backbone, same data and size) share one.
@@ -453,6 +468,7 @@ impl RankReport {
     /// Kendall's τ-b of each score against the accuracies.
     pub fn markdown(&self) -> String {
         let ranks = |values: Vec<Option<f64>>| -> Vec<Option<usize>> {
+            let values: Vec<Option<f64>> = values.into_iter().map(|v| v.map(snap)).collect();
             values.iter().map(|v| v.map(|v| 1 + values.iter().flatten().filter(|&&o| o > v).count())).collect()
         };
         let accuracy_ranks = ranks(self.rows.iter().map(|r| r.accuracy.as_ref().map(|a| a.0)).collect());
@@ -505,11 +521,21 @@ impl RankReport {
         for (i, note) in notes.iter().enumerate() {
             out.push_str(&format!("\n[{}] {note}", i + 1));
         }
-        if !notes.is_empty() {
+        for note in &self.notes {
+            out.push_str(&format!("\n{note}"));
+        }
+        if !notes.is_empty() || !self.notes.is_empty() {
             out.push('\n');
         }
         out
     }
+}
+
+/// `v` at nine significant digits: scores equal up to round-off (H-score is
+/// exactly C − 1 for every candidate with at least n − 1 dimensions) tie in
+/// the ranks and in τ instead of being ordered by noise.
+fn snap(v: f64) -> f64 {
+    format!("{v:.8e}").parse().unwrap_or(v)
 }
 
 /// Four significant digits, plain or scientific by magnitude.
@@ -555,10 +581,10 @@ mod tests {
             _ => unreachable!(),
         };
         assert_eq!((size(&cfg.candidates[0]), size(&cfg.candidates[1])), (Some(64), None));
-        let key = |c: &Candidate| pass_key(&cfg.experiment(c, DeviceChoice::Cpu)).unwrap();
-        assert_ne!(key(&cfg.candidates[0]), key(&cfg.candidates[1]), "another size: another pass");
+        let key = |cfg: &RankConfig, k: usize| pass_key(&cfg.experiment(&cfg.candidates[k], DeviceChoice::Cpu)).unwrap();
+        assert_ne!(key(&cfg, 0), key(&cfg, 1), "another size: another pass");
         cfg.candidates[0].image_size = None;
-        assert_eq!(key(&cfg.candidates[0]), key(&cfg.candidates[1]), "another block only: one pass");
+        assert_eq!(key(&cfg, 0), key(&cfg, 1), "another block only: one pass");
     }
 
     /// Blocks of a CNN are averaged over positions; of a transformer over real tokens only.
@@ -588,11 +614,15 @@ mod tests {
             scores: vec![Score::Logme, Score::Leep],
             rows: vec![row("a", -1.0, 0.9), row("b", 2.0, 0.95)],
             taus: vec![(Some(1.0), 2), (None, 0)],
+            notes: vec!["a caveat".into()],
         };
         let md = report.markdown();
         assert!(md.contains("| a | 8 | 90.00 (2) | linear probe | -1.0000 (2) | n/a [1] |"), "{md}");
         assert!(md.contains("| b | 8 | 95.00 (1) | linear probe | 2.0000 (1) | n/a [1] |"), "{md}");
         assert!(md.contains("**+1.00** (n=2)") && md.contains("— (n=0)") && md.contains("[1] leep: needs a source head"), "{md}");
+        assert!(md.trim_end().ends_with("a caveat"), "{md}");
+        assert_eq!((snap(9.000000000001), snap(9.0)), (9.0, 9.0), "round-off ties");
+        assert!(snap(1.0000001) > snap(1.0));
     }
 
     /// A probe separates separable features and is tested on the test split.

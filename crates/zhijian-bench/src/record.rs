@@ -480,7 +480,8 @@ mod tests {
     fn failed_runs_round_trip_without_numbers() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("records.jsonl");
-        let failed = Record { failed: Some("training diverged: loss NaN at step 3".into()), test_top1: f64::NAN, final_loss: f64::INFINITY, ..sample("a", 0, 0.5) };
+        let failed =
+            Record { failed: Some("training diverged: loss NaN at step 3".into()), test_top1: f64::NAN, final_loss: f64::INFINITY, ..sample("a", 0, 0.5) };
         append_record(&path, &failed).unwrap();
         let line = std::fs::read_to_string(&path).unwrap();
         assert!(line.contains("\"test_top1\":null") && line.contains("\"final_loss\":null") && line.contains("\"failed\":\"training diverged"), "{line}");

@@ -112,7 +112,7 @@ pub fn markdown(records: &[Record]) -> String {
             100.0 * first.trainable_params as f64 / first.total_params.max(1) as f64,
             pm(&col(&|r| r.test_top1), 100.0, 2),
             pm(&col(&|r| r.feature_seconds + r.train_seconds), 1.0, 1),
-            pm(&col(&|r| r.train_samples_per_s), 1.0, 0) + if first.cached_features { " †" } else { "" },
+            samples_per_s(&runs),
             optional(&runs, |r| r.latency_ms, 1),
             optional(&runs, |r| r.inference_per_s, 0),
             peak.map_or("n/a".into(), human_bytes),
@@ -125,10 +125,23 @@ pub fn markdown(records: &[Record]) -> String {
             out.push_str(&format!("- {} seed {}: {}\n", r.strategy, r.seed, r.failed.as_deref().unwrap_or_default()));
         }
     }
-    if records.iter().any(|r| r.cached_features) {
+    if records.iter().any(|r| r.cached_features && r.steps > 0) {
         out.push_str("\n† head trained on cached features of the frozen backbone: train time includes computing them; samples/s is the head's alone.\n");
     }
+    if records.iter().any(|r| r.finished() && r.steps == 0) {
+        out.push_str("\n‡ no gradient step: fitted on the training split's features (class means, neighbours); train time is the fit.\n");
+    }
     out
+}
+
+/// The training rate of a strategy's runs: † when a head trained on cached
+/// features, ‡ (no rate) when they took no step and only fitted.
+fn samples_per_s(runs: &[&Record]) -> String {
+    if runs.iter().all(|r| r.steps == 0) {
+        return "— ‡".into();
+    }
+    let rates: Vec<f64> = runs.iter().map(|r| r.train_samples_per_s).collect();
+    pm(&rates, 1.0, 0) + if runs[0].cached_features { " †" } else { "" }
 }
 
 #[cfg(test)]
@@ -136,6 +149,17 @@ mod tests {
     use super::*;
     use crate::record::{Record, SplitScore, sample};
     use crate::source::SourceScore;
+
+    /// A strategy that only fits (NCM, kNN) has no training rate, and its
+    /// footnote says so; the cached-features footnote is for heads that stepped.
+    #[test]
+    fn fitted_strategies_show_no_rate() {
+        let ncm = Record { cached_features: true, steps: 0, train_samples_per_s: 0.0, ..sample("ncm", 0, 0.8) };
+        let t = markdown(&[ncm.clone(), Record { seed: 1, ..ncm }]);
+        let row = t.lines().find(|l| l.starts_with("| ncm ")).unwrap();
+        assert!(row.contains("| — ‡ |") && !t.contains('†'), "{t}");
+        assert!(t.contains("\n‡ no gradient step"), "{t}");
+    }
 
     #[test]
     fn rows_aggregate_seeds() {

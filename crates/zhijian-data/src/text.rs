@@ -111,9 +111,10 @@ fn read_delimited(path: &Path, delimiter: u8, wanted: &[&str]) -> Result<Vec<Row
     let columns = wanted
         .iter()
         .map(|name| {
-            headers.iter().position(|h| h == *name).ok_or_else(|| {
-                Error::Data(format!("{}: no column `{name}`; columns are: {}", path.display(), headers.iter().collect::<Vec<_>>().join(", ")))
-            })
+            headers
+                .iter()
+                .position(|h| h == *name)
+                .ok_or_else(|| Error::Data(format!("{}: no column `{name}`; columns are: {}", path.display(), headers.iter().collect::<Vec<_>>().join(", "))))
         })
         .collect::<Result<Vec<usize>>>()?;
     let mut rows = Vec::new();

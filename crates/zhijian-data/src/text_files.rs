@@ -340,7 +340,9 @@ mod tests {
         assert_eq!(c.data.labels[c.parts.test[0]], 1);
         // No validation rows: a stratified tenth of train is held out (one per class here).
         write(dir.path(), "b.csv", &SPLIT_CSV.replace("validation", "train"));
-        let c = task("path = \"b.csv\"\ntext_column = \"sentence\"\nlabel_column = \"label\"\nsplit_column = \"split\"\n").load(&|p| Ok(dir.path().join(p))).unwrap();
+        let c = task("path = \"b.csv\"\ntext_column = \"sentence\"\nlabel_column = \"label\"\nsplit_column = \"split\"\n")
+            .load(&|p| Ok(dir.path().join(p)))
+            .unwrap();
         assert_eq!((c.parts.train.len(), c.parts.val.len(), c.parts.test.len()), (10, 2, 2));
         assert!(c.parts.val.iter().all(|r| !c.parts.train.contains(r)));
     }
@@ -364,7 +366,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let load = |name: &str, content: &str, extra: &str| {
             write(dir.path(), name, content);
-            task(&format!("path = \"{name}\"\ntext_column = \"sentence\"\nlabel_column = \"label\"\n{extra}")).load(&|p| Ok(dir.path().join(p))).unwrap_err().to_string()
+            task(&format!("path = \"{name}\"\ntext_column = \"sentence\"\nlabel_column = \"label\"\n{extra}"))
+                .load(&|p| Ok(dir.path().join(p)))
+                .unwrap_err()
+                .to_string()
         };
         let cases = [
             load("cols.csv", "text,label\na,1\n", ""),

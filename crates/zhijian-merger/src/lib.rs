@@ -8,6 +8,7 @@ use zhijian_core::{Registry, Stage, parse_config};
 pub mod knn;
 pub mod ncm;
 pub mod prototypes;
+pub mod score;
 pub mod simpleshot;
 
 pub use knn::{Knn, KnnConfig, Weighting};
@@ -15,15 +16,15 @@ pub use ncm::{Ncm, NcmConfig};
 pub use prototypes::Metric;
 pub use simpleshot::{SimpleShot, SimpleShotConfig};
 
-pub mod score;
-
 /// Adds every Merger-stage method to `r`, one line each.
 pub fn register(r: &mut Registry) {
-    r.register("ncm", Stage::Merger, "nearest class mean of frozen features, no gradient steps (Mensink et al. 2013)", |c| Ok(Box::new(Ncm::new(parse_config("ncm", c)?))));
+    r.register("ncm", Stage::Merger, "nearest class mean of frozen features, no gradient steps (Mensink et al. 2013)", |c| {
+        Ok(Box::new(Ncm::new(parse_config("ncm", c)?)))
+    });
     r.register("simpleshot", Stage::Merger, "nearest centroid of centred, L2-normalised frozen features, no gradient steps (Wang et al. 2019)", |c| {
         Ok(Box::new(SimpleShot::new(parse_config("simpleshot", c)?)))
     });
-    r.register("knn", Stage::Merger, "weighted k-nearest-neighbour vote over frozen training features, no gradient steps (Wu et al. 2018; DINO's protocol)", |c| {
+    r.register("knn", Stage::Merger, "weighted k-nearest-neighbour vote over frozen features, no gradient steps (Wu et al. 2018; DINO)", |c| {
         Ok(Box::new(Knn::new(parse_config("knn", c)?)))
     });
 }

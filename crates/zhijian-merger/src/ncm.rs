@@ -117,9 +117,9 @@ impl Method for Ncm {
 mod tests {
     use super::*;
     use crate::prototypes::testing;
-    use zhijian_core::train::{self, TrainConfig, TrainOptions};
     use tch::Kind;
     use zhijian_core::Compute;
+    use zhijian_core::train::{self, TrainConfig, TrainOptions};
 
     fn t(v: &[f32], cols: i64) -> Tensor {
         Tensor::from_slice(v).view([-1, cols])
@@ -156,10 +156,10 @@ mod tests {
         let mut methods: Vec<Box<dyn Method>> = vec![Box::new(Ncm::new(NcmConfig::default()))];
         train::prepare(&model, &mut methods, 0).unwrap();
         assert!(train::trainable(&model, &methods).is_empty() && train::features_cacheable(&model, &methods));
-        let before: Vec<Tensor> = model.vs.variables().values().map(Tensor::copy).collect();
+        let before: BTreeMap<String, Tensor> = model.vs.variables().into_iter().map(|(n, t)| (n, t.copy())).collect();
         let report = train::train(&model, &mut methods, &data, None, &TrainConfig::default(), &TrainOptions::default()).unwrap();
         assert_eq!(report.steps, 0);
-        assert!(model.vs.variables().values().zip(&before).all(|(a, b)| a.equal(b)), "a model parameter moved");
+        assert!(model.vs.variables().iter().all(|(n, t)| t.equal(&before[n])), "a model parameter moved");
         let f = train::features(&model, &[], &data.input, 8).unwrap();
         let means: Vec<Tensor> = (0..3).map(|c| f.index_select(0, &data.labels.eq(c).nonzero().view([-1])).mean_dim(0, false, Kind::Float)).collect();
         let d = f.unsqueeze(1) - Tensor::stack(&means, 0).unsqueeze(0);
@@ -172,8 +172,8 @@ mod tests {
     #[test]
     fn config_fields_have_defaults_and_typos_name_themselves() {
         let model = testing::model(0, 2);
-        let mut m = Ncm::new(NcmConfig { train_head: true, ..Default::default() });
-        m.prepare(&model).unwrap();
+        let mut methods: Vec<Box<dyn Method>> = vec![Box::new(Ncm::new(NcmConfig { train_head: true, ..Default::default() }))];
+        train::prepare(&model, &mut methods, 0).unwrap();
         assert_eq!(model.trainable().len(), 2, "head weight and bias");
         let table: toml::Table = toml::from_str("metric = \"cosine\"").unwrap();
         let c: NcmConfig = zhijian_core::parse_config("ncm", &table).unwrap();

@@ -83,7 +83,10 @@ fn damaged_weights_are_named_with_what_is_wrong() {
 
     // Readable, but for another width: every mis-shaped tensor is listed.
     safetensors(&weights, &[("cls_token", &[1, 1, 7]), ("pos_embed", &[1, 5, 7])], 0);
-    contains_all(&compare_fails(&config), &["w.safetensors", "2 tensor(s) have the wrong shape", "`cls_token` (model [1, 1, 192], file [1, 1, 7])", "`pos_embed`"]);
+    contains_all(
+        &compare_fails(&config),
+        &["w.safetensors", "2 tensor(s) have the wrong shape", "`cls_token` (model [1, 1, 192], file [1, 1, 7])", "`pos_embed`"],
+    );
 
     // Readable, of the right kind, but incomplete: the missing keys are listed.
     safetensors(&weights, &[("cls_token", &[1, 1, 192])], 0);

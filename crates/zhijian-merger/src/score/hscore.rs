@@ -8,9 +8,12 @@
 //! class mean), both covariances over examples with `n − 1` (numpy's
 //! `np.cov`), and the pseudo-inverse keeping eigenvalues above 1e-15 × the
 //! largest (numpy's `pinv(rcond = 1e-15)`). Invariant to any invertible
-//! linear map of the features; higher is better. With fewer examples than
-//! dimensions cov(f) is singular and the score becomes unstable (the
-//! shrinkage of Ibrahim et al. 2022 is not applied, as in the reference).
+//! linear map of the features; higher is better. It equals `tr(P_F P_Y)`,
+//! the trace of the projections on the centred features' and on the class
+//! indicators' spans in example space, so with at least `n − 1` dimensions
+//! (features spanning every centred direction) it is exactly C − 1 whatever
+//! the features: it cannot compare wide features on few examples (the
+//! shrinkage of Ibrahim et al. 2022 would; not applied, as in the reference).
 
 use tch::Kind;
 
@@ -60,6 +63,16 @@ mod tests {
         let before = Score::Hscore.compute(&f, &y, None).unwrap();
         let after = Score::Hscore.compute(&(f.mm(&a) + 7.0), &y, None).unwrap();
         assert!((before - after).abs() < 1e-8 * before.abs().max(1.0), "{before} vs {after}");
+    }
+
+    /// As many dimensions as examples − 1: the score is C − 1 for any features.
+    #[test]
+    fn saturates_at_classes_minus_one_when_features_are_wide() {
+        for seed in 0..3 {
+            let (f, y) = clusters(4, 5, 30, 0.1 + seed as f64, seed);
+            let h = Score::Hscore.compute(&f, &y, None).unwrap();
+            assert!((h - 3.0).abs() < 1e-6, "{h}");
+        }
     }
 
     /// Between-class variance up, within-class fixed: higher; bounded by the number of classes − 1.
