@@ -198,7 +198,7 @@ fn vision_compare_tests_every_shift() {
 }
 
 /// Every experiment file the project ships parses, and every method entry in
-/// it names a registered method with a valid configuration.
+/// it names a registered method with a valid configuration; so does every rank file.
 #[test]
 fn every_shipped_config_loads() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
@@ -208,5 +208,11 @@ fn every_shipped_config_loads() {
     let registry = zhijian::bench::registry();
     for file in files {
         Experiment::load(&file, &registry).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    }
+    // The rank files (`zhijian rank`) have their own schema, in their own folder.
+    let ranks: Vec<_> = std::fs::read_dir(dir.join("rank")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(ranks.len() >= 2, "{ranks:?}");
+    for file in ranks {
+        zhijian::bench::rank::RankConfig::load(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
     }
 }

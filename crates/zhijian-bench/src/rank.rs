@@ -34,7 +34,7 @@ use crate::data::{Data, load_data};
 use crate::experiment::{BackboneConfig, DataConfig, DeviceChoice, Experiment};
 use crate::record::read_records;
 
-/// A rank file, as written in `configs/rank-*.toml`. Paths are relative to the file.
+/// A rank file, as written in `configs/rank/*.toml`. Paths are relative to the file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RankConfig {

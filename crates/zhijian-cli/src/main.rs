@@ -99,7 +99,7 @@ enum Command {
     /// H-score, GBC, TransRate), before any fine-tuning; print the table and
     /// Kendall's τ-b of each score against the candidates' accuracies.
     Rank {
-        /// Rank file, e.g. configs/rank-lite0-mnist.toml.
+        /// Rank file, e.g. configs/rank/lite0-mnist.toml.
         config: PathBuf,
         /// Device: cpu, cuda or auto; default: the file's `device`.
         #[arg(long, value_parser = parse_device)]
