@@ -35,7 +35,7 @@ use tch::{Device, Tensor};
 use zhijian_architect::{Ia3, Ia3Config, Lora, LoraConfig};
 use zhijian_backbones::{Bert, BertConfig, Pooling, load_pretrained};
 use zhijian_core::targets::select_sites;
-use zhijian_core::weights::{read_safetensors, tmp_sibling};
+use zhijian_core::weights::{read_safetensors, write_atomic};
 use zhijian_core::{Error, Method, Model, Result, Role, Site, parse_config, save_atomic};
 
 use crate::record::{Record, read_records};
@@ -463,11 +463,8 @@ fn export_ia3(c: Ia3Config, mut own: BTreeMap<String, Tensor>, model: &Model, ba
 pub fn write(adapter: &PeftAdapter, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
     let write_json = |name: &str, value: &Value| -> Result<()> {
-        let path = dir.join(name);
-        let tmp = tmp_sibling(&path);
         let text = serde_json::to_string_pretty(value).map_err(|e| Error::Config(format!("{name}: {e}")))?;
-        std::fs::write(&tmp, text + "\n").map_err(Error::io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(Error::io(&path))
+        write_atomic(&dir.join(name), (text + "\n").as_bytes())
     };
     save_atomic(&adapter.tensors, &dir.join(WEIGHTS_FILE))?;
     if !adapter.head.is_empty() {

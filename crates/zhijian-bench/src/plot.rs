@@ -13,7 +13,7 @@ use image::ImageEncoder;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
-use zhijian_core::weights::tmp_sibling;
+use zhijian_core::weights::write_atomic;
 use zhijian_core::{Error, Result};
 
 use crate::plot_text::GlyphText;
@@ -142,11 +142,6 @@ pub fn write_plots(records: &[Record], dir: &Path, stem: &str) -> Result<Vec<Pat
         }
     }
     Ok(written)
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_sibling(path);
-    std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path)).map_err(Error::io(path))
 }
 
 #[derive(Clone, Copy)]

@@ -1,10 +1,9 @@
 //! Run records: one JSON object per line, appended atomically.
 
-use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use zhijian_core::weights::tmp_sibling;
+use zhijian_core::weights::write_atomic;
 
 use crate::features::FeatureOrigin;
 use crate::source::SourceScore;
@@ -181,7 +180,7 @@ pub fn append_record(path: &Path, record: &Record) -> Result<()> {
         content.push(b'\n');
     }
     push_line(&mut content, record)?;
-    replace_atomically(path, &content)
+    write_atomic(path, &content)
 }
 
 /// Writes `records`, one per line, as the whole of `path`, atomically (a
@@ -192,7 +191,7 @@ pub fn write_records(path: &Path, records: &[Record]) -> Result<()> {
     for r in records {
         push_line(&mut content, r)?;
     }
-    replace_atomically(path, &content)
+    write_atomic(path, &content)
 }
 
 /// `record` as one JSON line at the end of `content`.
@@ -200,22 +199,6 @@ fn push_line(content: &mut Vec<u8>, record: &Record) -> Result<()> {
     content.extend_from_slice(serde_json::to_string(record).map_err(|e| Error::Config(e.to_string()))?.as_bytes());
     content.push(b'\n');
     Ok(())
-}
-
-/// Makes `content` the whole of `path` (its folder created if needed): written
-/// and synced to a temporary sibling, then renamed over it.
-fn replace_atomically(path: &Path, content: &[u8]) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
-    }
-    let tmp = tmp_sibling(path);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(content)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(Error::io(path))
 }
 
 /// Fields that say when, where and how fast a run ran, not what it found:

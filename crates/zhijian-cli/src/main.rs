@@ -334,11 +334,10 @@ fn write_slurm_script(exp: &Experiment, run: &RunArgs, mut command: Vec<String>,
         },
     };
     let text = job.script()?;
-    for dir in [&job.resources.log_dir, &script.parent().unwrap_or(Path::new("/")).to_path_buf()] {
-        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
-    }
-    let tmp = zhijian_core::weights::tmp_sibling(&script);
-    std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &script)).map_err(|e| anyhow::anyhow!("writing {}: {e}", script.display()))?;
+    // Slurm writes no log into a folder that does not exist.
+    let logs = &job.resources.log_dir;
+    std::fs::create_dir_all(logs).map_err(|e| anyhow::anyhow!("creating {}: {e}", logs.display()))?;
+    zhijian_core::write_atomic(&script, text.as_bytes())?;
     println!(
         "slurm: wrote {}: a job array of {tasks} task(s) over {} run(s), task k writing {}; logs in {}",
         script.display(),

@@ -33,4 +33,4 @@ pub use precision::{Compute, Precision, WeightCache};
 pub use pth::{ConvertReport, PthContents, PthFormat, Skipped, convert_pth, read_pth};
 pub use registry::{Registry, config_table, from_table, parse_config};
 pub use train::{Split, TrainConfig};
-pub use weights::{LoadReport, load_into, save_atomic};
+pub use weights::{LoadReport, load_into, save_atomic, write_atomic};

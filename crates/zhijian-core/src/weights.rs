@@ -85,6 +85,24 @@ pub fn save_atomic(tensors: &[(String, Tensor)], path: &Path) -> Result<u64> {
     Ok(std::fs::metadata(path).map_err(Error::io(path))?.len())
 }
 
+/// Makes `bytes` the whole of `path` atomically (its folder created if
+/// needed): written and synced to a temporary sibling, then renamed over it,
+/// so `path` is the old file or the new one at every moment.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+    }
+    let tmp = tmp_sibling(path);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(Error::io(path))
+}
+
 /// `dir/.name.tmp-<pid>`: a temporary name next to `path`.
 pub fn tmp_sibling(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

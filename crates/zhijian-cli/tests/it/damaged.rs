@@ -11,8 +11,8 @@ use crate::{stderr, zhijian};
 /// A safetensors file written byte by byte: `tensors` are (name, shape) of
 /// F32 zeros; `cut` bytes are dropped from the end.
 fn safetensors(path: &Path, tensors: &[(&str, &[i64])], cut: usize) {
-    let mut header = serde_json_like(tensors);
-    while (8 + header.len()) % 8 != 0 {
+    let mut header = header_json(tensors);
+    while !header.len().is_multiple_of(8) {
         header.push(' ');
     }
     let data_len: i64 = tensors.iter().map(|(_, s)| 4 * s.iter().product::<i64>()).sum();
@@ -24,7 +24,7 @@ fn safetensors(path: &Path, tensors: &[(&str, &[i64])], cut: usize) {
 }
 
 /// The safetensors header of `tensors`, laid out one after another.
-fn serde_json_like(tensors: &[(&str, &[i64])]) -> String {
+fn header_json(tensors: &[(&str, &[i64])]) -> String {
     let mut offset = 0;
     let entries: Vec<String> = tensors
         .iter()
