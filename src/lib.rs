@@ -10,3 +10,4 @@ pub use zhijian_bench as bench;
 pub use zhijian_core as core;
 pub use zhijian_data as data;
 pub use zhijian_merger as merger;
+pub use zhijian_tuner as tuner;

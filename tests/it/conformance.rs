@@ -427,7 +427,7 @@ fn checkpoint_after_each_epoch_restores_the_trained_state() {
     let path = dir.path().join("ckpt/lora.safetensors");
     let (model, mut methods) = prepared("lora", 2);
     let cfg = TrainConfig { epochs: 2, batch_size: 6, lr: 1e-2, ..Default::default() };
-    let opts = TrainOptions { label: "ckpt".into(), checkpoint: Some(path.clone()) };
+    let opts = TrainOptions { label: "ckpt".into(), checkpoint: Some(path.clone()), ..Default::default() };
     let report = train::train(&model, &mut methods, &data, Some(&data), &cfg, &opts).unwrap();
     assert_eq!((report.steps, report.val_top1.len()), (4, 2));
     // Only the checkpoint is in its folder: the temporary file was renamed over it.

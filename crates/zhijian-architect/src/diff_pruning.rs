@@ -64,8 +64,8 @@
 use serde::{Deserialize, Serialize};
 use tch::nn::{Init, VarStore};
 use tch::{Kind, Tensor};
-use zhijian_core::train::{ParamOpts, Split, TrainConfig};
-use zhijian_core::{Error, Method, Model, Result, Site, StepCx, StepOutput, config_table};
+use zhijian_core::train::{ParamOpts, TrainConfig};
+use zhijian_core::{Error, Method, Model, Result, RunData, Site, StepCx, StepOutput, config_table};
 
 use crate::sparse_ft::{Flat, Merged, add_delta, spread_indices, top_k};
 
@@ -294,7 +294,7 @@ impl Method for DiffPruning {
         self.apply(site, x, out, train)
     }
 
-    fn before_train(&mut self, _model: &Model, _train: &Split, cfg: &TrainConfig) -> Result<()> {
+    fn before_train(&mut self, _model: &Model, _data: &RunData, cfg: &TrainConfig) -> Result<()> {
         self.alpha_lr_scale = self.config.log_alpha_lr / cfg.lr;
         Ok(())
     }
@@ -311,7 +311,7 @@ impl Method for DiffPruning {
         Ok(())
     }
 
-    fn after_train(&mut self, _model: &Model, _train: &Split) -> Result<()> {
+    fn after_train(&mut self, _model: &Model, _data: &RunData) -> Result<()> {
         self.cut()
     }
 
@@ -426,7 +426,12 @@ mod tests {
         let model = linear_model();
         let mut m = DiffPruning::new(DiffPruningConfig { l0_penalty: 0.01, log_alpha_init: 0.7, stretch_low: -0.2, ..Default::default() });
         m.prepare(&model).unwrap();
-        let step = StepOutput { logits: Tensor::zeros([1, 2], (Kind::Float, Device::Cpu)), labels: Tensor::from_slice(&[0i64]), taps: Default::default() };
+        let step = StepOutput {
+            logits: Tensor::zeros([1, 2], (Kind::Float, Device::Cpu)),
+            labels: Tensor::from_slice(&[0i64]),
+            taps: Default::default(),
+            teacher: None,
+        };
         let want = 0.01 * 15.0 * sigmoid(0.7 - (0.2f64 / 1.5).ln());
         assert!((m.extra_loss(&step).unwrap().double_value(&[]) - want).abs() < 1e-6);
     }
@@ -449,18 +454,24 @@ mod tests {
             m.extra_loss(&StepOutput {
                 logits: Tensor::zeros([1, 2], (Kind::Float, Device::Cpu)),
                 labels: Tensor::from_slice(&[0i64]),
-                taps: Default::default()
+                taps: Default::default(),
+                teacher: None,
             })
             .is_some()
         );
         let x = Input::Images(Tensor::randn([5, 4], (Kind::Float, Device::Cpu)));
         let mut all: Vec<Box<dyn Method>> = vec![Box::new(m)];
         let before = outputs(&model, &all, &x, false);
-        all[0].after_train(&model, &split()).unwrap();
+        all[0].after_train(&model, &RunData::train_only(&split())).unwrap();
         let m = &all[0];
         let names: Vec<String> = m.var_store().unwrap().variables().into_keys().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
         assert_eq!(names, ["indices", "values"]);
-        let step = StepOutput { logits: Tensor::zeros([1, 2], (Kind::Float, Device::Cpu)), labels: Tensor::from_slice(&[0i64]), taps: Default::default() };
+        let step = StepOutput {
+            logits: Tensor::zeros([1, 2], (Kind::Float, Device::Cpu)),
+            labels: Tensor::from_slice(&[0i64]),
+            taps: Default::default(),
+            teacher: None,
+        };
         assert!(m.extra_loss(&step).is_none(), "no penalty after the cut");
         let vars = m.var_store().unwrap().variables();
         assert_eq!(Vec::<i64>::try_from(&vars["indices"]).unwrap(), want);
@@ -497,10 +508,10 @@ mod tests {
         m.prepare(&model).unwrap();
         randomise(&m);
         for step in 1..=6 {
-            m.after_step(&StepCx { model: &model, step, total: 10, lr: 1e-3 }).unwrap();
+            m.after_step(&StepCx { model: &model, step, total: 10, lr: 1e-3, params: &[] }).unwrap();
             assert!(!m.is_cut(), "step {step}");
         }
-        m.after_step(&StepCx { model: &model, step: 7, total: 10, lr: 1e-3 }).unwrap();
+        m.after_step(&StepCx { model: &model, step: 7, total: 10, lr: 1e-3, params: &[] }).unwrap();
         assert!(m.is_cut());
         let values = m.var_store().unwrap().variables()["values"].shallow_clone();
         assert!(values.requires_grad());
@@ -521,7 +532,7 @@ mod tests {
                 m.prepare(&model).unwrap();
                 randomise(&m);
                 if cut {
-                    m.after_train(&model, &split()).unwrap();
+                    m.after_train(&model, &RunData::train_only(&split())).unwrap();
                 }
                 let before: Vec<(String, Tensor)> = model.vs.variables().into_iter().map(|(n, t)| (n, t.copy())).collect();
                 let mut all: Vec<Box<dyn Method>> = vec![Box::new(m)];

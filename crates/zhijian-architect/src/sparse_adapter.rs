@@ -47,7 +47,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 use zhijian_core::train::batches;
-use zhijian_core::{Ctx, Error, Layout, Method, Model, Result, Split, SubLayer, TrainConfig, config_table};
+use zhijian_core::{Ctx, Error, Layout, Method, Model, Result, RunData, Split, SubLayer, TrainConfig, config_table};
 
 use crate::adapter::{Adapter, AdapterConfig};
 use crate::bottleneck::{Activation, BlockSet, Bottleneck, Init};
@@ -268,7 +268,8 @@ impl Method for SparseAdapter {
         Ok(())
     }
 
-    fn before_train(&mut self, model: &Model, train: &Split, cfg: &TrainConfig) -> Result<()> {
+    fn before_train(&mut self, model: &Model, data: &RunData, cfg: &TrainConfig) -> Result<()> {
+        let train = data.train;
         if self.config.criterion == Criterion::Snip && self.config.sparsity > 0.0 && self.masks_pending() {
             if train.is_empty() {
                 return Err(Error::MethodConfig {
@@ -345,7 +346,7 @@ mod tests {
             for scope in [Scope::Global, Scope::Local] {
                 let mut m = prepared(&model, SparseAdapterConfig { criterion, scope, bottleneck: Some(5), ..Default::default() });
                 assert_eq!(m.masks_pending(), criterion == Criterion::Snip);
-                m.before_train(&model, &split(testing::images()), &cfg()).unwrap();
+                m.before_train(&model, &RunData::train_only(&split(testing::images())), &cfg()).unwrap();
                 let pairs = m.weights_and_masks();
                 assert_eq!(pairs.len(), 8); // 2 blocks × 2 sub-layers × (down, up)
                 assert!(pairs.iter().all(|(w, _)| w.numel() == 80));
@@ -366,7 +367,7 @@ mod tests {
             &model,
             SparseAdapterConfig { criterion: Criterion::Random, scope: Scope::Local, sparsity: 0.55, bottleneck: Some(5), ..Default::default() },
         );
-        m.before_train(&model, &split(testing::images()), &cfg()).unwrap();
+        m.before_train(&model, &RunData::train_only(&split(testing::images())), &cfg()).unwrap();
         assert!(m.weights_and_masks().iter().all(|(_, m)| zeros(m) == 44));
     }
 
@@ -391,7 +392,7 @@ mod tests {
             m.config.criterion = criterion;
             match criterion {
                 Criterion::Magnitude => m.prune(&m.scores_at_init().unwrap()),
-                _ => m.before_train(&model, &data, &cfg()).unwrap(),
+                _ => m.before_train(&model, &RunData::train_only(&data), &cfg()).unwrap(),
             }
             let mask = flat(m.weights_and_masks().into_iter().map(|(_, m)| m));
             let score = flat(scores.into_iter());
@@ -441,7 +442,7 @@ mod tests {
         for criterion in [Criterion::Random, Criterion::Snip] {
             let config = SparseAdapterConfig { criterion, ..Default::default() };
             let mut saved = prepared(&model, config.clone());
-            saved.before_train(&model, &split(testing::images()), &cfg()).unwrap();
+            saved.before_train(&model, &RunData::train_only(&split(testing::images())), &cfg()).unwrap();
             let path = dir.join(format!("{criterion:?}.safetensors"));
             let methods: Vec<Box<dyn Method>> = vec![Box::new(saved)];
             let names: Vec<String> = artifact(&model, &methods).into_iter().map(|(n, _)| n).collect();
@@ -453,7 +454,7 @@ mod tests {
             fresh.prepare(&model).unwrap();
             let mut restored: Vec<Box<dyn Method>> = vec![Box::new(fresh)];
             restore(&model, &restored, &path).unwrap();
-            restored[0].before_train(&model, &split(testing::images()), &cfg()).unwrap();
+            restored[0].before_train(&model, &RunData::train_only(&split(testing::images())), &cfg()).unwrap();
             let mut a: Vec<(String, Tensor)> = methods[0].var_store().unwrap().variables().into_iter().collect();
             let mut b: Vec<(String, Tensor)> = restored[0].var_store().unwrap().variables().into_iter().collect();
             a.sort_by(|x, y| x.0.cmp(&y.0));

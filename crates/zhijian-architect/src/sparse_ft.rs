@@ -56,7 +56,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Reduction, Tensor};
 use zhijian_core::train::{Split, TrainConfig, batches};
-use zhijian_core::{Ctx, Error, Method, Model, Result, Role, Site, config_table};
+use zhijian_core::{Ctx, Error, Method, Model, Result, Role, RunData, Site, config_table};
 
 /// How the trainable entries are chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -419,7 +419,8 @@ impl Method for SparseFt {
 
     /// Gradient selection. Skipped when the values are no longer all zero (a
     /// restored or already trained delta keeps the positions it came with).
-    fn before_train(&mut self, model: &Model, train: &Split, cfg: &TrainConfig) -> Result<()> {
+    fn before_train(&mut self, model: &Model, data: &RunData, cfg: &TrainConfig) -> Result<()> {
+        let train = data.train;
         let Some(s) = self.state.as_mut() else { return Ok(()) };
         if self.config.selection != Selection::Gradient || s.values.abs().max().double_value(&[]) != 0.0 {
             return Ok(());
@@ -581,7 +582,7 @@ pub(crate) mod tests {
         let train = Split { name: "train".into(), input: Input::Images(x.shallow_clone()), labels: labels.shallow_clone() };
         // Batches of 3 (the last one of 1): the sum must span them all.
         let cfg = TrainConfig { batch_size: 3, ..Default::default() };
-        m.before_train(&model, &train, &cfg).unwrap();
+        m.before_train(&model, &RunData::train_only(&train), &cfg).unwrap();
 
         let v = model.vs.variables();
         let (w, b, h, hb) = (&v["proj.weight"], &v["proj.bias"], &v["head.weight"], &v["head.bias"]);

@@ -30,6 +30,7 @@ pub use runner::{CompareOptions, Shard, compare};
 pub fn registry() -> zhijian_core::Registry {
     let mut r = zhijian_core::Registry::new();
     zhijian_architect::register(&mut r);
+    zhijian_tuner::register(&mut r);
     zhijian_merger::register(&mut r);
     r
 }

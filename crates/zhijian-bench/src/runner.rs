@@ -256,7 +256,8 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             ..Record::default()
         };
         let started = Instant::now();
-        let report = match train::train(&model, &mut methods, train_split, Some(val_split), &cfg, &TrainOptions { label: label.clone(), checkpoint: None }) {
+        let report = match train::train(&model, &mut methods, train_split, Some(val_split), &cfg, &TrainOptions { label: label.clone(), ..Default::default() })
+        {
             Ok(report) => report,
             // The run is lost, the comparison is not: record why, go on.
             Err(e @ Error::Diverged { step, .. }) => {

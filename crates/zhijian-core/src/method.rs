@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::hooks::{Kv, Layout, SubLayer, Tokens};
 use crate::layers::Site;
 use crate::model::Model;
-use crate::train::{ParamOpts, Split, TrainConfig};
+use crate::train::{ParamOpts, Split, Teacher, TrainConfig};
 
 /// The three stages of model reuse (as in LAMDA-ZhiJian).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -33,6 +33,48 @@ pub struct StepOutput {
     pub labels: Tensor,
     /// The taps methods asked for.
     pub taps: BTreeMap<Tap, Tensor>,
+    /// The teacher's output on the same batch, when a method asked for one
+    /// ([`Method::teacher_taps`]).
+    pub teacher: Option<TeacherOutput>,
+}
+
+/// What the frozen teacher computed on a training batch (no gradient).
+pub struct TeacherOutput {
+    /// Logits `[batch, teacher classes]`, fp32.
+    pub logits: Tensor,
+    /// The taps the methods asked of the teacher.
+    pub taps: BTreeMap<Tap, Tensor>,
+}
+
+/// What a run trains on, for the hooks around training.
+#[derive(Clone, Copy)]
+pub struct RunData<'a> {
+    /// The training split.
+    pub train: &'a Split,
+    /// The validation split held out of training, if the run has one.
+    pub val: Option<&'a Split>,
+    /// The frozen teacher, if the run has one.
+    pub teacher: Option<&'a Teacher>,
+    /// Every parameter that trains when training starts, as in [`StepCx::params`].
+    pub params: &'a [(String, Tensor)],
+}
+
+impl<'a> RunData<'a> {
+    /// Training data alone, without validation split, teacher or parameters.
+    pub fn train_only(train: &'a Split) -> Self {
+        RunData { train, val: None, teacher: None, params: &[] }
+    }
+
+    /// Whether the trainable parameter `name` is the model's head (see [`StepCx::is_head`]).
+    pub fn is_head(&self, model: &Model, name: &str) -> bool {
+        is_head(model, name)
+    }
+}
+
+/// Whether the trainable parameter `name` (a model checkpoint key, or a
+/// method's `instance/param`) is the model's head.
+fn is_head(model: &Model, name: &str) -> bool {
+    !name.contains('/') && model.group(name) == crate::backbone::ParamGroup::Head
 }
 
 /// Where training stands, for the hooks called around each optimiser step.
@@ -45,6 +87,18 @@ pub struct StepCx<'a> {
     pub total: usize,
     /// The learning rate of this step, after the schedule.
     pub lr: f64,
+    /// Every parameter that trains: the model's under their checkpoint names,
+    /// then each method's as `instance/param` ([`crate::train::trainable`]).
+    pub params: &'a [(String, Tensor)],
+}
+
+impl StepCx<'_> {
+    /// Whether the trainable parameter `name` (of [`StepCx::params`]) is the
+    /// model's head, which a new task starts from scratch: constraints toward
+    /// pre-trained weights leave it alone.
+    pub fn is_head(&self, name: &str) -> bool {
+        is_head(self.model, name)
+    }
 }
 
 /// A reuse method: one file per method, registered by name.
@@ -112,9 +166,10 @@ pub trait Method: Send {
         out
     }
 
-    /// Called once before the first step, with the training split (selection
-    /// of sparse parameters from gradients, feature statistics).
-    fn before_train(&mut self, _model: &Model, _train: &Split, _cfg: &TrainConfig) -> Result<()> {
+    /// Called once before the first step, with the run's data (selection of
+    /// sparse parameters from gradients, feature statistics, a probe, a
+    /// snapshot of the pre-trained weights).
+    fn before_train(&mut self, _model: &Model, _data: &RunData, _cfg: &TrainConfig) -> Result<()> {
         Ok(())
     }
 
@@ -129,9 +184,9 @@ pub trait Method: Send {
         Ok(())
     }
 
-    /// Called once after the last step, with the training split (a final
-    /// pruning cut, class prototypes).
-    fn after_train(&mut self, _model: &Model, _train: &Split) -> Result<()> {
+    /// Called once after the last step, with the run's data (a final pruning
+    /// cut, an interpolation coefficient chosen on the validation split).
+    fn after_train(&mut self, _model: &Model, _data: &RunData) -> Result<()> {
         Ok(())
     }
 
@@ -199,9 +254,38 @@ pub trait Method: Send {
         logits
     }
 
+    /// The teacher taps the method needs with each training step, if it needs
+    /// a teacher at all ([`StepOutput::teacher`]): the teacher's logits always
+    /// come, these taps with them. A run whose methods need a teacher must
+    /// be given one.
+    fn teacher_taps(&self) -> Option<Vec<Tap>> {
+        None
+    }
+
+    /// Whether the method runs the model's forward pass by itself, with no
+    /// method's hooks (TPGM's validation passes, WiSE-FT's search over α): it
+    /// then cannot share a strategy with a method that alters the forward pass.
+    fn forwards_model_alone(&self) -> bool {
+        false
+    }
+
+    /// What the method chose or learnt during the run that a reader of the
+    /// record wants (WiSE-FT's α and its validation curve, TPGM's radii),
+    /// kept in the run's record.
+    fn summary(&self) -> Option<toml::Table> {
+        None
+    }
+
     /// An extra loss term added to the task loss.
     fn extra_loss(&self, _step: &StepOutput) -> Option<Tensor> {
         None
+    }
+
+    /// Whether the method's variable `name` serves training only (a
+    /// distillation projection to the teacher's width) and is left out of the
+    /// run's artifact: a model restored from the artifact runs without it.
+    fn training_only(&self, _name: &str) -> bool {
+        false
     }
 
     /// The method's own parameters, if it has any.

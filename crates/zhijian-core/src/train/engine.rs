@@ -12,11 +12,13 @@ use super::schedule::Schedule;
 use crate::backbone::{Input, ParamGroup};
 use crate::ctx::{Ctx, Tap};
 use crate::error::{Error, Result};
-use crate::method::{Method, StepCx, StepOutput};
+use crate::method::{Method, RunData, StepCx, StepOutput};
 use crate::metrics::Accuracy;
 use crate::model::Model;
 use crate::precision::{Compute, Precision, Probe, WeightCache};
 use crate::weights::save_atomic;
+
+use super::teacher::{Teacher, TeacherCache, teacher_taps};
 
 /// Training hyper-parameters. Every field has a default, so a config names only
 /// what it changes; an unknown field is an error naming it.
@@ -212,12 +214,16 @@ fn trainable_with_options(model: &Model, methods: &[Box<dyn Method>]) -> Vec<(Te
 }
 
 /// What a run's artifact holds: every trainable tensor, every method's
-/// persistent state (its variables without gradient: masks, indices), plus the
+/// persistent state (its variables without gradient: masks, indices), except
+/// what serves training only ([`Method::training_only`]), plus the
 /// buffers (BatchNorm running statistics) of layers whose parameters train,
 /// since training changed those too.
 pub fn artifact(model: &Model, methods: &[Box<dyn Method>]) -> Vec<(String, Tensor)> {
     let mut all = model.trainable();
-    all.extend(method_variables(methods));
+    for (m, instance) in methods.iter().zip(instance_names(methods)) {
+        let kept = own_variables(m.as_ref()).into_iter().filter(|(n, _)| !m.training_only(n));
+        all.extend(kept.map(|(n, t)| (format!("{instance}/{n}"), t)));
+    }
     let params = model.vs.variables();
     let mut buffers: Vec<(String, Tensor)> = params
         .iter()
@@ -274,7 +280,8 @@ pub fn restore(model: &Model, methods: &[Box<dyn Method>], path: &std::path::Pat
 /// Whether the backbone's output cannot change during training, so pooled
 /// features can be computed once and the head trained on them.
 pub fn features_cacheable(model: &Model, methods: &[Box<dyn Method>]) -> bool {
-    model.backbone_frozen() && methods.iter().all(|m| !m.alters_forward() && m.taps().iter().all(|t| *t == Tap::Pooled))
+    // A teacher runs on the real inputs, which cached features no longer are.
+    model.backbone_frozen() && teacher_taps(methods).is_none() && methods.iter().all(|m| !m.alters_forward() && m.taps().iter().all(|t| *t == Tap::Pooled))
 }
 
 /// The first block training can change, when it is past the first: blocks
@@ -284,7 +291,7 @@ pub fn features_cacheable(model: &Model, methods: &[Box<dyn Method>]) -> bool {
 /// when nothing in the blocks can, or when a method reads taps (they would come
 /// from blocks that no longer run).
 pub fn frozen_prefix(model: &Model, methods: &[Box<dyn Method>]) -> Option<usize> {
-    if methods.iter().any(|m| !m.taps().is_empty() || !m.forward_taps().is_empty()) {
+    if methods.iter().any(|m| !m.taps().is_empty() || !m.forward_taps().is_empty()) || teacher_taps(methods).is_some() {
         return None;
     }
     let blocks = model.backbone.num_blocks();
@@ -353,7 +360,7 @@ pub fn cache_features(model: &Model, split: &Split, batch_size: i64, compute: Co
 /// original order. Token inputs are batched shortest first, so each batch is
 /// padded only to its own longest text: inference on short reviews then costs
 /// about half as much as with random batches.
-fn in_length_order(input: &Input, batch_size: i64, device: Device, mut f: impl FnMut(&Input) -> Tensor) -> Result<Tensor> {
+pub(crate) fn in_length_order(input: &Input, batch_size: i64, device: Device, mut f: impl FnMut(&Input) -> Tensor) -> Result<Tensor> {
     let n = input.len();
     let order = match input {
         Input::Tokens { mask, .. } | Input::Hidden { mask, .. } => mask.sum_dim_intlist(1, false, Kind::Int64).argsort(0, false),
@@ -433,6 +440,13 @@ pub struct TrainReport {
     pub compute: Compute,
     /// The matmul probe, when `precision = "auto"` asked for it.
     pub probe: Option<Probe>,
+    /// With a teacher: whether its outputs were computed once before the
+    /// first step (`true`) or on every batch (`false`).
+    pub teacher_cached: Option<bool>,
+    /// Seconds spent computing the teacher's cached outputs (inside `seconds`).
+    pub teacher_cache_seconds: f64,
+    /// What each method chose or learnt ([`Method::summary`]), by instance name.
+    pub summaries: std::collections::BTreeMap<String, toml::Table>,
 }
 
 impl TrainReport {
@@ -443,12 +457,18 @@ impl TrainReport {
 }
 
 /// Options of [`train`] that are not hyper-parameters.
-#[derive(Clone, Debug, Default)]
-pub struct TrainOptions {
+#[derive(Clone, Default)]
+pub struct TrainOptions<'a> {
     /// Shown on the progress bar.
     pub label: String,
     /// If set, the trainable parameters are saved here (atomically) after each epoch.
     pub checkpoint: Option<PathBuf>,
+    /// The frozen model whose outputs come with each step, for methods that
+    /// ask for one ([`Method::teacher_taps`]).
+    pub teacher: Option<&'a Teacher>,
+    /// Run the teacher on every batch even where its outputs could be
+    /// computed once (to measure what the cache saves).
+    pub no_teacher_cache: bool,
 }
 
 /// Trains the trainable parameters of `model` and `methods` on `train`
@@ -462,6 +482,7 @@ pub fn train(
     opts: &TrainOptions,
 ) -> Result<TrainReport> {
     cfg.validate()?;
+    check_combination(methods, opts.teacher)?;
     let device = model.device();
     // `auto`'s probe runs once per process, before the clock starts.
     let (compute, probe) = cfg.precision.resolve(device);
@@ -469,8 +490,10 @@ pub fn train(
     // Selection before training (SAFT's gradient passes, SNIP) is part of the
     // method's training cost, so the clock starts here.
     let start = Instant::now();
+    let start_params = trainable(model, methods);
+    let data = RunData { train, val, teacher: opts.teacher, params: &start_params };
     for m in methods.iter_mut() {
-        m.before_train(model, train, cfg)?;
+        m.before_train(model, &data, cfg)?;
     }
     let params = trainable_with_options(model, methods);
     let fits = methods.iter().any(|m| m.fits_features());
@@ -483,12 +506,29 @@ pub fn train(
     let mut opt = Optimizer::with_options(cfg.optimizer.clone(), params, cfg.weight_decay);
     let warmup = (cfg.warmup_ratio * total as f64).round() as usize;
     let taps: Vec<Tap> = methods.iter().flat_map(|m| m.taps()).collect();
+    let named_params = trainable(model, methods);
+    let wanted_of_teacher = teacher_taps(methods);
+    let mut teacher_cache = None;
+    let mut report = TrainReport { compute, probe, ..Default::default() };
+    if let (Some(teacher), Some(wanted)) = (opts.teacher, &wanted_of_teacher) {
+        let teacher_input = teacher.train_input.as_ref().unwrap_or(&train.input);
+        if teacher_input.len() != train.len() {
+            return Err(Error::Data(format!("the teacher's copy of the training split has {} examples, the split {}", teacher_input.len(), train.len())));
+        }
+        let cacheable = !opts.no_teacher_cache && TeacherCache::applies(teacher_input, wanted);
+        if cacheable {
+            let t = Instant::now();
+            teacher_cache = Some(tch::no_grad(|| TeacherCache::compute(teacher, teacher_input, wanted, cfg.eval_batch_size))?);
+            report.teacher_cache_seconds = t.elapsed().as_secs_f64();
+        }
+        report.teacher_cached = Some(cacheable);
+    }
+    let teacher_weights = WeightCache::new();
     // Frozen weights keep their bf16 copies for the whole run: nothing
     // writes them between here and the end of training.
     let weights = WeightCache::new();
     let bar = progress_bar(total as u64, &opts.label);
     tch::manual_seed(cfg.seed as i64);
-    let mut report = TrainReport { compute, probe, ..Default::default() };
     for epoch in 0..cfg.epochs.max(1) {
         if report.steps >= total {
             break;
@@ -511,14 +551,22 @@ pub fn train(
                 let cx = Ctx::new(true, methods, taps.clone()).with_compute(compute).with_weight_cache(&weights);
                 let logits = model.forward(&cx, &input);
                 let task = logits.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, cfg.label_smoothing);
-                let step = StepOutput { logits, labels, taps: cx.take_taps() };
+                let teacher = match (&teacher_cache, opts.teacher, &wanted_of_teacher) {
+                    (Some(cache), _, _) => Some(cache.select(idx, device)),
+                    (None, Some(t), Some(wanted)) => Some(match &t.train_input {
+                        Some(own) => t.run(&own.select(idx, device)?, wanted, &teacher_weights),
+                        None => t.run(&input, wanted, &teacher_weights),
+                    }),
+                    _ => None,
+                };
+                let step = StepOutput { logits, labels, taps: cx.take_taps(), teacher };
                 let loss = methods.iter().filter_map(|m| m.extra_loss(&step)).fold(task.shallow_clone(), |a, b| a + b);
                 (task, loss)
             };
             opt.zero_grad();
             loss.backward();
             let lr = cfg.lr * cfg.schedule.factor(report.steps, total, warmup);
-            let step_cx = StepCx { model, step: report.steps + 1, total, lr };
+            let step_cx = StepCx { model, step: report.steps + 1, total, lr, params: &named_params };
             for m in methods.iter_mut() {
                 m.after_backward(&step_cx)?;
             }
@@ -558,7 +606,7 @@ pub fn train(
         }
     }
     for m in methods.iter_mut() {
-        m.after_train(model, train)?;
+        m.after_train(model, &data)?;
     }
     if fits {
         let pooled = features(model, methods, &train.input, cfg.eval_batch_size)?;
@@ -567,8 +615,30 @@ pub fn train(
         }
     }
     report.seconds = start.elapsed().as_secs_f64() - report.eval_seconds;
+    report.summaries = methods.iter().zip(instance_names(methods)).filter_map(|(m, name)| Some((name, m.summary()?))).collect();
     bar.finish_and_clear();
     Ok(report)
+}
+
+/// Refuses strategies whose methods cannot work together: a method that runs
+/// the model alone beside one that alters the forward pass, or a method that
+/// needs a teacher in a run without one.
+fn check_combination(methods: &[Box<dyn Method>], teacher: Option<&Teacher>) -> Result<()> {
+    if let Some(alone) = methods.iter().find(|m| m.forwards_model_alone()) {
+        if let Some(other) = methods.iter().find(|m| m.alters_forward()) {
+            return Err(Error::Config(format!(
+                "`{}` runs the model's forward pass without other methods' hooks, so it cannot be combined with `{}`, which alters that pass",
+                alone.name(),
+                other.name()
+            )));
+        }
+    }
+    if teacher.is_none() {
+        if let Some(needs) = methods.iter().find(|m| m.teacher_taps().is_some()) {
+            return Err(Error::Config(format!("`{}` needs a teacher, and this run has none (give the experiment a [teacher])", needs.name())));
+        }
+    }
+    Ok(())
 }
 
 /// Logits (fp32) of every example of `input`, in order, without gradients,

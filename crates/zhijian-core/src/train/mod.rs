@@ -3,6 +3,7 @@
 pub mod engine;
 pub mod optim;
 pub mod schedule;
+pub mod teacher;
 
 pub use engine::{
     Split, TrainConfig, TrainOptions, TrainReport, artifact, batches, cache_features, cache_prefix, evaluate, features, features_cacheable, frozen_prefix,
@@ -10,3 +11,4 @@ pub use engine::{
 };
 pub use optim::{Optimizer, OptimizerConfig, ParamOpts};
 pub use schedule::Schedule;
+pub use teacher::{Teacher, TeacherCache, teacher_taps};

@@ -1,0 +1,125 @@
+//! The teacher slot: a frozen model run beside the one training, on the same
+//! batches. It is the pre-trained model itself for methods that keep what it
+//! knows (DELTA's feature maps, LwF's old-task outputs) and a configured,
+//! possibly fine-tuned, model for distillation.
+
+use std::collections::BTreeMap;
+
+use tch::{Device, Tensor};
+
+use super::engine::in_length_order;
+use crate::backbone::Input;
+use crate::ctx::{Ctx, Tap};
+use crate::error::{Error, Result};
+use crate::method::{Method, TeacherOutput};
+use crate::model::Model;
+use crate::precision::{Compute, WeightCache};
+
+/// A frozen model with the methods its artifact was trained with.
+pub struct Teacher {
+    /// The model (backbone and head), every parameter frozen.
+    pub model: Model,
+    /// Methods the teacher's forward pass runs with (LoRA of a fine-tuned
+    /// teacher), prepared and restored.
+    pub methods: Vec<Box<dyn Method>>,
+    /// What the teacher computes in.
+    pub compute: Compute,
+    /// Described in records (`pre-trained efficientnet_lite0 with its ImageNet head`).
+    pub description: String,
+    /// The training split as the teacher reads it, row for row, when it
+    /// reads it differently from the student (its own tokenizer, its own
+    /// image size); `None`: the student's inputs. Not augmented.
+    pub train_input: Option<Input>,
+}
+
+impl Teacher {
+    /// A teacher from a prepared model and methods; freezes every parameter,
+    /// the methods' too, so the student's optimiser cannot reach them.
+    pub fn new(model: Model, methods: Vec<Box<dyn Method>>, description: impl Into<String>) -> Teacher {
+        for (_, t) in model.vs.variables() {
+            let _ = t.set_requires_grad(false);
+        }
+        for (_, t) in super::engine::method_variables(&methods) {
+            let _ = t.set_requires_grad(false);
+        }
+        Teacher { model, methods, compute: Compute::Fp32, description: description.into(), train_input: None }
+    }
+
+    /// Number of the teacher's output classes.
+    pub fn num_classes(&self) -> i64 {
+        self.model.num_classes()
+    }
+
+    /// The teacher's logits and `taps` on `input` (a batch on the teacher's
+    /// device), in evaluation mode, without gradients.
+    pub fn run(&self, input: &Input, taps: &[Tap], weights: &WeightCache) -> TeacherOutput {
+        let cx = Ctx::new(false, &self.methods, taps.to_vec()).with_compute(self.compute).with_weight_cache(weights);
+        let logits = tch::no_grad(|| self.model.forward(&cx, input));
+        TeacherOutput { logits: crate::precision::to_fp32(&logits), taps: cx.take_taps() }
+    }
+}
+
+/// The teacher's outputs on every training example, computed once: what a
+/// frozen teacher gives when the inputs are the same at every epoch (not
+/// augmented) and the methods want only its logits and pooled features.
+pub struct TeacherCache {
+    logits: Tensor,
+    pooled: Option<Tensor>,
+}
+
+impl TeacherCache {
+    /// Whether the teacher's outputs on `input` can be computed once for `taps`.
+    pub fn applies(input: &Input, taps: &[Tap]) -> bool {
+        !matches!(input, Input::Lazy(_)) && taps.iter().all(|t| *t == Tap::Pooled)
+    }
+
+    /// Runs `teacher` over every example of `input` (on the CPU, in example order).
+    pub fn compute(teacher: &Teacher, input: &Input, taps: &[Tap], batch_size: i64) -> Result<TeacherCache> {
+        if !Self::applies(input, taps) {
+            return Err(Error::Config("the teacher's outputs can be cached only for in-memory inputs and pooled taps".into()));
+        }
+        let pooled = taps.contains(&Tap::Pooled);
+        let weights = WeightCache::new();
+        let classes = teacher.num_classes();
+        // One pass, logits and pooled features side by side.
+        let both = in_length_order(input, batch_size, teacher.model.device(), |batch| {
+            let out = teacher.run(batch, taps, &weights);
+            match out.taps.get(&Tap::Pooled) {
+                Some(p) if pooled => Tensor::cat(&[out.logits, crate::precision::to_fp32(p)], 1),
+                _ => out.logits,
+            }
+        })?;
+        let logits = both.narrow(1, 0, classes);
+        let pooled = pooled.then(|| both.narrow(1, classes, both.size()[1] - classes));
+        Ok(TeacherCache { logits, pooled })
+    }
+
+    /// The outputs for the examples at `idx` (int64 on the CPU), on `device`.
+    pub fn select(&self, idx: &Tensor, device: Device) -> TeacherOutput {
+        let mut taps = BTreeMap::new();
+        if let Some(p) = &self.pooled {
+            taps.insert(Tap::Pooled, p.index_select(0, idx).to_device(device));
+        }
+        TeacherOutput { logits: self.logits.index_select(0, idx).to_device(device), taps }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> i64 {
+        let size = |t: &Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
+        size(&self.logits) + self.pooled.as_ref().map_or(0, size)
+    }
+}
+
+/// Every teacher tap the methods want, or `None` if none needs a teacher.
+pub fn teacher_taps(methods: &[Box<dyn Method>]) -> Option<Vec<Tap>> {
+    let mut wanted: Option<Vec<Tap>> = None;
+    for taps in methods.iter().filter_map(|m| m.teacher_taps()) {
+        let all = wanted.get_or_insert_with(Vec::new);
+        for t in taps {
+            if !all.contains(&t) {
+                all.push(t);
+            }
+        }
+    }
+    wanted
+}
