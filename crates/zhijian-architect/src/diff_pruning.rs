@@ -373,7 +373,7 @@ mod tests {
     use crate::sparse_ft::tests::{NormOnly, dense_by_hand, linear_model};
     use crate::testing;
     use tch::Device;
-    use zhijian_core::{Ctx, Input};
+    use zhijian_core::{Ctx, Input, Split};
 
     fn outputs(model: &Model, methods: &[Box<dyn Method>], x: &Input, train: bool) -> Tensor {
         tch::no_grad(|| model.forward(&Ctx::new(train, methods, Vec::new()), x))
@@ -429,6 +429,7 @@ mod tests {
         let step = StepOutput {
             logits: Tensor::zeros([1, 2], (Kind::Float, Device::Cpu)),
             labels: Tensor::from_slice(&[0i64]),
+            index: Tensor::from_slice(&[0i64]),
             taps: Default::default(),
             teacher: None,
         };
@@ -454,6 +455,7 @@ mod tests {
             m.extra_loss(&StepOutput {
                 logits: Tensor::zeros([1, 2], (Kind::Float, Device::Cpu)),
                 labels: Tensor::from_slice(&[0i64]),
+                index: Tensor::from_slice(&[0i64]),
                 taps: Default::default(),
                 teacher: None,
             })
@@ -469,6 +471,7 @@ mod tests {
         let step = StepOutput {
             logits: Tensor::zeros([1, 2], (Kind::Float, Device::Cpu)),
             labels: Tensor::from_slice(&[0i64]),
+            index: Tensor::from_slice(&[0i64]),
             taps: Default::default(),
             teacher: None,
         };

@@ -31,6 +31,9 @@ pub struct StepOutput {
     pub logits: Tensor,
     /// Integer labels `[batch]`.
     pub labels: Tensor,
+    /// Which examples of the training split the batch holds `[batch]`
+    /// (int64, on the CPU): a memory bank's rows (CRD).
+    pub index: Tensor,
     /// The taps methods asked for.
     pub taps: BTreeMap<Tap, Tensor>,
     /// The teacher's output on the same batch, when a method asked for one

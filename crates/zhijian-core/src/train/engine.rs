@@ -559,7 +559,7 @@ pub fn train(
                     }),
                     _ => None,
                 };
-                let step = StepOutput { logits, labels, taps: cx.take_taps(), teacher };
+                let step = StepOutput { logits, labels, index: idx.shallow_clone(), taps: cx.take_taps(), teacher };
                 let loss = methods.iter().filter_map(|m| m.extra_loss(&step)).fold(task.shallow_clone(), |a, b| a + b);
                 (task, loss)
             };
