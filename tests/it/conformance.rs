@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 use zhijian::backbones::{Bert, BertConfig, EfficientNetLite, EfficientNetLiteConfig, SmallCnn, SmallCnnConfig, Vit, VitConfig};
 use zhijian::core::train::{self, Split, TrainConfig, TrainOptions, method_variables, predict, restore, trainable};
-use zhijian::core::{Compute, Input, Method, Model, Precision, Registry};
+use zhijian::core::{Compute, Input, Method, Model, Precision, Registry, Teacher};
 
 fn registry() -> Registry {
     zhijian::bench::registry()
@@ -31,24 +31,37 @@ fn tiny_model(seed: i64) -> Model {
 }
 
 fn toy_model(toy: Toy, seed: i64) -> Model {
+    toy_model_with_classes(toy, seed, 3)
+}
+
+fn toy_model_with_classes(toy: Toy, seed: i64, classes: i64) -> Model {
     match toy {
-        Toy::Bert => tiny_model(seed),
+        Toy::Bert => tiny_model_with(seed, 0.1, classes),
         Toy::Vit => {
             tch::manual_seed(seed);
             let config = VitConfig { img_size: 16, patch_size: 4, embed_dim: 16, depth: 2, num_heads: 2, dropout: 0.1, ..VitConfig::tiny_patch4_32() };
-            Model::new(Device::Cpu, 3, |p| Box::new(Vit::new(p, &config).unwrap()))
+            Model::new(Device::Cpu, classes, |p| Box::new(Vit::new(p, &config).unwrap()))
         }
         Toy::EfficientNet => {
             tch::manual_seed(seed);
             let config = EfficientNetLiteConfig { width: 0.25, depth: 0.5, image_size: 16, in_chans: 3 };
-            Model::new(Device::Cpu, 3, |p| Box::new(EfficientNetLite::new(p, &config).unwrap()))
+            Model::new(Device::Cpu, classes, |p| Box::new(EfficientNetLite::new(p, &config).unwrap()))
         }
         Toy::Cnn => {
             tch::manual_seed(seed);
             let config = SmallCnnConfig { image_size: 16, in_chans: 3, channels: vec![4, 8] };
-            Model::new(Device::Cpu, 3, |p| Box::new(SmallCnn::new(p, &config).unwrap()))
+            Model::new(Device::Cpu, classes, |p| Box::new(SmallCnn::new(p, &config).unwrap()))
         }
     }
+}
+
+/// The frozen teacher a strategy's methods ask for, if they ask: the toy's
+/// pre-trained self (seed 1, as the checked models), with the classes the
+/// method expects of it (LwF's `source_classes`; else the task's 3).
+fn toy_teacher(toy: Toy, methods: &[Box<dyn Method>]) -> Option<Teacher> {
+    train::teacher_taps(methods)?;
+    let classes = methods.iter().find_map(|m| m.config().get("source_classes").and_then(toml::Value::as_integer)).unwrap_or(3);
+    Some(Teacher::new(toy_model_with_classes(toy, 1, classes), Vec::new(), "toy"))
 }
 
 fn toy_batch(toy: Toy) -> Split {
@@ -63,6 +76,10 @@ fn toy_batch(toy: Toy) -> Split {
 }
 
 fn tiny_model_with_dropout(seed: i64, dropout: f64) -> Model {
+    tiny_model_with(seed, dropout, 3)
+}
+
+fn tiny_model_with(seed: i64, dropout: f64, classes: i64) -> Model {
     tch::manual_seed(seed);
     let config = BertConfig {
         hidden_dropout_prob: dropout,
@@ -75,7 +92,7 @@ fn tiny_model_with_dropout(seed: i64, dropout: f64) -> Model {
         max_position_embeddings: 16,
         ..BertConfig::minilm_l6()
     };
-    Model::new(Device::Cpu, 3, |p| Box::new(Bert::new(p, &config).unwrap()))
+    Model::new(Device::Cpu, classes, |p| Box::new(Bert::new(p, &config).unwrap()))
 }
 
 fn batch() -> Split {
@@ -151,6 +168,11 @@ const MORE_CONFIGS: &[&str] = &[
     "method = \"ncm\"\ntrain_head = true",
     "method = \"simpleshot\"\ncenter = false",
     KNN_INVERSE_DISTANCE,
+    "method = \"spectral_norm\"\nhead = true",
+    "method = \"spectral_norm\"\nmode = \"penalty\"\nhead = true",
+    "method = \"delta\"\nattention = false",
+    "method = \"lwf\"\nwarmup = false\nunfreeze = false",
+    "method = \"lp_ft\"\nunfreeze = false",
 ];
 
 /// kNN with inverse-distance votes: in the table's runs every query is also
@@ -248,7 +270,10 @@ fn every_method_passes_the_conformance_checks() {
         let before = snapshot(&model, &methods);
         let trains: Vec<String> = train::artifact(&model, &methods).into_iter().map(|(n, _)| n).collect();
         let cfg = TrainConfig { max_steps: 1, batch_size: 12, lr: 1e-2, warmup_ratio: 0.0, ..Default::default() };
-        train::train(&model, &mut methods, &data, None, &cfg, &TrainOptions::default()).unwrap();
+        // Methods that choose on validation (WiSE-FT, TPGM) see the batch again as their validation split.
+        let teacher = toy_teacher(toy, &methods);
+        let opts = TrainOptions { teacher: teacher.as_ref(), ..Default::default() };
+        train::train(&model, &mut methods, &data, Some(&data), &cfg, &opts).unwrap();
         let after = snapshot(&model, &methods);
         let mut moved = 0;
         for (n, t) in &before {
@@ -313,7 +338,7 @@ fn every_method_passes_the_conformance_checks() {
         let (model, mut methods) = try_prepared(toy, spec, 1).unwrap();
         let before = snapshot(&model, &methods);
         let cfg = TrainConfig { max_steps: 1, batch_size: 12, lr: 1e-2, warmup_ratio: 0.0, precision: Precision::Bf16, ..Default::default() };
-        let report = train::train(&model, &mut methods, &data, None, &cfg, &TrainOptions::default()).unwrap();
+        let report = train::train(&model, &mut methods, &data, Some(&data), &cfg, &opts).unwrap();
         assert_eq!(report.compute, Compute::Bf16);
         assert!(report.final_loss.is_finite(), "{at}: bf16 loss {}", report.final_loss);
         let after = snapshot(&model, &methods);
@@ -325,6 +350,36 @@ fn every_method_passes_the_conformance_checks() {
     }
     for name in registry().names() {
         assert!(applies.get(&name).copied().unwrap_or(0) > 0, "{name} applies to none of the toy backbones");
+    }
+}
+
+/// Every Tuner-stage method regularises full fine-tuning on every toy
+/// family: two steps of `[full_finetune, method]` train, with a finite loss,
+/// and move the backbone (unless WiSE-FT chose the pre-trained end).
+#[test]
+fn every_tuner_method_combines_with_full_fine_tuning() {
+    let _rng = crate::rng_lock();
+    let r = registry();
+    let tuners: Vec<&str> = r.entries().filter(|e| e.stage == zhijian::core::Stage::Tuner).map(|e| e.name).collect();
+    assert!(tuners.len() >= 10, "{tuners:?}");
+    for (name, toy) in tuners.iter().flat_map(|n| TOYS.into_iter().map(move |t| (*n, t))) {
+        let model = toy_model(toy, 1);
+        let spec = |n: &str| toml::from_str::<toml::Table>(&format!("method = \"{n}\"")).unwrap();
+        let mut methods = vec![r.build(&spec("full_finetune")).unwrap(), r.build(&spec(name)).unwrap()];
+        if train::prepare(&model, &mut methods, 0).is_err() {
+            continue; // A method that does not apply to this backbone (the conformance table checks the refusal).
+        }
+        let data = toy_batch(toy);
+        let teacher = toy_teacher(toy, &methods);
+        let before = snapshot(&model, &[]);
+        let cfg = TrainConfig { max_steps: 2, batch_size: 6, lr: 1e-2, warmup_ratio: 0.0, ..Default::default() };
+        let opts = TrainOptions { teacher: teacher.as_ref(), ..Default::default() };
+        let report = train::train(&model, &mut methods, &data, Some(&data), &cfg, &opts).unwrap_or_else(|e| panic!("{name} on {toy:?}: {e}"));
+        assert!(report.final_loss.is_finite(), "{name} on {toy:?}: loss {}", report.final_loss);
+        let moved = snapshot(&model, &[]).iter().filter(|(n, t)| !n.starts_with("head") && !t.equal(&before[*n])).count();
+        // WiSE-FT may choose α = 0 on validation: the pre-trained backbone, unmoved by design.
+        let chose_start = report.summaries.get(name).and_then(|s| s.get("alpha")).and_then(toml::Value::as_float) == Some(0.0);
+        assert!(moved > 0 || chose_start, "{name} on {toy:?}: the backbone did not move");
     }
 }
 

@@ -6,6 +6,7 @@ pub mod efficientnet;
 pub mod pretrained;
 pub mod resnet;
 pub mod small;
+pub mod toys;
 pub mod vit;
 
 pub use bert::{Bert, BertConfig, Pooling, SUPPORTED_MODEL_TYPES};

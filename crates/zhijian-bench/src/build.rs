@@ -235,7 +235,7 @@ fn known_assets() -> String {
 }
 
 /// The experiment's model at random init, and its description.
-fn new_model(exp: &Experiment, num_classes: i64, device: Device) -> Result<(Model, String)> {
+pub(crate) fn new_model(exp: &Experiment, num_classes: i64, device: Device) -> Result<(Model, String)> {
     // Each config is validated first: the backbone is built inside `Model::new`,
     // which cannot return an error.
     let new = |build: &dyn Fn(tch::nn::Path) -> Box<dyn Backbone>| Model::new(device, num_classes, build);

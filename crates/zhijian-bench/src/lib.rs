@@ -21,6 +21,7 @@ pub mod slurm;
 pub mod source;
 pub mod sweep;
 pub mod table;
+pub mod teacher;
 
 pub use experiment::{BackboneConfig, DataConfig, DeviceChoice, Experiment, SourceTask, Strategy};
 pub use record::{Record, append_record, read_records};

@@ -124,6 +124,25 @@ pub struct Record {
     pub peak_rss_bytes: Option<u64>,
     /// Size of the saved artifact (trainable parameters only) in bytes.
     pub artifact_bytes: u64,
+    /// The frozen teacher beside the student, if a method needed one.
+    /// (Absent in older records.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<TeacherUse>,
+    /// What each method chose or learnt, by instance name (WiSE-FT's α,
+    /// TPGM's radii). (Absent in older records.)
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub summaries: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// How a run used its teacher.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TeacherUse {
+    /// Which model (`pre-trained efficientnet_lite0 …`, or a configured teacher).
+    pub model: String,
+    /// Whether its outputs were computed once before the first step.
+    pub cached: bool,
+    /// Seconds spent computing the cached outputs (inside `train_seconds`).
+    pub cache_seconds: f64,
 }
 
 impl Record {

@@ -14,8 +14,9 @@ use crate::build::{build_model, image_preset, weights_file};
 use crate::data::load_data;
 use crate::experiment::{DeviceChoice, Experiment};
 use crate::features::{FeatureCache, FeatureOrigin, feature_key, file_digest};
-use crate::record::{Record, SplitScore, append_record, read_records};
+use crate::record::{Record, SplitScore, TeacherUse, append_record, read_records};
 use crate::source::Source;
+use crate::teacher::pretrained_teacher;
 
 /// Options of a comparison that are not part of the experiment file.
 #[derive(Clone, Debug, Default)]
@@ -165,6 +166,8 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
         None => None,
     };
     let mut features = FeatureCache::new(opts.feature_cache.clone());
+    // Built the first time a strategy's methods ask for it, then shared: it is frozen.
+    let mut teacher = None;
     let mut weights_digest: Option<Option<String>> = None;
     let mut keys = Vec::new();
     let rev = git_rev();
@@ -197,6 +200,12 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
         let mut methods: Vec<Box<dyn Method>> = strategy.methods.iter().map(|m| registry.build(m)).collect::<Result<_>>()?;
         train::prepare(&model, &mut methods, seed)?;
         let trainable = train::trainable(&model, &methods);
+        if train::teacher_taps(&methods).is_some() && teacher.is_none() {
+            let t = pretrained_teacher(exp, data.classes.len() as i64, device)?;
+            eprintln!("teacher: {}", t.description);
+            teacher = Some(t);
+        }
+        let run_teacher = train::teacher_taps(&methods).and(teacher.as_ref());
         let method_params = numel(&train::method_variables(&methods));
         let mut feature_seconds = 0.0;
         let cached = features_cacheable(&model, &methods);
@@ -256,8 +265,14 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             ..Record::default()
         };
         let started = Instant::now();
-        let report = match train::train(&model, &mut methods, train_split, Some(val_split), &cfg, &TrainOptions { label: label.clone(), ..Default::default() })
-        {
+        let report = match train::train(
+            &model,
+            &mut methods,
+            train_split,
+            Some(val_split),
+            &cfg,
+            &TrainOptions { label: label.clone(), teacher: run_teacher, ..Default::default() },
+        ) {
             Ok(report) => report,
             // The run is lost, the comparison is not: record why, go on.
             Err(e @ Error::Diverged { step, .. }) => {
@@ -314,6 +329,12 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             inference_per_s: Some(inference_per_s),
             peak_rss_bytes: peak,
             artifact_bytes,
+            teacher: run_teacher.map(|t| TeacherUse {
+                model: t.description.clone(),
+                cached: report.teacher_cached == Some(true),
+                cache_seconds: report.teacher_cache_seconds,
+            }),
+            summaries: report.summaries.iter().map(|(k, v)| (k.clone(), serde_json::to_value(v).unwrap_or_default())).collect(),
             ..identity
         };
         append_record(&records_path, &record)?;

@@ -18,3 +18,17 @@ pub struct Anchored {
 pub fn snapshot(params: &[(String, Tensor)], keep: impl Fn(&str) -> bool) -> Vec<Anchored> {
     params.iter().filter(|(name, _)| keep(name)).map(|(name, t)| Anchored { name: name.clone(), param: t.shallow_clone(), start: t.detach().copy() }).collect()
 }
+
+/// `½ Σ ‖θ − θ₀‖²` over `anchored` (toward the pre-trained values), or
+/// `½ Σ ‖θ‖²` when `toward_start` is false; `None` when nothing is anchored.
+pub fn half_squared_distance(anchored: &[Anchored], toward_start: bool) -> Option<Tensor> {
+    anchored
+        .iter()
+        .map(|a| if toward_start { (&a.param - &a.start).square().sum(tch::Kind::Float) } else { a.param.square().sum(tch::Kind::Float) } * 0.5)
+        .reduce(|x, y| x + y)
+}
+
+/// `½ Σ ‖θ‖²` over the parameters of `params` that are the model's head.
+pub fn half_squared_head(head: &[Tensor]) -> Option<Tensor> {
+    head.iter().map(|t| t.square().sum(tch::Kind::Float) * 0.5).reduce(|x, y| x + y)
+}
