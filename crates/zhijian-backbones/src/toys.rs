@@ -1,5 +1,5 @@
 //! Tiny random-init backbones of every family for the methods' tests (no
-//! download): a 2-layer BERT, a 2-block ViT, an EfficientNet-Lite, a small
+//! download): a 2-layer BERT and MPNet, a 2-block ViT, an EfficientNet-Lite, a small
 //! CNN and an MLP, with inputs that fit them. Shared by every method crate's
 //! unit tests.
 
@@ -21,6 +21,24 @@ pub fn bert(seed: i64) -> Model {
         intermediate_size: 32,
         max_position_embeddings: 16,
         ..BertConfig::minilm_l6()
+    };
+    Model::new(Device::Cpu, 3, |p| Box::new(Bert::new(p, &config).unwrap()))
+}
+
+/// A 2-layer MPNet (hidden 16, 2 heads, vocabulary 50, relative position
+/// bias), 3 classes, no dropout: the BERT toy's sizes.
+pub fn mpnet(seed: i64) -> Model {
+    tch::manual_seed(seed);
+    let config = BertConfig {
+        hidden_dropout_prob: 0.0,
+        attention_probs_dropout_prob: 0.0,
+        vocab_size: 50,
+        hidden_size: 16,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 32,
+        max_position_embeddings: 18,
+        ..BertConfig::mpnet_base()
     };
     Model::new(Device::Cpu, 3, |p| Box::new(Bert::new(p, &config).unwrap()))
 }

@@ -29,6 +29,11 @@ pub struct Experiment {
     /// ship before and after each run: the drop is the run's forgetting.
     #[serde(default)]
     pub source: Option<SourceTask>,
+    /// The frozen teacher distillation methods learn from: a run of another
+    /// experiment, restored from its artifact. Without it, methods that need
+    /// a teacher get the pre-trained backbone itself (DELTA, LwF).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<TeacherConfig>,
     /// The training budget shared by every strategy.
     #[serde(default)]
     pub train: TrainConfig,
@@ -308,6 +313,26 @@ pub enum SourceTask {
     FoolboxImagenet,
 }
 
+/// `[teacher]`: a finished run of another experiment on the same examples
+/// (its own backbone, its own view of the data: tokenizer, image size), whose
+/// artifact is restored and frozen. Its run must be recorded first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherConfig {
+    /// The teacher's experiment file, relative to this one.
+    pub experiment: PathBuf,
+    /// The strategy of that experiment whose run is the teacher.
+    pub strategy: String,
+    /// The seed of that run. Default 0.
+    #[serde(default)]
+    pub seed: u64,
+    /// The records file that run went to (and whose `artifacts/` folder holds
+    /// its artifact), relative to this file; default: the teacher
+    /// experiment's own `records`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records: Option<PathBuf>,
+}
+
 /// One strategy: a list of methods from any stage, plus budget overrides.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -320,6 +345,20 @@ pub struct Strategy {
     /// probe); the rest of the budget is shared.
     #[serde(default)]
     pub train: toml::Table,
+    /// Compute a frozen teacher's outputs once before training where the
+    /// inputs allow it (not augmented, only logits and pooled features
+    /// wanted). `false` runs the teacher on every batch, to measure what the
+    /// cache saves. Default true.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub teacher_cache: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl Strategy {

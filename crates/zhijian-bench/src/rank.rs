@@ -190,6 +190,7 @@ impl RankConfig {
             backbone: c.backbone.clone(),
             data,
             source: None,
+            teacher: None,
             train: TrainConfig::default(),
             strategies: Vec::new(),
             base: self.base.clone(),

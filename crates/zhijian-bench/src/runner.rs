@@ -12,11 +12,11 @@ use zhijian_core::{Compute, Error, Method, Model, Registry, Result, Split};
 
 use crate::build::{build_model, image_preset, weights_file};
 use crate::data::load_data;
-use crate::experiment::{DeviceChoice, Experiment};
+use crate::experiment::{DeviceChoice, Experiment, Strategy};
 use crate::features::{FeatureCache, FeatureOrigin, feature_key, file_digest};
 use crate::record::{Record, SplitScore, TeacherUse, append_record, read_records};
 use crate::source::Source;
-use crate::teacher::pretrained_teacher;
+use crate::teacher::{configured_teacher, pretrained_teacher};
 
 /// Options of a comparison that are not part of the experiment file.
 #[derive(Clone, Debug, Default)]
@@ -74,13 +74,33 @@ impl std::str::FromStr for Shard {
     }
 }
 
+/// The folder a comparison writes its artifacts to, by default: `artifacts/<experiment>/` beside its records.
+pub fn default_artifacts(records: &Path, experiment: &str) -> PathBuf {
+    records.parent().unwrap_or(Path::new(".")).join("artifacts").join(experiment)
+}
+
+/// The artifact of one run in `artifacts`.
+pub fn artifact_path(artifacts: &Path, strategy: &str, seed: u64) -> PathBuf {
+    artifacts.join(format!("{strategy}-seed{seed}.safetensors"))
+}
+
 /// Everything that defines a run, as the record keeps it and its key hashes.
-fn run_config(exp: &Experiment, strategy: &serde_json::Value, train: &serde_json::Value, seed: u64, full: bool) -> serde_json::Value {
+fn run_config(exp: &Experiment, strategy: &Strategy, train: &serde_json::Value, seed: u64, full: bool, uses_teacher: bool) -> serde_json::Value {
+    let methods = serde_json::to_value(&strategy.methods).unwrap_or_default();
     let mut canonical = serde_json::json!({
         "backbone": serde_json::to_value(&exp.backbone).unwrap_or_default(),
         "data": serde_json::to_value(&exp.data).unwrap_or_default(),
-        "full": full, "methods": strategy, "train": train, "seed": seed,
+        "full": full, "methods": methods, "train": train, "seed": seed,
     });
+    // Only what a teacher changes, and only when a method uses one, so other runs keep their keys.
+    if uses_teacher {
+        if let Some(teacher) = &exp.teacher {
+            canonical["teacher"] = serde_json::to_value(teacher).unwrap_or_default();
+        }
+        if !strategy.teacher_cache {
+            canonical["teacher_cache"] = false.into();
+        }
+    }
     // Only when set, so experiments without a source task keep their keys.
     if let Some(source) = &exp.source {
         canonical["source"] = serde_json::to_value(source).unwrap_or_default();
@@ -148,7 +168,7 @@ fn inference_speed(model: &Model, methods: &[Box<dyn Method>], test: &Split, bat
 pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> Result<Vec<Record>> {
     let device = opts.device.unwrap_or(exp.device).resolve()?;
     let records_path = opts.records.clone().unwrap_or_else(|| exp.records_path());
-    let artifacts = opts.artifacts.clone().unwrap_or_else(|| records_path.parent().unwrap_or(Path::new(".")).join("artifacts").join(&exp.name));
+    let artifacts = opts.artifacts.clone().unwrap_or_else(|| default_artifacts(&records_path, &exp.name));
     let existing = read_records(&records_path)?;
     let done: HashMap<&str, &Record> = existing.iter().map(|r| (r.key.as_str(), r)).collect();
     // The data's transforms follow the backbone's preset (size, normalisation).
@@ -181,7 +201,8 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
         let cfg = zhijian_core::TrainConfig { seed, ..cfg };
         let methods_json = serde_json::to_value(&strategy.methods).unwrap_or_default();
         let train_json = serde_json::to_value(&cfg).unwrap_or_default();
-        let config = run_config(exp, &methods_json, &train_json, seed, opts.full);
+        let uses_teacher = strategy.methods.iter().map(|m| registry.build(m)).collect::<Result<Vec<_>>>()?.iter().any(|m| m.teacher_taps().is_some());
+        let config = run_config(exp, strategy, &train_json, seed, opts.full, uses_teacher);
         let key = run_key(&config);
         keys.push(key.clone());
         if let Some(earlier) = done.get(key.as_str()) {
@@ -201,7 +222,10 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
         train::prepare(&model, &mut methods, seed)?;
         let trainable = train::trainable(&model, &methods);
         if train::teacher_taps(&methods).is_some() && teacher.is_none() {
-            let t = pretrained_teacher(exp, data.classes.len() as i64, device)?;
+            let t = match &exp.teacher {
+                Some(config) => configured_teacher(exp, config, registry, &data, device, opts.full)?,
+                None => pretrained_teacher(exp, data.classes.len() as i64, device)?,
+            };
             eprintln!("teacher: {}", t.description);
             teacher = Some(t);
         }
@@ -271,7 +295,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             train_split,
             Some(val_split),
             &cfg,
-            &TrainOptions { label: label.clone(), teacher: run_teacher, ..Default::default() },
+            &TrainOptions { label: label.clone(), teacher: run_teacher, no_teacher_cache: !strategy.teacher_cache, ..Default::default() },
         ) {
             Ok(report) => report,
             // The run is lost, the comparison is not: record why, go on.
@@ -306,7 +330,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
         let source_score = source.as_ref().map(|s| s.score(&model, &methods, cfg.eval_batch_size)).transpose()?;
         let (latency_ms, inference_per_s) = inference_speed(&model, &methods, &data.test, cfg.eval_batch_size, eval_compute)?;
         let peak = peak_rss_bytes();
-        let artifact = artifacts.join(format!("{}-seed{seed}.safetensors", strategy.name));
+        let artifact = artifact_path(&artifacts, &strategy.name, seed);
         let artifact_bytes = zhijian_core::save_atomic(&train::artifact(&model, &methods), &artifact)?;
         let record = Record {
             finished_at: unix_now(),

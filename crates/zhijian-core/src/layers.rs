@@ -194,14 +194,21 @@ pub fn dropout(cx: &Ctx, x: &Tensor, p: f64) -> Tensor {
 /// shared by every transformer backbone (fused kernel where LibTorch has one),
 /// in the context's precision (the fused kernel accumulates its softmax in fp32).
 ///
+/// The mask is either boolean (true where a key may be attended) or an
+/// additive float bias on the attention scores, `-inf` where a key may not be
+/// attended (MPNet's relative position bias with the key mask folded in); a
+/// float mask is cast to the compute precision and its gradient flows.
+///
 /// # Shapes
-/// `q`, `k`, `v`: `[batch, tokens, heads·head_dim]`; `keep`: optional boolean
-/// `[batch, 1, 1, tokens]`, true where a key may be attended → `[batch, tokens, heads·head_dim]`.
-pub fn attention(cx: &Ctx, q: &Tensor, k: &Tensor, v: &Tensor, keep: Option<&Tensor>, heads: i64, dropout_p: f64) -> Tensor {
+/// `q`: `[batch, queries, heads·head_dim]`; `k`, `v`: `[batch, keys, heads·head_dim]`;
+/// `mask`: optional, broadcastable to `[batch, heads, queries, keys]` (a key
+/// mask is `[batch, 1, 1, keys]`) → `[batch, queries, heads·head_dim]`.
+pub fn attention(cx: &Ctx, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, heads: i64, dropout_p: f64) -> Tensor {
     let (b, t, d) = q.size3().expect("attention input must be [batch, tokens, dim]");
     let split = |x: &Tensor| cx.cast(x).view([b, -1, heads, d / heads]).transpose(1, 2);
     let p = if cx.is_train() { dropout_p } else { 0.0 };
-    Tensor::scaled_dot_product_attention(&split(q), &split(k), &split(v), keep, p, false, None, false).transpose(1, 2).reshape([b, t, d])
+    let mask = mask.map(|m| cx.cast(m));
+    Tensor::scaled_dot_product_attention(&split(q), &split(k), &split(v), mask.as_ref(), p, false, None, false).transpose(1, 2).reshape([b, t, d])
 }
 
 /// Whether a checkpoint key names a buffer (running statistics), not a parameter:
@@ -389,6 +396,39 @@ mod tests {
         let fp32 = layer.forward(&Ctx::plain(false), &x);
         assert_eq!(fp32.kind(), Kind::Float);
         assert!(fp32.allclose(&y.to_kind(Kind::Float), 5e-2, 5e-2, false));
+    }
+
+    /// A float mask is added to the scores (as MPNet's relative position bias
+    /// is), `-inf` where a boolean mask says no, and its gradient flows.
+    #[test]
+    fn attention_takes_an_additive_bias() {
+        let (b, t, heads, hd) = (2, 5, 2, 3);
+        let (q, k, v) = (randn(&[b, t, heads * hd]), randn(&[b, t + 1, heads * hd]), randn(&[b, t + 1, heads * hd]));
+        let keep = Tensor::from_slice(&[true, true, true, false, true, true, true, true, true, true, true, false]).view([b, 1, 1, t + 1]);
+        let bias = randn(&[1, heads, t, t + 1]).set_requires_grad(true);
+        let mask = &bias + Tensor::zeros([b, 1, 1, t + 1], (Kind::Float, Device::Cpu)).masked_fill(&keep.logical_not(), f64::NEG_INFINITY);
+        let cx = Ctx::plain(false);
+        let out = attention(&cx, &q, &k, &v, Some(&mask), heads, 0.0);
+
+        let split = |x: &Tensor| x.view([b, -1, heads, hd]).transpose(1, 2);
+        let scores = split(&q).matmul(&split(&k).transpose(-1, -2)) / (hd as f64).sqrt() + &mask;
+        let manual = scores.softmax(-1, Kind::Float).matmul(&split(&v)).transpose(1, 2).reshape([b, t, heads * hd]);
+        assert!(out.allclose(&manual, 1e-5, 1e-5, false), "{}", (&out - &manual).abs().max());
+
+        out.sum(Kind::Float).backward();
+        let from_sdpa = bias.grad().copy();
+        bias.zero_grad();
+        manual.sum(Kind::Float).backward();
+        assert!(from_sdpa.abs().sum(Kind::Float).double_value(&[]) > 1e-3, "the bias gets a gradient");
+        assert!(from_sdpa.allclose(&bias.grad(), 1e-4, 1e-4, false));
+
+        // Zero bias with -inf at masked keys is the boolean mask.
+        let zero = Tensor::zeros([b, 1, 1, t + 1], (Kind::Float, Device::Cpu)).masked_fill(&keep.logical_not(), f64::NEG_INFINITY);
+        let as_bool = attention(&cx, &q, &k, &v, Some(&keep), heads, 0.0);
+        assert!(attention(&cx, &q, &k, &v, Some(&zero), heads, 0.0).allclose(&as_bool, 1e-6, 1e-6, false));
+        // Under bf16 the float mask follows the compute precision.
+        let bf16 = attention(&cx.with_compute(Compute::Bf16), &q, &k, &v, Some(&mask), heads, 0.0);
+        assert!(bf16.to_kind(Kind::Float).allclose(&manual, 5e-2, 5e-2, false));
     }
 
     /// Norms are fp32 whatever comes in; convolutions and attention follow the context.

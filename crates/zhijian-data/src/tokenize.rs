@@ -362,4 +362,21 @@ pub(crate) mod tests {
         let long = "word ".repeat(500);
         assert_eq!(tok.ids(&long).unwrap().len(), 128);
     }
+
+    /// MPNet's own tokenizer (all-mpnet-base-v2): `<s>`/`</s>` around the text,
+    /// padding with `<pad>` = 1 (the file pads to 128; zhijian pads to the longest).
+    #[test]
+    fn real_mpnet_tokenizer_if_present() {
+        let Some(home) = std::env::var_os("HOME") else { return };
+        let path = Path::new(&home).join(".cache/zhijian/assets/all-mpnet-base-v2/tokenizer.json");
+        if !path.exists() {
+            eprintln!("skipping: {} not present", path.display());
+            return;
+        }
+        let tok = TextTokenizer::from_file(&path, 384).unwrap();
+        assert_eq!(tok.pad_id(), 1);
+        let t = tok.encode(&texts(&["Hello world!", "Hi"])).unwrap();
+        assert_eq!(rows(&t.ids), [vec![0, 7596, 2092, 1003, 2], vec![0, 7636, 2, 1, 1]]);
+        assert_eq!(rows(&t.mask), [vec![1, 1, 1, 1, 1], vec![1, 1, 1, 0, 0]]);
+    }
 }

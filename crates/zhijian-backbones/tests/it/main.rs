@@ -2,6 +2,7 @@
 
 mod bert;
 mod efficientnet;
+mod mpnet;
 mod resnet;
 mod roberta;
 mod small;

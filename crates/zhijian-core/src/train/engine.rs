@@ -443,7 +443,9 @@ pub struct TrainReport {
     /// With a teacher: whether its outputs were computed once before the
     /// first step (`true`) or on every batch (`false`).
     pub teacher_cached: Option<bool>,
-    /// Seconds spent computing the teacher's cached outputs (inside `seconds`).
+    /// Seconds spent computing the teacher's cached outputs (inside
+    /// `seconds`); 0 when an earlier run with the same teacher and training
+    /// split computed them.
     pub teacher_cache_seconds: f64,
     /// What each method chose or learnt ([`Method::summary`]), by instance name.
     pub summaries: std::collections::BTreeMap<String, toml::Table>,
@@ -515,11 +517,14 @@ pub fn train(
         if teacher_input.len() != train.len() {
             return Err(Error::Data(format!("the teacher's copy of the training split has {} examples, the split {}", teacher_input.len(), train.len())));
         }
-        let cacheable = !opts.no_teacher_cache && TeacherCache::applies(teacher_input, wanted);
+        let cacheable = !opts.no_teacher_cache && TeacherCache::applies(teacher, teacher_input, wanted);
         if cacheable {
             let t = Instant::now();
-            teacher_cache = Some(tch::no_grad(|| TeacherCache::compute(teacher, teacher_input, wanted, cfg.eval_batch_size))?);
-            report.teacher_cache_seconds = t.elapsed().as_secs_f64();
+            let (cache, computed) = teacher.outputs_once(teacher_input, &train.labels, wanted, cfg.eval_batch_size)?;
+            if computed {
+                report.teacher_cache_seconds = t.elapsed().as_secs_f64();
+            }
+            teacher_cache = Some(cache);
         }
         report.teacher_cached = Some(cacheable);
     }

@@ -4,6 +4,7 @@
 //! possibly fine-tuned, model for distillation.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use tch::{Device, Tensor};
 
@@ -28,8 +29,18 @@ pub struct Teacher {
     pub description: String,
     /// The training split as the teacher reads it, row for row, when it
     /// reads it differently from the student (its own tokenizer, its own
-    /// image size); `None`: the student's inputs. Not augmented.
+    /// image size); `None`: the student's inputs, augmented as the student
+    /// sees them. Its own view is read without augmentation.
     pub train_input: Option<Input>,
+    /// The outputs computed once, kept for the next run on the same split.
+    memo: Mutex<Option<Memo>>,
+}
+
+/// Cached outputs and what they were computed for.
+struct Memo {
+    taps: Vec<Tap>,
+    labels: Tensor,
+    cache: Arc<TeacherCache>,
 }
 
 impl Teacher {
@@ -42,7 +53,21 @@ impl Teacher {
         for (_, t) in super::engine::method_variables(&methods) {
             let _ = t.set_requires_grad(false);
         }
-        Teacher { model, methods, compute: Compute::Fp32, description: description.into(), train_input: None }
+        Teacher { model, methods, compute: Compute::Fp32, description: description.into(), train_input: None, memo: Mutex::new(None) }
+    }
+
+    /// The teacher's outputs on every example of `input` for `taps`, computed
+    /// once ([`TeacherCache`]) and reused by later runs whose training split
+    /// has the same labels (a comparison's strategies and seeds share one
+    /// split). Returns the cache and whether it was computed now.
+    pub fn outputs_once(&self, input: &Input, labels: &Tensor, taps: &[Tap], batch_size: i64) -> Result<(Arc<TeacherCache>, bool)> {
+        let mut memo = self.memo.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(m) = memo.as_ref().filter(|m| m.taps.as_slice() == taps && m.labels.size() == labels.size() && m.labels.equal(labels)) {
+            return Ok((m.cache.clone(), false));
+        }
+        let cache = Arc::new(tch::no_grad(|| TeacherCache::compute(self, input, taps, batch_size))?);
+        *memo = Some(Memo { taps: taps.to_vec(), labels: labels.shallow_clone(), cache: cache.clone() });
+        Ok((cache, true))
     }
 
     /// Number of the teacher's output classes.
@@ -60,23 +85,26 @@ impl Teacher {
 }
 
 /// The teacher's outputs on every training example, computed once: what a
-/// frozen teacher gives when the inputs are the same at every epoch (not
-/// augmented) and the methods want only its logits and pooled features.
+/// frozen teacher gives when its inputs are the same at every epoch (in
+/// memory, or its own view of the split, which it reads without
+/// augmentation) and the methods want only its logits and pooled features.
 pub struct TeacherCache {
     logits: Tensor,
     pooled: Option<Tensor>,
 }
 
 impl TeacherCache {
-    /// Whether the teacher's outputs on `input` can be computed once for `taps`.
-    pub fn applies(input: &Input, taps: &[Tap]) -> bool {
-        !matches!(input, Input::Lazy(_)) && taps.iter().all(|t| *t == Tap::Pooled)
+    /// Whether the teacher's outputs on `input` (its own view of the split,
+    /// or the student's) can be computed once for `taps`: the student's lazy
+    /// images may be augmented anew at every epoch, the rest is fixed.
+    pub fn applies(teacher: &Teacher, input: &Input, taps: &[Tap]) -> bool {
+        (teacher.train_input.is_some() || !matches!(input, Input::Lazy(_))) && taps.iter().all(|t| *t == Tap::Pooled)
     }
 
     /// Runs `teacher` over every example of `input` (on the CPU, in example order).
     pub fn compute(teacher: &Teacher, input: &Input, taps: &[Tap], batch_size: i64) -> Result<TeacherCache> {
-        if !Self::applies(input, taps) {
-            return Err(Error::Config("the teacher's outputs can be cached only for in-memory inputs and pooled taps".into()));
+        if !Self::applies(teacher, input, taps) {
+            return Err(Error::Config("the teacher's outputs can be cached only for fixed inputs and pooled taps".into()));
         }
         let pooled = taps.contains(&Tap::Pooled);
         let weights = WeightCache::new();
