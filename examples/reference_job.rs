@@ -427,7 +427,7 @@ fn job(method: &str, precision: Precision, epochs: Option<usize>, group_by_lengt
     let feature_seconds = start.elapsed().as_secs_f64();
     // With several epochs the test split is evaluated after each (not timed as training).
     let val = (cfg.epochs > 1).then_some(&test);
-    let report = train::train(&model, &mut methods, &train_split, val, &cfg, &TrainOptions { label: label.clone(), checkpoint: None })?;
+    let report = train::train(&model, &mut methods, &train_split, val, &cfg, &TrainOptions { label: label.clone(), ..Default::default() })?;
     let accuracy = train::evaluate(&model, &methods, &test, cfg.eval_batch_size, compute)?;
     let curve: Vec<Value> = report
         .epoch_seconds

@@ -173,6 +173,10 @@ const MORE_CONFIGS: &[&str] = &[
     "method = \"delta\"\nattention = false",
     "method = \"lwf\"\nwarmup = false\nunfreeze = false",
     "method = \"lp_ft\"\nunfreeze = false",
+    "method = \"tpgm\"\nnorm = \"l2\"\npost_hoc = true\niters = 3",
+    "method = \"ftp\"\nk = 0.5",
+    "method = \"fitnet\"\nstudent = \"last\"\nteacher = \"last\"",
+    "method = \"kd_logits\"\ntemperature = 2.0\nweight = 1.0",
 ];
 
 /// kNN with inverse-distance votes: in the table's runs every query is also

@@ -419,6 +419,8 @@ pub(crate) fn sample(strategy: &str, seed: u64, top1: f64) -> Record {
         inference_per_s: Some(400.0),
         peak_rss_bytes: Some(1 << 30),
         artifact_bytes: 4096,
+        teacher: None,
+        summaries: Default::default(),
     }
 }
 

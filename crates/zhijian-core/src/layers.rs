@@ -405,7 +405,7 @@ mod tests {
         let (b, t, heads, hd) = (2, 5, 2, 3);
         let (q, k, v) = (randn(&[b, t, heads * hd]), randn(&[b, t + 1, heads * hd]), randn(&[b, t + 1, heads * hd]));
         let keep = Tensor::from_slice(&[true, true, true, false, true, true, true, true, true, true, true, false]).view([b, 1, 1, t + 1]);
-        let bias = randn(&[1, heads, t, t + 1]).set_requires_grad(true);
+        let mut bias = randn(&[1, heads, t, t + 1]).set_requires_grad(true);
         let mask = &bias + Tensor::zeros([b, 1, 1, t + 1], (Kind::Float, Device::Cpu)).masked_fill(&keep.logical_not(), f64::NEG_INFINITY);
         let cx = Ctx::plain(false);
         let out = attention(&cx, &q, &k, &v, Some(&mask), heads, 0.0);
