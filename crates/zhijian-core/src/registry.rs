@@ -87,11 +87,31 @@ pub fn from_table<T: DeserializeOwned>(table: &toml::Table) -> std::result::Resu
             Some(span) => {
                 let start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
                 let end = text[span.start..].find('\n').map_or(text.len(), |i| span.start + i);
-                format!("`{}`: {message}", text[start..end].trim())
+                let line = text[start..end].trim();
+                format!("`{line}`: {message}{}", keys_of_header(table, line, message))
             }
             None => message.to_string(),
         }
     })
+}
+
+/// For a field missing from the table a header line (`[a.b]`) opens, the
+/// keys that table does have: the misspelling of the missing field (a tagged
+/// table's `kind` written `knid`) is among them, and serde names neither.
+fn keys_of_header(table: &toml::Table, line: &str, message: &str) -> String {
+    let Some(path) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) else { return String::new() };
+    if !message.starts_with("missing field") {
+        return String::new();
+    }
+    let mut at = table;
+    for part in path.split('.') {
+        match at.get(part.trim().trim_matches('"')) {
+            Some(toml::Value::Table(t)) => at = t,
+            _ => return String::new(),
+        }
+    }
+    let keys: Vec<String> = at.keys().map(|k| format!("`{k}`")).collect();
+    if keys.is_empty() { String::new() } else { format!(" (the table has {})", keys.join(", ")) }
 }
 
 /// Serialises a method's config back to TOML (for records and round-trips).

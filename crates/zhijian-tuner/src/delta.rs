@@ -180,7 +180,7 @@ impl Method for ChannelOff {
 /// The last layer (linear or convolution, not a norm) inside block `block`:
 /// the one whose output channels are the block's.
 fn last_layer_of(model: &Model, block: usize) -> Option<Site> {
-    model.sites().into_iter().filter(|s| s.block == Some(block) && !matches!(s.role, Role::Norm | Role::Head)).last()
+    model.sites().into_iter().rev().find(|s| s.block == Some(block) && !matches!(s.role, Role::Norm | Role::Head))
 }
 
 /// Loss increase of each channel of `block` switched off, on `input` with

@@ -12,11 +12,8 @@
 //!   reference's `l2` setting) and β 0.01 (L2-SP's head weight).
 
 use serde::{Deserialize, Serialize};
-use tch::Tensor;
-use zhijian_core::{Method, Model, Result, RunData, StepOutput, TrainConfig, config_table};
 
-use crate::anchor::{Anchored, half_squared_distance, half_squared_head};
-use crate::l2_sp::{reused_and_head, weighted};
+use crate::anchor::{PenaltyConfig, WeightPenalty};
 
 /// Configuration of the L2 penalty.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -34,48 +31,29 @@ impl Default for L2Config {
     }
 }
 
+impl PenaltyConfig for L2Config {
+    const NAME: &'static str = "l2";
+    const TOWARD_START: bool = false;
+
+    fn alpha(&self) -> f64 {
+        self.alpha
+    }
+
+    fn beta(&self) -> f64 {
+        self.beta
+    }
+}
+
 /// The L2 penalty.
-pub struct L2 {
-    config: L2Config,
-    reused: Vec<Anchored>,
-    head: Vec<Tensor>,
-}
-
-impl L2 {
-    /// The L2 penalty with `config`.
-    pub fn new(config: L2Config) -> Self {
-        L2 { config, reused: Vec::new(), head: Vec::new() }
-    }
-}
-
-impl Method for L2 {
-    fn name(&self) -> &'static str {
-        "l2"
-    }
-
-    fn config(&self) -> toml::Table {
-        config_table(&self.config)
-    }
-
-    fn prepare(&mut self, _model: &Model) -> Result<()> {
-        Ok(())
-    }
-
-    fn before_train(&mut self, model: &Model, data: &RunData, _cfg: &TrainConfig) -> Result<()> {
-        (self.reused, self.head) = reused_and_head(model, data);
-        Ok(())
-    }
-
-    fn extra_loss(&self, _step: &StepOutput) -> Option<Tensor> {
-        weighted(self.config.alpha, half_squared_distance(&self.reused, false), self.config.beta, half_squared_head(&self.head))
-    }
-}
+pub type L2 = WeightPenalty<L2Config>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing;
+    use tch::Tensor;
     use zhijian_core::train::{prepare, trainable};
+    use zhijian_core::{Method, RunData, TrainConfig};
 
     /// ½α‖w‖² + ½β‖head‖² by hand, over every parameter of a fully trainable MLP.
     #[test]

@@ -14,10 +14,8 @@
 //!   pull toward 0 as well).
 
 use serde::{Deserialize, Serialize};
-use tch::Tensor;
-use zhijian_core::{Method, Model, Result, RunData, StepOutput, TrainConfig, config_table};
 
-use crate::anchor::{Anchored, half_squared_distance, half_squared_head, snapshot};
+use crate::anchor::{PenaltyConfig, WeightPenalty};
 
 /// Configuration of L2-SP.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -35,61 +33,28 @@ impl Default for L2SpConfig {
     }
 }
 
+impl PenaltyConfig for L2SpConfig {
+    const NAME: &'static str = "l2_sp";
+    const TOWARD_START: bool = true;
+
+    fn alpha(&self) -> f64 {
+        self.alpha
+    }
+
+    fn beta(&self) -> f64 {
+        self.beta
+    }
+}
+
 /// The L2-SP regulariser.
-pub struct L2Sp {
-    config: L2SpConfig,
-    reused: Vec<Anchored>,
-    head: Vec<Tensor>,
-}
-
-impl L2Sp {
-    /// L2-SP with `config`.
-    pub fn new(config: L2SpConfig) -> Self {
-        L2Sp { config, reused: Vec::new(), head: Vec::new() }
-    }
-}
-
-/// The reused weights (the model's trainable non-head parameters, anchored
-/// at their values now) and the head's trainable parameters.
-pub(crate) fn reused_and_head(model: &Model, data: &RunData) -> (Vec<Anchored>, Vec<Tensor>) {
-    let reused = snapshot(data.params, |name| !name.contains('/') && !data.is_head(model, name));
-    let head = data.params.iter().filter(|(name, _)| data.is_head(model, name)).map(|(_, t)| t.shallow_clone()).collect();
-    (reused, head)
-}
-
-/// `α·d + β·h` of whichever terms exist.
-pub(crate) fn weighted(alpha: f64, reused: Option<Tensor>, beta: f64, head: Option<Tensor>) -> Option<Tensor> {
-    [reused.map(|t| t * alpha), head.map(|t| t * beta)].into_iter().flatten().reduce(|a, b| a + b)
-}
-
-impl Method for L2Sp {
-    fn name(&self) -> &'static str {
-        "l2_sp"
-    }
-
-    fn config(&self) -> toml::Table {
-        config_table(&self.config)
-    }
-
-    fn prepare(&mut self, _model: &Model) -> Result<()> {
-        Ok(())
-    }
-
-    fn before_train(&mut self, model: &Model, data: &RunData, _cfg: &TrainConfig) -> Result<()> {
-        (self.reused, self.head) = reused_and_head(model, data);
-        Ok(())
-    }
-
-    fn extra_loss(&self, _step: &StepOutput) -> Option<Tensor> {
-        weighted(self.config.alpha, half_squared_distance(&self.reused, true), self.config.beta, half_squared_head(&self.head))
-    }
-}
+pub type L2Sp = WeightPenalty<L2SpConfig>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing;
     use zhijian_core::train::{prepare, trainable};
+    use zhijian_core::{Method, RunData, TrainConfig};
 
     /// The penalty is ½α‖w − w⁰‖² + ½β‖head‖², by hand on the model's tensors.
     #[test]

@@ -629,19 +629,19 @@ pub fn train(
 /// the model alone beside one that alters the forward pass, or a method that
 /// needs a teacher in a run without one.
 fn check_combination(methods: &[Box<dyn Method>], teacher: Option<&Teacher>) -> Result<()> {
-    if let Some(alone) = methods.iter().find(|m| m.forwards_model_alone()) {
-        if let Some(other) = methods.iter().find(|m| m.alters_forward()) {
-            return Err(Error::Config(format!(
-                "`{}` runs the model's forward pass without other methods' hooks, so it cannot be combined with `{}`, which alters that pass",
-                alone.name(),
-                other.name()
-            )));
-        }
+    if let Some(alone) = methods.iter().find(|m| m.forwards_model_alone())
+        && let Some(other) = methods.iter().find(|m| m.alters_forward())
+    {
+        return Err(Error::Config(format!(
+            "`{}` runs the model's forward pass without other methods' hooks, so it cannot be combined with `{}`, which alters that pass",
+            alone.name(),
+            other.name()
+        )));
     }
-    if teacher.is_none() {
-        if let Some(needs) = methods.iter().find(|m| m.teacher_taps().is_some()) {
-            return Err(Error::Config(format!("`{}` needs a teacher, and this run has none (give the experiment a [teacher])", needs.name())));
-        }
+    if teacher.is_none()
+        && let Some(needs) = methods.iter().find(|m| m.teacher_taps().is_some())
+    {
+        return Err(Error::Config(format!("`{}` needs a teacher, and this run has none (give the experiment a [teacher])", needs.name())));
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! possibly fine-tuned, model for distillation.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use tch::{Device, Tensor};
 
@@ -40,7 +40,7 @@ pub struct Teacher {
 struct Memo {
     taps: Vec<Tap>,
     labels: Tensor,
-    cache: Arc<TeacherCache>,
+    cache: TeacherCache,
 }
 
 impl Teacher {
@@ -60,13 +60,13 @@ impl Teacher {
     /// once ([`TeacherCache`]) and reused by later runs whose training split
     /// has the same labels (a comparison's strategies and seeds share one
     /// split). Returns the cache and whether it was computed now.
-    pub fn outputs_once(&self, input: &Input, labels: &Tensor, taps: &[Tap], batch_size: i64) -> Result<(Arc<TeacherCache>, bool)> {
+    pub fn outputs_once(&self, input: &Input, labels: &Tensor, taps: &[Tap], batch_size: i64) -> Result<(TeacherCache, bool)> {
         let mut memo = self.memo.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(m) = memo.as_ref().filter(|m| m.taps.as_slice() == taps && m.labels.size() == labels.size() && m.labels.equal(labels)) {
-            return Ok((m.cache.clone(), false));
+            return Ok((m.cache.shallow_clone(), false));
         }
-        let cache = Arc::new(tch::no_grad(|| TeacherCache::compute(self, input, taps, batch_size))?);
-        *memo = Some(Memo { taps: taps.to_vec(), labels: labels.shallow_clone(), cache: cache.clone() });
+        let cache = tch::no_grad(|| TeacherCache::compute(self, input, taps, batch_size))?;
+        *memo = Some(Memo { taps: taps.to_vec(), labels: labels.shallow_clone(), cache: cache.shallow_clone() });
         Ok((cache, true))
     }
 
@@ -120,6 +120,11 @@ impl TeacherCache {
         let logits = both.narrow(1, 0, classes);
         let pooled = pooled.then(|| both.narrow(1, classes, both.size()[1] - classes));
         Ok(TeacherCache { logits, pooled })
+    }
+
+    /// The same outputs, sharing their storage.
+    pub fn shallow_clone(&self) -> TeacherCache {
+        TeacherCache { logits: self.logits.shallow_clone(), pooled: self.pooled.as_ref().map(Tensor::shallow_clone) }
     }
 
     /// The outputs for the examples at `idx` (int64 on the CPU), on `device`.
