@@ -21,7 +21,8 @@ pub struct SourceScore {
     pub task: String,
     /// Top-1 of the pre-trained model.
     pub before: f64,
-    /// Top-1 after the run, through the shipped head.
+    /// Top-1 after the run, through the shipped head, or through the copy
+    /// of it a method trained with the backbone (LwF's old-task head).
     pub after: f64,
     /// Examples.
     pub n: i64,
@@ -79,7 +80,11 @@ impl Source {
     /// Top-1 of the shipped head over the backbone as `methods` leave it.
     fn top1(&self, model: &Model, methods: &[Box<dyn Method>], batch_size: i64) -> Result<f64> {
         let f = features(model, methods, &self.split.input, batch_size)?.to_device(Device::Cpu);
-        Ok(Accuracy::from_logits(&f.linear(&self.weight, Some(&self.bias)), &self.split.labels).top1())
+        let (weight, bias) = match methods.iter().find_map(|m| m.source_head()) {
+            Some((w, b)) if w.size() == self.weight.size() => (w.detach().to_device(Device::Cpu), b.detach().to_device(Device::Cpu)),
+            _ => (self.weight.shallow_clone(), self.bias.shallow_clone()),
+        };
+        Ok(Accuracy::from_logits(&f.linear(&weight, Some(&bias)), &self.split.labels).top1())
     }
 
     /// `task: top-1 X% of the pre-trained model on n examples`.

@@ -284,6 +284,14 @@ pub trait Method: Send {
         None
     }
 
+    /// The head of the backbone's pre-training task as the method keeps it
+    /// (`(weight [classes, hidden], bias [classes])`: LwF trains a copy of the
+    /// shipped head with the backbone), which forgetting is then measured
+    /// through instead of the shipped head; `None`: the shipped head.
+    fn source_head(&self) -> Option<(Tensor, Tensor)> {
+        None
+    }
+
     /// Whether the method's variable `name` serves training only (a
     /// distillation projection to the teacher's width) and is left out of the
     /// run's artifact: a model restored from the artifact runs without it.

@@ -13,7 +13,8 @@
 //!
 //! - θ_o is the method's own parameter (`lwf/old_head.weight|bias`),
 //!   initialised from the teacher's head and trained with the rest; it is in
-//!   the artifact (the old task's adapted head).
+//!   the artifact (the old task's adapted head), and forgetting on the source
+//!   task is measured through it ([`Method::source_head`]).
 //! - Warm-up (the paper's first phase: θ_s and θ_o frozen, θ_n trained) is
 //!   a linear probe in `before_train` (`warmup = false` skips it).
 //! - trains: every backbone parameter (`unfreeze = false`: what the strategy
@@ -159,6 +160,10 @@ impl Method for Lwf {
         let recorded = &step.teacher.as_ref()?.logits;
         let current = features.linear(w, Some(b));
         Some(soft_cross_entropy(&current, recorded, self.config.temperature) * self.config.lambda)
+    }
+
+    fn source_head(&self) -> Option<(Tensor, Tensor)> {
+        self.old_head.as_ref().map(|(w, b)| (w.shallow_clone(), b.shallow_clone()))
     }
 
     fn var_store(&self) -> Option<&VarStore> {
