@@ -3,6 +3,7 @@
 mod compare;
 mod conformance;
 mod lazy;
+mod merge;
 mod mpnet;
 mod pretrained;
 

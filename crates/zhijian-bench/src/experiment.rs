@@ -40,6 +40,10 @@ pub struct Experiment {
     /// The strategies compared (`[[strategy]]` tables).
     #[serde(rename = "strategy")]
     pub strategies: Vec<Strategy>,
+    /// Models merged in weight space from the strategies' runs (`[[merge]]`
+    /// tables), evaluated and recorded like runs once those runs are recorded.
+    #[serde(default, rename = "merge", skip_serializing_if = "Vec::is_empty")]
+    pub merges: Vec<MergeEntry>,
     /// Folder of the experiment file: relative paths in it start here.
     #[serde(skip)]
     pub base: PathBuf,
@@ -333,6 +337,45 @@ pub struct TeacherConfig {
     pub records: Option<PathBuf>,
 }
 
+/// `[[merge]]`: one model made from the weights of earlier runs by a merge
+/// rule ([`zhijian_merger::merge`]), with no training; evaluated on this
+/// experiment's splits and recorded like a run (train time: the merge's).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeEntry {
+    /// Name in tables and records (not a strategy's).
+    pub name: String,
+    /// Strategies of this experiment whose runs are merged: per seed, that
+    /// seed's run of each (a soup over hyper-parameters); see `across_seeds`.
+    pub strategies: Vec<String>,
+    /// Merge every seed's run of the strategies into one model instead (a
+    /// soup over seeds, two re-basin inits), recorded under the first seed.
+    /// Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub across_seeds: bool,
+    /// Runs of other experiments on the same backbone (other tasks: task
+    /// arithmetic, TIES, …), with the same seeds. Their heads are not merged:
+    /// the merged model keeps this experiment's head.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub with: Vec<OtherRuns>,
+    /// The rule and its settings, e.g. `{ kind = "ties", density = 0.2 }`.
+    pub rule: zhijian_merger::merge::MergeRule,
+}
+
+/// Runs of another experiment a merge reads: one strategy, at the merge's seeds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtherRuns {
+    /// The experiment file, relative to this one.
+    pub experiment: PathBuf,
+    /// Its strategy whose runs are merged.
+    pub strategy: String,
+    /// Its records file (whose `artifacts/` folder holds the artifacts),
+    /// relative to this file; default: that experiment's own `records`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records: Option<PathBuf>,
+}
+
 /// One strategy: a list of methods from any stage, plus budget overrides.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -431,6 +474,24 @@ impl Experiment {
                 registry.build(m)?;
             }
             s.train_config(&self.train)?;
+        }
+        for (i, m) in self.merges.iter().enumerate() {
+            if self.merges[..i].iter().any(|o| o.name == m.name) || self.strategies.iter().any(|s| s.name == m.name) {
+                return Err(Error::Config(format!("merge name `{}` is already a strategy's or merge's", m.name)));
+            }
+            if let Some(unknown) = m.strategies.iter().find(|n| !self.strategies.iter().any(|s| &&s.name == n)) {
+                let known: Vec<&str> = self.strategies.iter().map(|s| s.name.as_str()).collect();
+                return Err(Error::Config(format!("merge `{}`: no strategy `{unknown}` (strategies: {})", m.name, known.join(", "))));
+            }
+            let models = m.strategies.len() * if m.across_seeds { self.seeds.len() } else { 1 } * (1 + m.with.len());
+            // One model is a merge only for rules that scale a task vector (task arithmetic's λ).
+            if models < 2 && !m.rule.needs().base {
+                return Err(Error::Config(format!(
+                    "merge `{}` combines 1 model: name more strategies, `with` runs, or set across_seeds with several seeds",
+                    m.name
+                )));
+            }
+            m.rule.validate()?;
         }
         Ok(())
     }

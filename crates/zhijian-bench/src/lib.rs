@@ -10,6 +10,7 @@ pub mod data;
 pub mod experiment;
 pub mod features;
 pub mod folder;
+pub mod merge;
 pub mod peft;
 pub mod plot;
 mod plot_text;
@@ -23,7 +24,7 @@ pub mod sweep;
 pub mod table;
 pub mod teacher;
 
-pub use experiment::{BackboneConfig, DataConfig, DeviceChoice, Experiment, SourceTask, Strategy};
+pub use experiment::{BackboneConfig, DataConfig, DeviceChoice, Experiment, MergeEntry, SourceTask, Strategy};
 pub use record::{Record, append_record, read_records};
 pub use runner::{CompareOptions, Shard, compare};
 

@@ -193,6 +193,7 @@ impl RankConfig {
             teacher: None,
             train: TrainConfig::default(),
             strategies: Vec::new(),
+            merges: Vec::new(),
             base: self.base.clone(),
         }
     }

@@ -84,6 +84,38 @@ pub fn artifact_path(artifacts: &Path, strategy: &str, seed: u64) -> PathBuf {
     artifacts.join(format!("{strategy}-seed{seed}.safetensors"))
 }
 
+/// A finished run of an experiment, found in its records, and its artifact.
+pub struct RecordedRun {
+    /// The run's record.
+    pub record: Record,
+    /// Where its artifact was saved.
+    pub artifact: PathBuf,
+}
+
+/// The last finished run of `strategy` with `seed` in `records`, if there is one.
+pub fn find_run(exp: &Experiment, records: &Path, strategy: &str, seed: u64) -> Result<Option<RecordedRun>> {
+    let record = read_records(records)?.into_iter().rev().find(|r| r.strategy == strategy && r.seed == seed && r.finished());
+    Ok(record.map(|record| RecordedRun { record, artifact: artifact_path(&default_artifacts(records, &exp.name), strategy, seed) }))
+}
+
+/// What to run so that [`find_run`] finds `strategy` seed `seed` of the experiment at `path`.
+pub fn missing_run(path: &Path, records: &Path, strategy: &str, seed: u64) -> String {
+    format!(
+        "no finished run of strategy `{strategy}` seed {seed} in {}; run `zhijian compare {} --records {}` first",
+        records.display(),
+        path.display(),
+        records.display()
+    )
+}
+
+/// The last finished run of `strategy` with `seed` in the records of `exp`
+/// (read from `path`): `records` if given, else the experiment's own. Its
+/// absence is an error that says how to make the run.
+pub fn recorded_run(exp: &Experiment, path: &Path, records: Option<PathBuf>, strategy: &str, seed: u64) -> Result<RecordedRun> {
+    let records = records.unwrap_or_else(|| exp.records_path());
+    find_run(exp, &records, strategy, seed)?.ok_or_else(|| Error::Config(missing_run(path, &records, strategy, seed)))
+}
+
 /// Everything that defines a run, as the record keeps it and its key hashes.
 fn run_config(exp: &Experiment, strategy: &Strategy, train: &serde_json::Value, seed: u64, full: bool, uses_teacher: bool) -> serde_json::Value {
     let methods = serde_json::to_value(&strategy.methods).unwrap_or_default();
@@ -109,7 +141,7 @@ fn run_config(exp: &Experiment, strategy: &Strategy, train: &serde_json::Value, 
 }
 
 /// The hash of a run's configuration: a rerun skips runs whose key is recorded.
-fn run_key(config: &serde_json::Value) -> String {
+pub(crate) fn run_key(config: &serde_json::Value) -> String {
     hex::encode(&Sha256::digest(config.to_string().as_bytes())[..8])
 }
 
@@ -160,6 +192,52 @@ fn inference_speed(model: &Model, methods: &[Box<dyn Method>], test: &Split, bat
         .collect::<Result<_>>()?;
     times.sort_by(f64::total_cmp);
     Ok((times[times.len() / 2], per_s))
+}
+
+/// What a trained or merged model scores under the protocol.
+pub(crate) struct Scores {
+    /// Test accuracy.
+    pub test: zhijian_core::Accuracy,
+    /// Test top-5, with more than 5 classes.
+    pub test_top5: Option<f64>,
+    /// Each shifted split's accuracy.
+    pub ood: Vec<SplitScore>,
+    /// The source task's accuracy before and after, when the experiment has one.
+    pub source: Option<crate::source::SourceScore>,
+    /// Median batch-1 latency (ms).
+    pub latency_ms: f64,
+    /// Examples per second at the evaluation batch size.
+    pub inference_per_s: f64,
+}
+
+impl Scores {
+    /// Scores `model` with `methods` on `test` and `ood` (features, when the
+    /// run cached them), the source task, and its inference speed on the raw
+    /// `raw_test` inputs.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn of(
+        model: &Model,
+        methods: &[Box<dyn Method>],
+        test: &Split,
+        ood: &[Split],
+        raw_test: &Split,
+        source: Option<&Source>,
+        batch_size: i64,
+        compute: Compute,
+    ) -> Result<Scores> {
+        let accuracy = train::evaluate(model, methods, test, batch_size, compute)?;
+        let top5 = |a: &zhijian_core::Accuracy| (model.num_classes() > 5).then(|| a.top5());
+        let ood = ood
+            .iter()
+            .map(|s| {
+                let a = train::evaluate(model, methods, s, batch_size, compute)?;
+                Ok(SplitScore { split: s.name.clone(), top1: a.top1(), top5: top5(&a), n: a.n })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let source = source.map(|s| s.score(model, methods, batch_size)).transpose()?;
+        let (latency_ms, inference_per_s) = inference_speed(model, methods, raw_test, batch_size, compute)?;
+        Ok(Scores { test_top5: top5(&accuracy), test: accuracy, ood, source, latency_ms, inference_per_s })
+    }
 }
 
 /// Runs every strategy × seed not yet recorded (of the shard, if one is given),
@@ -318,17 +396,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             Err(e) => return Err(e),
         };
         let (eval_compute, _) = cfg.eval_precision.resolve(device);
-        let test = train::evaluate(&model, &methods, test_split, cfg.eval_batch_size, eval_compute)?;
-        let top5 = |a: &zhijian_core::Accuracy| (data.classes.len() > 5).then(|| a.top5());
-        let ood = ood_splits
-            .iter()
-            .map(|s| {
-                let a = train::evaluate(&model, &methods, s, cfg.eval_batch_size, eval_compute)?;
-                Ok(SplitScore { split: s.name.clone(), top1: a.top1(), top5: top5(&a), n: a.n })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let source_score = source.as_ref().map(|s| s.score(&model, &methods, cfg.eval_batch_size)).transpose()?;
-        let (latency_ms, inference_per_s) = inference_speed(&model, &methods, &data.test, cfg.eval_batch_size, eval_compute)?;
+        let scores = Scores::of(&model, &methods, test_split, ood_splits, &data.test, source.as_ref(), cfg.eval_batch_size, eval_compute)?;
         let peak = peak_rss_bytes();
         let artifact = artifact_path(&artifacts, &strategy.name, seed);
         let artifact_bytes = zhijian_core::save_atomic(&train::artifact(&model, &methods), &artifact)?;
@@ -344,13 +412,13 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             final_loss: report.final_loss,
             val_top1: report.val_top1.clone(),
             epoch_seconds: report.epoch_seconds.clone(),
-            test_top1: test.top1(),
-            test_top5: top5(&test),
-            test_n: test.n,
-            ood,
-            source: source_score,
-            latency_ms: Some(latency_ms),
-            inference_per_s: Some(inference_per_s),
+            test_top1: scores.test.top1(),
+            test_top5: scores.test_top5,
+            test_n: scores.test.n,
+            ood: scores.ood,
+            source: scores.source,
+            latency_ms: Some(scores.latency_ms),
+            inference_per_s: Some(scores.inference_per_s),
             peak_rss_bytes: peak,
             artifact_bytes,
             teacher: run_teacher.map(|t| TeacherUse {
@@ -373,6 +441,23 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             report.steps,
             records_path.display()
         );
+    }
+    // Merges read every strategy's runs: a shard leaves them to an unsharded rerun.
+    if opts.shard.is_none() && !exp.merges.is_empty() {
+        let cx = crate::merge::MergeContext {
+            exp,
+            registry,
+            data: &data,
+            data_desc: &data_desc,
+            source: source.as_ref(),
+            device,
+            full: opts.full,
+            records: &records_path,
+            artifacts: &artifacts,
+            rev: &rev,
+            done: &done,
+        };
+        keys.extend(crate::merge::run_merges(&cx, seeds)?);
     }
     let all = read_records(&records_path)?;
     Ok(keys.iter().filter_map(|k| all.iter().rev().find(|r| &r.key == k).cloned()).collect())

@@ -12,8 +12,7 @@ use zhijian_core::{Error, Registry, Result, Teacher};
 use crate::build::{build_model, image_preset, new_model, weights_file};
 use crate::data::{Data, load_data};
 use crate::experiment::{Experiment, TeacherConfig};
-use crate::record::read_records;
-use crate::runner::{artifact_path, default_artifacts};
+use crate::runner::{RecordedRun, recorded_run};
 
 /// The experiment's backbone as pre-trained, with the head its weights ship
 /// when they have one (else a head of `task_classes` zeros: only the
@@ -45,18 +44,8 @@ pub fn pretrained_teacher(exp: &Experiment, task_classes: i64, device: Device) -
 pub fn configured_teacher(exp: &Experiment, config: &TeacherConfig, registry: &Registry, student: &Data, device: Device, full: bool) -> Result<Teacher> {
     let path = exp.base.join(&config.experiment);
     let texp = Experiment::load(&path, registry)?;
-    let records = config.records.as_ref().map(|r| exp.base.join(r)).unwrap_or_else(|| texp.records_path());
-    let run = read_records(&records)?.into_iter().rev().find(|r| r.strategy == config.strategy && r.seed == config.seed && r.finished()).ok_or_else(|| {
-        Error::Config(format!(
-            "[teacher]: no finished run of strategy `{}` seed {} in {}; run `zhijian compare {} --records {}` first",
-            config.strategy,
-            config.seed,
-            records.display(),
-            path.display(),
-            records.display()
-        ))
-    })?;
-    let artifact = artifact_path(&default_artifacts(&records, &texp.name), &config.strategy, config.seed);
+    let RecordedRun { record: run, artifact } = recorded_run(&texp, &path, config.records.as_ref().map(|r| exp.base.join(r)), &config.strategy, config.seed)
+        .map_err(|e| Error::Config(format!("[teacher]: {e}")))?;
     let data = load_data(&texp, image_preset(&texp)?.as_ref(), full)?;
     if data.train.len() != student.train.len() || !data.train.labels.equal(&student.train.labels) {
         return Err(Error::Data(format!(

@@ -6,6 +6,7 @@
 use zhijian_core::{Registry, Stage, parse_config};
 
 pub mod knn;
+pub mod merge;
 pub mod ncm;
 pub mod prototypes;
 pub mod score;

@@ -1,0 +1,318 @@
+//! `[[merge]]` entries: models made in weight space from the artifacts of
+//! recorded runs ([`zhijian_merger::merge`]), evaluated on the experiment's
+//! splits and recorded like runs. A comparison runs its merges after its
+//! strategies (all of them: not in a sharded run), skipping merges already
+//! recorded; a merge's key hashes its entry and the keys of the runs it reads,
+//! so a rerun of any of them makes it merge again.
+//!
+//! Each run is rebuilt as it trained (its backbone, its methods prepared and
+//! restored from its artifact), adapters are folded into the backbone's
+//! weights (LoRA and the other methods that [`Method::can_merge`]), and the
+//! whole state is read. A run whose methods keep weights outside the backbone
+//! (prompts, adapters that do not fold, class means) cannot be merged, and
+//! says so. The merged model is the plain backbone and head.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use tch::Device;
+use zhijian_core::metrics::{peak_rss_bytes, reset_peak_rss};
+use zhijian_core::train::{self, Split};
+use zhijian_core::{Compute, Error, Method, Model, Registry, Result};
+use zhijian_merger::merge::{MergeInputs, MergeRule, Weights, align, check_compatible, fisher, rebasin, regmean};
+
+use crate::build::{build_model, image_preset};
+use crate::data::{Data, load_data};
+use crate::experiment::{Experiment, MergeEntry};
+use crate::record::{Record, append_record};
+use crate::runner::{RecordedRun, Scores, artifact_path, find_run, missing_run, run_key};
+use crate::source::Source;
+
+/// What the merges of a comparison share with its runs.
+pub(crate) struct MergeContext<'a> {
+    pub exp: &'a Experiment,
+    pub registry: &'a Registry,
+    pub data: &'a Data,
+    pub data_desc: &'a str,
+    pub source: Option<&'a Source>,
+    pub device: Device,
+    pub full: bool,
+    pub records: &'a Path,
+    pub artifacts: &'a Path,
+    pub rev: &'a str,
+    pub done: &'a HashMap<&'a str, &'a Record>,
+}
+
+/// One model a merge reads.
+struct Ingredient {
+    /// `strategy seed N` (of `experiment` when another's).
+    label: String,
+    /// Its weights, adapters folded in.
+    weights: Weights,
+    /// Its Fisher or Grams, when the rule reads them.
+    fisher: Option<Weights>,
+    grams: Option<Weights>,
+}
+
+/// Runs every merge of the experiment at `seeds` not yet recorded whose runs
+/// are all recorded (others are skipped, saying which run they wait for);
+/// returns the keys of those recorded.
+pub(crate) fn run_merges(cx: &MergeContext, seeds: &[u64]) -> Result<Vec<String>> {
+    let mut keys = Vec::new();
+    for entry in &cx.exp.merges {
+        let groups: Vec<Vec<u64>> = if entry.across_seeds { vec![seeds.to_vec()] } else { seeds.iter().map(|&s| vec![s]).collect() };
+        for group in groups {
+            keys.extend(merge_one(cx, entry, &group)?);
+        }
+    }
+    Ok(keys)
+}
+
+/// A run a merge reads, and the other experiment it belongs to (none: this one's).
+type Run = (Option<(Experiment, PathBuf)>, RecordedRun);
+
+/// The runs `entry` reads at `seeds`: this experiment's (strategy-major), then
+/// each `with` experiment's; or why not all are recorded yet.
+fn runs_of(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64]) -> Result<std::result::Result<Vec<Run>, String>> {
+    let mut runs = Vec::new();
+    for strategy in &entry.strategies {
+        for &seed in seeds {
+            match find_run(cx.exp, cx.records, strategy, seed)? {
+                Some(run) => runs.push((None, run)),
+                None => return Ok(Err(format!("no finished run of strategy `{strategy}` seed {seed} in {}", cx.records.display()))),
+            }
+        }
+    }
+    for other in &entry.with {
+        let path = cx.exp.base.join(&other.experiment);
+        let oexp = Experiment::load(&path, cx.registry)?;
+        if serde_json::to_value(&oexp.backbone).ok() != serde_json::to_value(&cx.exp.backbone).ok() {
+            return Err(Error::Config(format!(
+                "merge `{}`: {} has another backbone; only fine-tunes of one pre-trained backbone merge",
+                entry.name,
+                path.display()
+            )));
+        }
+        let records = other.records.as_ref().map(|r| cx.exp.base.join(r)).unwrap_or_else(|| oexp.records_path());
+        for &seed in seeds {
+            match find_run(&oexp, &records, &other.strategy, seed)? {
+                Some(run) => runs.push((Some((oexp.clone(), path.clone())), run)),
+                None => return Ok(Err(missing_run(&path, &records, &other.strategy, seed))),
+            }
+        }
+    }
+    Ok(Ok(runs))
+}
+
+fn merge_one(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64]) -> Result<Option<String>> {
+    let seed = seeds[0];
+    let runs = match runs_of(cx, entry, seeds)? {
+        Ok(runs) => runs,
+        // Two experiments merging each other's runs each run first without the other's.
+        Err(why) => {
+            eprintln!("merge {} seed {seed}: skipped for now, {why}", entry.name);
+            return Ok(None);
+        }
+    };
+    let config = serde_json::json!({
+        "merge": entry, "seeds": seeds, "runs": runs.iter().map(|(_, r)| &r.record.key).collect::<Vec<_>>(),
+        "backbone": serde_json::to_value(&cx.exp.backbone).unwrap_or_default(),
+        "data": serde_json::to_value(&cx.exp.data).unwrap_or_default(), "full": cx.full,
+    });
+    let key = run_key(&config);
+    let label = format!("merge {} seed {seed}", entry.name);
+    if cx.done.contains_key(key.as_str()) {
+        eprintln!("{label}: already recorded in {}, skipped", cx.records.display());
+        return Ok(Some(key));
+    }
+    reset_peak_rss();
+    let started = Instant::now();
+    let needs = entry.rule.needs();
+    let classes = cx.data.classes.len() as i64;
+    // The pre-trained weights with the head every run of this seed started from.
+    tch::manual_seed(seed as i64);
+    let (target, backbone_desc) = build_model(cx.exp, classes, cx.device)?;
+    let head = format!("{}.", target.head.site().path);
+    let cross_task = !entry.with.is_empty();
+    let keep_out = |w: &mut Weights| {
+        if cross_task {
+            w.retain(|k, _| !k.starts_with(&head));
+        }
+    };
+    let mut base = state(&target);
+    keep_out(&mut base);
+    let mut ingredients = Vec::new();
+    let mut other_data: HashMap<PathBuf, Data> = HashMap::new();
+    for (other, run) in &runs {
+        let (exp, data) = match other {
+            None => (cx.exp, cx.data),
+            Some((oexp, path)) => {
+                if !other_data.contains_key(path) {
+                    other_data.insert(path.clone(), load_data(oexp, image_preset(oexp)?.as_ref(), cx.full)?);
+                }
+                (oexp, &other_data[path])
+            }
+        };
+        let name = match other {
+            None => format!("{} seed {}", run.record.strategy, run.record.seed),
+            Some((oexp, _)) => format!("{} seed {} of {}", run.record.strategy, run.record.seed, oexp.name),
+        };
+        eprintln!("{label}: reading {name}");
+        let model = restored(exp, cx.registry, run, data.classes.len() as i64, cx.device)?;
+        let fisher = needs.fisher.map(|n| fisher::diagonal(&model, &data.train, n, seed)).transpose()?;
+        let grams = needs.grams.map(|n| regmean::grams(&model, &data.train, n, cx.exp.train.eval_batch_size)).transpose()?;
+        let mut weights = state(&model);
+        keep_out(&mut weights);
+        let (mut fisher, mut grams) = (fisher, grams);
+        fisher.iter_mut().chain(grams.iter_mut()).for_each(keep_out);
+        ingredients.push(Ingredient { label: name, weights, fisher, grams });
+    }
+    let names: Vec<String> = ingredients.iter().map(|i| i.label.clone()).collect();
+    let models: Vec<Weights> = ingredients.iter().map(|i| shallow(&i.weights)).collect();
+    check_compatible(&names, &models, needs.base.then_some(&base))?;
+    // This task's head, from its first run, when other tasks' heads are left out.
+    let own_head: Weights = match runs.iter().position(|(o, _)| o.is_none()) {
+        Some(i) if cross_task => {
+            let model = restored(cx.exp, cx.registry, &runs[i].1, classes, cx.device)?;
+            state(&model).into_iter().filter(|(k, _)| k.starts_with(&head)).collect()
+        }
+        _ => Weights::new(),
+    };
+    let spec = needs.permutations.then(|| rebasin::PermutationSpec::chain(&target)).transpose()?;
+    let fishers: Vec<Weights> = ingredients.iter().filter_map(|i| i.fisher.as_ref().map(shallow)).collect();
+    let grams: Vec<Weights> = ingredients.iter().filter_map(|i| i.grams.as_ref().map(shallow)).collect();
+    let inputs = MergeInputs { base: &base, models: &models, fishers: &fishers, grams: &grams, permutations: spec.as_ref(), seed };
+    let batch = cx.exp.train.eval_batch_size;
+    let val_top1 = |w: &Weights| {
+        load(&target, w)?;
+        load(&target, &own_head)?;
+        Ok(train::evaluate(&target, &[], &cx.data.val, batch, Compute::Fp32)?.top1())
+    };
+    let (merged, chosen) = entry.rule.merge(&inputs, val_top1)?;
+    load(&target, &merged)?;
+    load(&target, &own_head)?;
+    let merge_seconds = started.elapsed().as_secs_f64();
+    let mut summary = serde_json::json!({ "rule": entry.rule.name(), "runs": names, "chosen": chosen });
+    if let (MergeRule::Rebasin { max_iters }, [a, b], Some(spec)) = (&entry.rule, models.as_slice(), &spec) {
+        let (aligned, _) = align(spec, a, b, *max_iters, seed)?;
+        summary["barrier"] = serde_json::json!({
+            "naive": barrier(&target, a, b, &cx.data.test, batch)?,
+            "aligned": barrier(&target, a, &aligned, &cx.data.test, batch)?,
+        });
+        load(&target, &merged)?;
+    }
+    let scores = Scores::of(&target, &[], &cx.data.test, &cx.data.ood, &cx.data.test, cx.source, batch, Compute::Fp32)?;
+    let artifact = artifact_path(cx.artifacts, &entry.name, seed);
+    let artifact_bytes = zhijian_core::save_atomic(&target.vs.variables().into_iter().collect::<Vec<_>>(), &artifact)?;
+    let record = Record {
+        experiment: cx.exp.name.clone(),
+        strategy: entry.name.clone(),
+        seed,
+        key: key.clone(),
+        config,
+        methods: serde_json::json!([{ "merge": entry.rule }]),
+        train: serde_json::Value::Null,
+        backbone: backbone_desc,
+        data: cx.data_desc.to_string(),
+        device: format!("{:?}", cx.device).to_lowercase(),
+        git_rev: cx.rev.to_string(),
+        finished_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        total_params: target.num_params(),
+        train_seconds: merge_seconds,
+        train_samples_per_s: f64::NAN,
+        final_loss: f64::NAN,
+        test_top1: scores.test.top1(),
+        test_top5: scores.test_top5,
+        test_n: scores.test.n,
+        ood: scores.ood,
+        source: scores.source,
+        latency_ms: Some(scores.latency_ms),
+        inference_per_s: Some(scores.inference_per_s),
+        eval_compute: Some(Compute::Fp32),
+        peak_rss_bytes: peak_rss_bytes(),
+        artifact_bytes,
+        summaries: [("merge".to_string(), summary)].into_iter().collect(),
+        ..Record::default()
+    };
+    append_record(cx.records, &record)?;
+    eprintln!(
+        "{label}: {} of {} models, test top-1 {:.2}% in {merge_seconds:.1} s, record appended to {}",
+        entry.rule.name(),
+        models.len(),
+        100.0 * record.test_top1,
+        cx.records.display()
+    );
+    Ok(Some(key))
+}
+
+/// A recorded run rebuilt as it trained: its backbone, its methods prepared
+/// with its seed and restored from its artifact, folded into the weights.
+fn restored(exp: &Experiment, registry: &Registry, run: &RecordedRun, classes: i64, device: Device) -> Result<Model> {
+    let (model, _) = build_model(exp, classes, device)?;
+    let entries: Vec<toml::Table> = serde_json::from_value(run.record.methods.clone())
+        .map_err(|e| Error::Config(format!("{} seed {}: the run's methods do not parse: {e}", run.record.strategy, run.record.seed)))?;
+    let mut methods = entries.iter().map(|m| registry.build(m)).collect::<Result<Vec<_>>>()?;
+    train::prepare(&model, &mut methods, run.record.seed)?;
+    train::restore(&model, &methods, &run.artifact)?;
+    fold(&model, &mut methods, &run.record.strategy)?;
+    Ok(model)
+}
+
+/// Folds each method into the backbone's weights, or refuses a method whose
+/// effect would be lost (it changes the forward pass or keeps weights of its own).
+fn fold(model: &Model, methods: &mut [Box<dyn Method>], strategy: &str) -> Result<()> {
+    for m in methods.iter_mut() {
+        if m.can_merge() {
+            m.merge(model)?;
+            continue;
+        }
+        let keeps_weights = m.var_store().is_some_and(|vs| vs.variables().keys().any(|n| !m.training_only(n)));
+        if m.alters_forward() || keeps_weights {
+            return Err(Error::Config(format!(
+                "strategy `{strategy}`: `{}` keeps its effect outside the backbone's weights and cannot fold it in, so its runs cannot be merged (runs of full fine-tuning, LoRA and the other methods that merge can)",
+                m.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A copy of every tensor of `model`, detached.
+fn state(model: &Model) -> Weights {
+    tch::no_grad(|| model.vs.variables().into_iter().map(|(k, t)| (k, t.detach().copy())).collect())
+}
+
+/// Shallow copies of `w`'s tensors.
+fn shallow(w: &Weights) -> Weights {
+    w.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect()
+}
+
+/// Writes `w` into `model`'s tensors of the same names.
+fn load(model: &Model, w: &Weights) -> Result<()> {
+    let vars = model.vs.variables();
+    tch::no_grad(|| {
+        for (k, t) in w {
+            let v = vars.get(k).ok_or_else(|| Error::Config(format!("merged weights hold `{k}`, which the model does not have")))?;
+            v.shallow_clone().copy_(t);
+        }
+        Ok(())
+    })
+}
+
+/// Test loss and accuracy along the straight path (1 − α) a + α b, α = 0, 0.1, …, 1,
+/// and the loss barrier: the largest rise above the line between the two ends.
+fn barrier(model: &Model, a: &Weights, b: &Weights, test: &Split, batch: i64) -> Result<serde_json::Value> {
+    let alphas: Vec<f64> = (0..=10).map(|i| f64::from(i) / 10.0).collect();
+    let (mut losses, mut accuracies) = (Vec::new(), Vec::new());
+    for &alpha in &alphas {
+        let point: Weights = tch::no_grad(|| a.iter().map(|(k, t)| (k.clone(), t * (1.0 - alpha) + &b[k] * alpha)).collect());
+        load(model, &point)?;
+        let logits = train::predict(model, &[], &test.input, batch, Compute::Fp32)?;
+        losses.push(logits.cross_entropy_for_logits(&test.labels.to_device(logits.device())).double_value(&[]));
+        accuracies.push(zhijian_core::Accuracy::from_logits(&logits, &test.labels).top1());
+    }
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
+    let rise = alphas.iter().zip(&losses).map(|(&al, &l)| l - ((1.0 - al) * first + al * last)).fold(f64::MIN, f64::max);
+    Ok(serde_json::json!({ "alpha": alphas, "loss": losses, "top1": accuracies, "loss_barrier": rise }))
+}
