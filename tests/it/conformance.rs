@@ -168,6 +168,8 @@ const MORE_CONFIGS: &[&str] = &[
     "method = \"ncm\"\ntrain_head = true",
     "method = \"simpleshot\"\ncenter = false",
     KNN_INVERSE_DISTANCE,
+    // Global pooling, a head that trains in the step before Head2Toe's replaces it.
+    "method = \"head2toe\"\ntarget_size = 0\nkeep_fraction = 0.5\ntrain_head = true",
     "method = \"spectral_norm\"\nhead = true",
     "method = \"spectral_norm\"\nmode = \"penalty\"\nhead = true",
     "method = \"delta\"\nattention = false",

@@ -202,14 +202,29 @@ pub trait Method: Send {
     }
 
     /// Called once after [`Method::after_train`] when [`Method::fits_features`],
-    /// with the training split's pooled features through the backbone as every
+    /// with the training split's features through the backbone as every
     /// method of the strategy leaves it (evaluation mode, no augmentation, no
-    /// gradient) and its labels.
+    /// gradient) and its labels: the rows [`Method::fit_input`] made of each
+    /// batch, by default the pooled features.
     ///
     /// # Shapes
-    /// `features` `[n, hidden]` and `labels` `[n]` (int64), both on the CPU.
+    /// `features` `[n, d]` (`[n, hidden]` by default) and `labels` `[n]`
+    /// (int64), both on the CPU.
     fn fit(&mut self, _features: &Tensor, _labels: &Tensor) -> Result<()> {
         Ok(())
+    }
+
+    /// The rows [`Method::fit`] receives for one batch of the fit pass, made
+    /// from the batch's pooled features and the taps the methods asked for in
+    /// [`Method::forward_taps`], recorded in the same pass: the pooled
+    /// features by default; Head2Toe's every block output, pooled. The
+    /// backbone then runs once over the training split, whatever the method
+    /// reads of it.
+    ///
+    /// # Shapes
+    /// `pooled` `[b, hidden]` → `[b, d]` (float), `d` the same for every batch.
+    fn fit_input(&self, pooled: &Tensor, _taps: &BTreeMap<Tap, Tensor>) -> Tensor {
+        pooled.shallow_clone()
     }
 
     /// Optimiser options of the method's own parameter `name` (as named in its

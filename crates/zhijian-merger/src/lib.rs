@@ -5,6 +5,7 @@
 
 use zhijian_core::{Registry, Stage, parse_config};
 
+pub mod head2toe;
 pub mod knn;
 pub mod merge;
 pub mod ncm;
@@ -12,6 +13,7 @@ pub mod prototypes;
 pub mod score;
 pub mod simpleshot;
 
+pub use head2toe::{Head2Toe, Head2ToeConfig};
 pub use knn::{Knn, KnnConfig, Weighting};
 pub use ncm::{Ncm, NcmConfig};
 pub use prototypes::Metric;
@@ -27,5 +29,8 @@ pub fn register(r: &mut Registry) {
     });
     r.register("knn", Stage::Merger, "weighted k-nearest-neighbour vote over frozen features, no gradient steps (Wu et al. 2018; DINO)", |c| {
         Ok(Box::new(Knn::new(parse_config("knn", c)?)))
+    });
+    r.register("head2toe", Stage::Merger, "linear head on group-lasso-selected features of every block of the frozen backbone (Evci et al. 2022)", |c| {
+        Ok(Box::new(Head2Toe::new(parse_config("head2toe", c)?)))
     });
 }

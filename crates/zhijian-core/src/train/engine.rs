@@ -281,7 +281,11 @@ pub fn restore(model: &Model, methods: &[Box<dyn Method>], path: &std::path::Pat
 /// features can be computed once and the head trained on them.
 pub fn features_cacheable(model: &Model, methods: &[Box<dyn Method>]) -> bool {
     // A teacher runs on the real inputs, which cached features no longer are.
-    model.backbone_frozen() && teacher_taps(methods).is_none() && methods.iter().all(|m| !m.alters_forward() && m.taps().iter().all(|t| *t == Tap::Pooled))
+    // Cached features are pooled: a method that reads other taps, in training or in every pass, needs the backbone to run.
+    let pooled_only = |taps: Vec<Tap>| taps.iter().all(|t| *t == Tap::Pooled);
+    model.backbone_frozen()
+        && teacher_taps(methods).is_none()
+        && methods.iter().all(|m| !m.alters_forward() && pooled_only(m.taps()) && pooled_only(m.forward_taps()))
 }
 
 /// The first block training can change, when it is past the first: blocks
@@ -614,9 +618,9 @@ pub fn train(
         m.after_train(model, &data)?;
     }
     if fits {
-        let pooled = features(model, methods, &train.input, cfg.eval_batch_size)?;
-        for m in methods.iter_mut().filter(|m| m.fits_features()) {
-            m.fit(&pooled, &train.labels)?;
+        let rows = fit_inputs(model, methods, &train.input, cfg.eval_batch_size)?;
+        for (m, rows) in methods.iter_mut().filter(|m| m.fits_features()).zip(rows) {
+            m.fit(&rows, &train.labels)?;
         }
     }
     report.seconds = start.elapsed().as_secs_f64() - report.eval_seconds;
@@ -662,6 +666,29 @@ pub fn predict(model: &Model, methods: &[Box<dyn Method>], input: &Input, batch_
 pub fn features(model: &Model, methods: &[Box<dyn Method>], input: &Input, batch_size: i64) -> Result<Tensor> {
     let cx = Ctx::new(false, methods, Vec::new());
     tch::no_grad(|| in_length_order(input, batch_size, model.device(), |batch| model.features(&cx, batch)))
+}
+
+/// What each method that [`Method::fits_features`] is fitted on, in
+/// strategy order: the rows its [`Method::fit_input`] makes of every batch of
+/// `input` (pooled features by default), in one pass through the backbone as
+/// `methods` leave it, in evaluation mode, without gradients.
+///
+/// # Shapes
+/// `input` → one `[n, d]` per fitting method, on the CPU.
+pub fn fit_inputs(model: &Model, methods: &[Box<dyn Method>], input: &Input, batch_size: i64) -> Result<Vec<Tensor>> {
+    let cx = Ctx::new(false, methods, Vec::new());
+    let fitting: Vec<&dyn Method> = methods.iter().filter(|m| m.fits_features()).map(|m| m.as_ref()).collect();
+    let mut widths = Vec::new();
+    let all = tch::no_grad(|| {
+        in_length_order(input, batch_size, model.device(), |batch| {
+            let pooled = model.features(&cx, batch);
+            let taps = cx.take_taps();
+            let rows: Vec<Tensor> = fitting.iter().map(|m| m.fit_input(&pooled, &taps).to_kind(Kind::Float)).collect();
+            widths = rows.iter().map(|r| r.size()[1]).collect();
+            Tensor::cat(&rows, 1)
+        })
+    })?;
+    Ok(if fitting.len() == 1 { vec![all] } else { all.split_with_sizes(widths.as_slice(), 1).iter().map(Tensor::contiguous).collect() })
 }
 
 /// Top-1 / top-5 accuracy on `split`, computed in `compute`.
