@@ -279,7 +279,8 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
         let cfg = zhijian_core::TrainConfig { seed, ..cfg };
         let methods_json = serde_json::to_value(&strategy.methods).unwrap_or_default();
         let train_json = serde_json::to_value(&cfg).unwrap_or_default();
-        let uses_teacher = strategy.methods.iter().map(|m| registry.build(m)).collect::<Result<Vec<_>>>()?.iter().any(|m| m.teacher_taps().is_some());
+        let mut methods: Vec<Box<dyn Method>> = strategy.methods.iter().map(|m| registry.build(m)).collect::<Result<_>>()?;
+        let uses_teacher = methods.iter().any(|m| m.teacher_taps().is_some());
         let config = run_config(exp, strategy, &train_json, seed, opts.full, uses_teacher);
         let key = run_key(&config);
         keys.push(key.clone());
@@ -296,7 +297,6 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
         // the run, so neither the strategy order nor a resumed comparison changes it.
         tch::manual_seed(seed as i64);
         let (model, backbone_desc) = build_model(exp, data.classes.len() as i64, device)?;
-        let mut methods: Vec<Box<dyn Method>> = strategy.methods.iter().map(|m| registry.build(m)).collect::<Result<_>>()?;
         train::prepare(&model, &mut methods, seed)?;
         let trainable = train::trainable(&model, &methods);
         if train::teacher_taps(&methods).is_some() && teacher.is_none() {

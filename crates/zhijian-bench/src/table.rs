@@ -128,8 +128,12 @@ pub fn markdown(records: &[Record]) -> String {
     if records.iter().any(|r| r.cached_features && r.steps > 0) {
         out.push_str("\n† head trained on cached features of the frozen backbone: train time includes computing them; samples/s is the head's alone.\n");
     }
-    if records.iter().any(|r| r.finished() && r.steps == 0) {
+    let merged = |r: &Record| r.summaries.contains_key("merge");
+    if records.iter().any(|r| r.finished() && r.steps == 0 && !merged(r)) {
         out.push_str("\n‡ no gradient step: fitted on the training split's features (class means, neighbours); train time is the fit.\n");
+    }
+    if records.iter().any(|r| r.finished() && merged(r)) {
+        out.push_str("\n‡ merged in weight space from recorded runs (`[[merge]]`), no gradient step: train time is the merge's.\n");
     }
     out
 }
