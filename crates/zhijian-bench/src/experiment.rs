@@ -483,6 +483,9 @@ impl Experiment {
                 let known: Vec<&str> = self.strategies.iter().map(|s| s.name.as_str()).collect();
                 return Err(Error::Config(format!("merge `{}`: no strategy `{unknown}` (strategies: {})", m.name, known.join(", "))));
             }
+            if m.strategies.is_empty() {
+                return Err(Error::Config(format!("merge `{}` names no strategy of this experiment: the merged model keeps the head of this task's run", m.name)));
+            }
             let models = m.strategies.len() * if m.across_seeds { self.seeds.len() } else { 1 } * (1 + m.with.len());
             // One model is a merge only for rules that scale a task vector (task arithmetic's λ).
             if models < 2 && !m.rule.needs().base {

@@ -143,6 +143,7 @@ fn merge_one(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64]) -> Result<Opt
     let mut base = state(&target);
     keep_out(&mut base);
     let mut ingredients = Vec::new();
+    let mut own_head = Weights::new();
     let mut other_data: HashMap<PathBuf, Data> = HashMap::new();
     for (other, run) in &runs {
         let (exp, data) = match other {
@@ -160,25 +161,20 @@ fn merge_one(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64]) -> Result<Opt
         };
         eprintln!("{label}: reading {name}");
         let model = restored(exp, cx.registry, run, data.classes.len() as i64, cx.device)?;
-        let fisher = needs.fisher.map(|n| fisher::diagonal(&model, &data.train, n, seed)).transpose()?;
-        let grams = needs.grams.map(|n| regmean::grams(&model, &data.train, n, cx.exp.train.eval_batch_size)).transpose()?;
+        let mut fisher = needs.fisher.map(|n| fisher::diagonal(&model, &data.train, n, seed)).transpose()?;
+        let mut grams = needs.grams.map(|n| regmean::grams(&model, &data.train, n, cx.exp.train.eval_batch_size)).transpose()?;
         let mut weights = state(&model);
+        // This task's head, from its first run, when other tasks' heads are left out.
+        if cross_task && other.is_none() && own_head.is_empty() {
+            own_head = weights.iter().filter(|(k, _)| k.starts_with(&head)).map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+        }
         keep_out(&mut weights);
-        let (mut fisher, mut grams) = (fisher, grams);
         fisher.iter_mut().chain(grams.iter_mut()).for_each(keep_out);
         ingredients.push(Ingredient { label: name, weights, fisher, grams });
     }
     let names: Vec<String> = ingredients.iter().map(|i| i.label.clone()).collect();
     let models: Vec<Weights> = ingredients.iter().map(|i| shallow(&i.weights)).collect();
     check_compatible(&names, &models, needs.base.then_some(&base))?;
-    // This task's head, from its first run, when other tasks' heads are left out.
-    let own_head: Weights = match runs.iter().position(|(o, _)| o.is_none()) {
-        Some(i) if cross_task => {
-            let model = restored(cx.exp, cx.registry, &runs[i].1, classes, cx.device)?;
-            state(&model).into_iter().filter(|(k, _)| k.starts_with(&head)).collect()
-        }
-        _ => Weights::new(),
-    };
     let spec = needs.permutations.then(|| rebasin::PermutationSpec::chain(&target)).transpose()?;
     let fishers: Vec<Weights> = ingredients.iter().filter_map(|i| i.fisher.as_ref().map(shallow)).collect();
     let grams: Vec<Weights> = ingredients.iter().filter_map(|i| i.grams.as_ref().map(shallow)).collect();

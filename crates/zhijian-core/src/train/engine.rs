@@ -524,7 +524,7 @@ pub fn train(
         let cacheable = !opts.no_teacher_cache && TeacherCache::applies(teacher, teacher_input, wanted);
         if cacheable {
             let t = Instant::now();
-            let (cache, computed) = teacher.outputs_once(teacher_input, &train.labels, wanted, cfg.eval_batch_size)?;
+            let (cache, computed) = teacher.outputs_once(teacher_input, &train.labels, cfg.eval_batch_size)?;
             if computed {
                 report.teacher_cache_seconds = t.elapsed().as_secs_f64();
             }

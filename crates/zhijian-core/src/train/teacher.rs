@@ -36,9 +36,8 @@ pub struct Teacher {
     memo: Mutex<Option<Memo>>,
 }
 
-/// Cached outputs and what they were computed for.
+/// Cached outputs and the labels of the split they were computed on.
 struct Memo {
-    taps: Vec<Tap>,
     labels: Tensor,
     cache: TeacherCache,
 }
@@ -56,17 +55,19 @@ impl Teacher {
         Teacher { model, methods, compute: Compute::Fp32, description: description.into(), train_input: None, memo: Mutex::new(None) }
     }
 
-    /// The teacher's outputs on every example of `input` for `taps`, computed
-    /// once ([`TeacherCache`]) and reused by later runs whose training split
-    /// has the same labels (a comparison's strategies and seeds share one
-    /// split). Returns the cache and whether it was computed now.
-    pub fn outputs_once(&self, input: &Input, labels: &Tensor, taps: &[Tap], batch_size: i64) -> Result<(TeacherCache, bool)> {
+    /// The teacher's logits and pooled features on every example of `input`,
+    /// computed once ([`TeacherCache`]) and reused by later runs whose
+    /// training split has the same labels (a comparison's strategies and seeds
+    /// share one split), whichever of the two they read. Returns the cache and
+    /// whether it was computed now.
+    pub fn outputs_once(&self, input: &Input, labels: &Tensor, batch_size: i64) -> Result<(TeacherCache, bool)> {
         let mut memo = self.memo.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(m) = memo.as_ref().filter(|m| m.taps.as_slice() == taps && m.labels.size() == labels.size() && m.labels.equal(labels)) {
+        if let Some(m) = memo.as_ref().filter(|m| m.labels.size() == labels.size() && m.labels.equal(labels)) {
             return Ok((m.cache.shallow_clone(), false));
         }
-        let cache = tch::no_grad(|| TeacherCache::compute(self, input, taps, batch_size))?;
-        *memo = Some(Memo { taps: taps.to_vec(), labels: labels.shallow_clone(), cache: cache.shallow_clone() });
+        // Pooled features too, even for a loss on logits alone: a later run's may read them.
+        let cache = tch::no_grad(|| TeacherCache::compute(self, input, &[Tap::Pooled], batch_size))?;
+        *memo = Some(Memo { labels: labels.shallow_clone(), cache: cache.shallow_clone() });
         Ok((cache, true))
     }
 

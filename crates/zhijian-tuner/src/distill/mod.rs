@@ -773,6 +773,25 @@ mod tests {
     use super::*;
     use zhijian_core::Registry;
 
+    /// The cache holds what the teacher computes, logits and pooled features
+    /// both (a later run reads whichever it wants), once per training split.
+    #[test]
+    fn the_teacher_cache_is_the_teachers_outputs_computed_once() {
+        let teacher = zhijian_core::Teacher::new(zhijian_backbones::toys::cnn(1), Vec::new(), "toy");
+        let (input, labels) = (zhijian_backbones::toys::images(), zhijian_backbones::toys::labels());
+        let (_, computed) = teacher.outputs_once(&input, &labels, 4).unwrap();
+        let (cache, again) = teacher.outputs_once(&input, &labels, 4).unwrap();
+        assert!(computed && !again);
+        let idx = Tensor::from_slice(&[0i64, 3, 5]);
+        let cached = cache.select(&idx, tch::Device::Cpu);
+        let live = teacher.run(&input.select(&idx, tch::Device::Cpu).unwrap(), &[Tap::Pooled], &WeightCache::new());
+        assert!(cached.logits.allclose(&live.logits, 1e-5, 1e-6, false));
+        assert!(cached.taps[&Tap::Pooled].allclose(&live.taps[&Tap::Pooled], 1e-5, 1e-6, false));
+        // Another split (other labels) is computed anew.
+        let (_, other) = teacher.outputs_once(&input, &labels.flip([0]), 4).unwrap();
+        assert!(other);
+    }
+
     const ALL: [&str; 13] = ["kd_logits", "fitnet", "at", "sp", "rkd", "pkt", "nst", "cc", "vid", "factor_transfer", "dist", "crd", "distill_token"];
 
     /// Every method, registered under its name, trains a CNN student from a
