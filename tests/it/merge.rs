@@ -33,6 +33,7 @@ train = { lr = 1e-3 }
 name = "soup"
 strategies = ["ft", "ft-slow"]
 rule = { kind = "soup" }
+reset_batchnorm = 64
 [[merge]]
 name = "greedy-soup"
 strategies = ["ft", "ft-slow"]

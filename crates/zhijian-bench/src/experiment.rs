@@ -360,6 +360,13 @@ pub struct MergeEntry {
     pub with: Vec<OtherRuns>,
     /// The rule and its settings, e.g. `{ kind = "ties", density = 0.2 }`.
     pub rule: zhijian_merger::merge::MergeRule,
+    /// Measure the merged model's BatchNorm statistics anew on this many of
+    /// this task's training examples ([`zhijian_merger::merge::batchnorm`]):
+    /// merged weights make activations whose statistics none of the models
+    /// had. The statistics then belong to this task, like the head. Default:
+    /// none, the rule's merge of the running statistics is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_batchnorm: Option<i64>,
 }
 
 /// Runs of another experiment a merge reads: one strategy, at the merge's seeds.
@@ -484,7 +491,10 @@ impl Experiment {
                 return Err(Error::Config(format!("merge `{}`: no strategy `{unknown}` (strategies: {})", m.name, known.join(", "))));
             }
             if m.strategies.is_empty() {
-                return Err(Error::Config(format!("merge `{}` names no strategy of this experiment: the merged model keeps the head of this task's run", m.name)));
+                return Err(Error::Config(format!(
+                    "merge `{}` names no strategy of this experiment: the merged model keeps the head of this task's run",
+                    m.name
+                )));
             }
             let models = m.strategies.len() * if m.across_seeds { self.seeds.len() } else { 1 } * (1 + m.with.len());
             // One model is a merge only for rules that scale a task vector (task arithmetic's λ).
@@ -495,6 +505,9 @@ impl Experiment {
                 )));
             }
             m.rule.validate()?;
+            if m.reset_batchnorm.is_some_and(|n| n < 2) {
+                return Err(Error::Config(format!("merge `{}`: reset_batchnorm must be ≥ 2 examples", m.name)));
+            }
         }
         Ok(())
     }

@@ -20,7 +20,7 @@ use tch::Device;
 use zhijian_core::metrics::{peak_rss_bytes, reset_peak_rss};
 use zhijian_core::train::{self, Split};
 use zhijian_core::{Compute, Error, Method, Model, Registry, Result};
-use zhijian_merger::merge::{MergeInputs, MergeRule, Weights, align, check_compatible, fisher, rebasin, regmean};
+use zhijian_merger::merge::{MergeInputs, MergeRule, Weights, align, batchnorm, check_compatible, fisher, rebasin, regmean};
 
 use crate::build::{build_model, image_preset};
 use crate::data::{Data, load_data};
@@ -180,23 +180,30 @@ fn merge_one(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64]) -> Result<Opt
     let grams: Vec<Weights> = ingredients.iter().filter_map(|i| i.grams.as_ref().map(shallow)).collect();
     let inputs = MergeInputs { base: &base, models: &models, fishers: &fishers, grams: &grams, permutations: spec.as_ref(), seed };
     let batch = cx.exp.train.eval_batch_size;
-    let val_top1 = |w: &Weights| {
+    // Writes a merged state into the model, with this task's head and, if asked, BatchNorm statistics.
+    let install = |w: &Weights| -> Result<()> {
         load(&target, w)?;
         load(&target, &own_head)?;
+        if let Some(n) = entry.reset_batchnorm {
+            batchnorm::reestimate(&target, &cx.data.train, n, batch)?;
+        }
+        Ok(())
+    };
+    let val_top1 = |w: &Weights| {
+        install(w)?;
         Ok(train::evaluate(&target, &[], &cx.data.val, batch, Compute::Fp32)?.top1())
     };
     let (merged, chosen) = entry.rule.merge(&inputs, val_top1)?;
-    load(&target, &merged)?;
-    load(&target, &own_head)?;
+    install(&merged)?;
     let merge_seconds = started.elapsed().as_secs_f64();
     let mut summary = serde_json::json!({ "rule": entry.rule.name(), "runs": names, "chosen": chosen });
     if let (MergeRule::Rebasin { max_iters }, [a, b], Some(spec)) = (&entry.rule, models.as_slice(), &spec) {
         let (aligned, _) = align(spec, a, b, *max_iters, seed)?;
         summary["barrier"] = serde_json::json!({
-            "naive": barrier(&target, a, b, &cx.data.test, batch)?,
-            "aligned": barrier(&target, a, &aligned, &cx.data.test, batch)?,
+            "naive": barrier(a, b, &install, &target, &cx.data.test, batch)?,
+            "aligned": barrier(a, &aligned, &install, &target, &cx.data.test, batch)?,
         });
-        load(&target, &merged)?;
+        install(&merged)?;
     }
     let scores = Scores::of(&target, &[], &cx.data.test, &cx.data.ood, &cx.data.test, cx.source, batch, Compute::Fp32)?;
     let artifact = artifact_path(cx.artifacts, &entry.name, seed);
@@ -298,12 +305,12 @@ fn load(model: &Model, w: &Weights) -> Result<()> {
 
 /// Test loss and accuracy along the straight path (1 − α) a + α b, α = 0, 0.1, …, 1,
 /// and the loss barrier: the largest rise above the line between the two ends.
-fn barrier(model: &Model, a: &Weights, b: &Weights, test: &Split, batch: i64) -> Result<serde_json::Value> {
+fn barrier(a: &Weights, b: &Weights, install: &dyn Fn(&Weights) -> Result<()>, model: &Model, test: &Split, batch: i64) -> Result<serde_json::Value> {
     let alphas: Vec<f64> = (0..=10).map(|i| f64::from(i) / 10.0).collect();
     let (mut losses, mut accuracies) = (Vec::new(), Vec::new());
     for &alpha in &alphas {
         let point: Weights = tch::no_grad(|| a.iter().map(|(k, t)| (k.clone(), t * (1.0 - alpha) + &b[k] * alpha)).collect());
-        load(model, &point)?;
+        install(&point)?;
         let logits = train::predict(model, &[], &test.input, batch, Compute::Fp32)?;
         losses.push(logits.cross_entropy_for_logits(&test.labels.to_device(logits.device())).double_value(&[]));
         accuracies.push(zhijian_core::Accuracy::from_logits(&logits, &test.labels).top1());

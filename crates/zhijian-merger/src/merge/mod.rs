@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 use zhijian_core::{Error, Result};
 
+pub mod batchnorm;
 pub mod dare;
 pub mod fisher;
 pub mod rebasin;
@@ -34,6 +35,10 @@ pub mod ties;
 
 /// A whole model state: checkpoint key → tensor.
 pub type Weights = BTreeMap<String, Tensor>;
+
+/// What a pass-through recorder (RegMean's Grams, BatchNorm statistics) sums
+/// per layer during a forward pass, shared with the caller that reads it after.
+pub(crate) type SiteSums<T> = std::sync::Arc<std::sync::Mutex<BTreeMap<String, T>>>;
 
 /// A merge rule and its settings, as a `[[merge]]` entry's `rule` table
 /// writes it (`rule = { kind = "ties", density = 0.2 }`).

@@ -17,15 +17,12 @@
 //!   fires), W* is RegMean's on the span the data covers and the plain mean
 //!   off it: W* = P⁺ Σᵢ Gᵢ Wᵢ + (I − P⁺P) W̄ with P = Σᵢ Gᵢ.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-
 use tch::{Kind, Tensor};
 use zhijian_core::layers::Site;
 use zhijian_core::train::Split;
 use zhijian_core::{Compute, Method, Model, Result};
 
-use super::{Weights, combine};
+use super::{SiteSums, Weights, combine};
 
 /// RegMean of `models` given each one's Grams (keyed by weight name, `[in, in]`).
 pub fn merge(models: &[&Weights], grams: &[&Weights], alpha: f64) -> Weights {
@@ -62,8 +59,8 @@ fn shrink_off_diagonal(g: &Tensor, alpha: f64) -> Tensor {
 /// The mean input Gram of every linear map of `model` (its weight's name →
 /// `[in, in]`, f64, on the CPU) over the first `examples` examples of `split`.
 pub fn grams(model: &Model, split: &Split, examples: i64, batch_size: i64) -> Result<Weights> {
-    let sums = Arc::new(Mutex::new(BTreeMap::new()));
-    let recorder: Box<dyn Method> = Box::new(GramRecorder { sums: Arc::clone(&sums) });
+    let sums = SiteSums::default();
+    let recorder: Box<dyn Method> = Box::new(GramRecorder { sums: sums.clone() });
     let first = Tensor::arange(examples.min(split.len()), (Kind::Int64, tch::Device::Cpu));
     let _logits = zhijian_core::train::predict(model, &[recorder], &split.input.select(&first, tch::Device::Cpu)?, batch_size, Compute::Fp32)?;
     let sums = std::mem::take(&mut *sums.lock().expect("not poisoned"));
@@ -72,7 +69,7 @@ pub fn grams(model: &Model, split: &Split, examples: i64, batch_size: i64) -> Re
 
 /// A pass-through method that sums each linear map's input Gram and counts its rows.
 struct GramRecorder {
-    sums: Arc<Mutex<BTreeMap<String, (Tensor, i64)>>>,
+    sums: SiteSums<(Tensor, i64)>,
 }
 
 impl GramRecorder {
@@ -115,6 +112,8 @@ impl Method for GramRecorder {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     fn matrix(rows: &[&[f64]]) -> Tensor {
