@@ -8,22 +8,38 @@
 //! exact over the examples given (sums, not a moving average).
 
 use tch::{Device, Kind, Tensor};
+
 use zhijian_core::layers::Site;
-use zhijian_core::train::Split;
-use zhijian_core::{Compute, Method, Model, Result};
+use std::collections::BTreeMap;
+
+use zhijian_core::train::{Split, batches};
+use zhijian_core::{Ctx, Method, Model, Result};
 
 use super::SiteSums;
 
 /// Sets the running statistics of every BatchNorm of `model` to those of its
-/// inputs over the first `examples` examples of `split`, in evaluation mode.
-/// Returns how many layers were set.
+/// inputs over the first `examples` examples of `split`. Returns how many
+/// layers were set.
+///
+/// The pass normalises with each batch's own statistics, as training does:
+/// each layer's input then comes from layers above that normalise the way
+/// they will with their new statistics. (With the old running statistics
+/// above it, a layer would be measured on inputs it will never see again, and
+/// the error compounds down a deep network.) Batches of `batch_size`.
 pub fn reestimate(model: &Model, split: &Split, examples: i64, batch_size: i64) -> Result<usize> {
-    let sums = SiteSums::default();
-    let recorder: Box<dyn Method> = Box::new(StatsRecorder { sums: sums.clone() });
-    let first = Tensor::arange(examples.min(split.len()), (Kind::Int64, Device::Cpu));
-    let _logits = zhijian_core::train::predict(model, &[recorder], &split.input.select(&first, Device::Cpu)?, batch_size, Compute::Fp32)?;
-    let sums = std::mem::take(&mut *sums.lock().expect("not poisoned"));
     let vars = model.vs.variables();
+    let layers: Vec<String> = vars.keys().filter_map(|k| k.strip_suffix(".running_mean")).map(str::to_string).collect();
+    // BatchNorm uses batch statistics only where its own parameters train.
+    let scales: Vec<Tensor> = layers.iter().filter_map(|l| vars.get(&format!("{l}.weight"))).map(Tensor::shallow_clone).collect();
+    let trained: Vec<bool> = scales.iter().map(Tensor::requires_grad).collect();
+    for s in &scales {
+        let _ = s.shallow_clone().set_requires_grad(true);
+    }
+    let sums = statistics(model, split, examples, batch_size, true);
+    for (s, was) in scales.iter().zip(trained) {
+        let _ = s.shallow_clone().set_requires_grad(was);
+    }
+    let sums = sums?;
     let mut set = 0;
     tch::no_grad(|| {
         for (path, (sum, squares, n)) in sums {
@@ -36,6 +52,19 @@ pub fn reestimate(model: &Model, split: &Split, examples: i64, batch_size: i64) 
         }
     });
     Ok(set)
+}
+
+/// Per-channel sums of every 4-d norm input (sum, sum of squares, count), over
+/// the first `examples` of `split`, in a training pass (`train`) or an evaluation one, without gradients.
+fn statistics(model: &Model, split: &Split, examples: i64, batch_size: i64, train: bool) -> Result<BTreeMap<String, (Tensor, Tensor, i64)>> {
+    let sums = SiteSums::default();
+    let methods: [Box<dyn Method>; 1] = [Box::new(StatsRecorder { sums: sums.clone() })];
+    let cx = Ctx::new(train, &methods, Vec::new());
+    for idx in batches(examples.min(split.len()), batch_size) {
+        let input = split.input.select(&idx, model.device())?;
+        let _logits = tch::no_grad(|| model.forward(&cx, &input));
+    }
+    Ok(std::mem::take(&mut *sums.lock().expect("not poisoned")))
 }
 
 /// A pass-through method that sums each norm layer's input per channel.
@@ -90,8 +119,20 @@ mod tests {
         let y = x.conv2d(&vars[&conv], None::<Tensor>, [1, 1], [1, 1], [1, 1], 1).to_kind(Kind::Double);
         let mean = y.mean_dim(&[0i64, 2, 3][..], false, Kind::Double);
         let var = y.var_dim(&[0i64, 2, 3][..], true, false);
-        assert_eq!(reestimate(&model, &split, 6, 4).unwrap(), 2);
+        let _ = vars[&format!("{bn}.weight")].shallow_clone().set_requires_grad(false);
+        assert_eq!(reestimate(&model, &split, 6, 8).unwrap(), 2);
         assert!(vars[&format!("{bn}.running_mean")].to_kind(Kind::Double).allclose(&mean, 1e-4, 1e-5, false));
         assert!(vars[&format!("{bn}.running_var")].to_kind(Kind::Double).allclose(&var, 1e-4, 1e-5, false));
+        // In evaluation, every layer (the second too, behind the first's new statistics) sees inputs
+        // with the statistics it holds (one batch of all 6 images: batch and running statistics agree,
+        // up to the unbiased variance's n / (n − 1) = 1536 / 1535).
+        for (path, (sum, squares, n)) in statistics(&model, &split, 6, 8, false).unwrap() {
+            let mean = &sum / n as f64;
+            let var = squares / n as f64 - mean.square();
+            assert!(vars[&format!("{path}.running_mean")].to_kind(Kind::Double).allclose(&mean, 1e-3, 1e-3, false), "{path}");
+            assert!(vars[&format!("{path}.running_var")].to_kind(Kind::Double).allclose(&var, 3e-3, 1e-3, false), "{path}");
+        }
+        // The layers' own parameters are left as frozen as they were.
+        assert!(!vars[&format!("{bn}.weight")].requires_grad());
     }
 }
