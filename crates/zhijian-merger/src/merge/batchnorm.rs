@@ -7,11 +7,10 @@
 //! and as REPAIR (Jordan et al., ICLR 2023) motivates. The statistics are
 //! exact over the examples given (sums, not a moving average).
 
-use tch::{Device, Kind, Tensor};
-
-use zhijian_core::layers::Site;
 use std::collections::BTreeMap;
 
+use tch::{Device, Kind, Tensor};
+use zhijian_core::layers::Site;
 use zhijian_core::train::{Split, batches};
 use zhijian_core::{Ctx, Method, Model, Result};
 
