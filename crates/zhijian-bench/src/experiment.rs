@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use zhijian_backbones::Pooling;
 use zhijian_core::{Error, Registry, Result, TrainConfig};
+use zhijian_merger::merge::MergeRule;
 
 /// One comparison, as written in `configs/*.toml`. Paths are relative to the file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -358,8 +359,9 @@ pub struct MergeEntry {
     /// the merged model keeps this experiment's head.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub with: Vec<OtherRuns>,
-    /// The rule and its settings, e.g. `{ kind = "ties", density = 0.2 }`.
-    pub rule: zhijian_merger::merge::MergeRule,
+    /// The rule and its settings, e.g. `{ kind = "ties", density = 0.2 }`
+    /// ([`zhijian_merger::merge::MergeRule`]; `kind` one of its rules).
+    pub rule: toml::Table,
     /// Measure the merged model's BatchNorm statistics anew on this many of
     /// this task's training examples ([`zhijian_merger::merge::batchnorm`]):
     /// merged weights make activations whose statistics none of the models
@@ -496,15 +498,15 @@ impl Experiment {
                     m.name
                 )));
             }
+            let rule = MergeRule::from_table(&m.rule).map_err(|e| Error::Config(format!("merge `{}`: {e}", m.name)))?;
             let models = m.strategies.len() * if m.across_seeds { self.seeds.len() } else { 1 } * (1 + m.with.len());
             // One model is a merge only for rules that scale a task vector (task arithmetic's λ).
-            if models < 2 && !m.rule.needs().base {
+            if models < 2 && !rule.needs().base {
                 return Err(Error::Config(format!(
                     "merge `{}` combines 1 model: name more strategies, `with` runs, or set across_seeds with several seeds",
                     m.name
                 )));
             }
-            m.rule.validate()?;
             if m.reset_batchnorm.is_some_and(|n| n < 2) {
                 return Err(Error::Config(format!("merge `{}`: reset_batchnorm must be ≥ 2 examples", m.name)));
             }

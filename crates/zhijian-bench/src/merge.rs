@@ -115,8 +115,11 @@ fn merge_one(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64]) -> Result<Opt
             return Ok(None);
         }
     };
+    let rule = MergeRule::from_table(&entry.rule)?;
+    let mut written = serde_json::to_value(entry).unwrap_or_default();
+    written["rule"] = with_defaults(&rule);
     let config = serde_json::json!({
-        "merge": entry, "seeds": seeds, "runs": runs.iter().map(|(_, r)| &r.record.key).collect::<Vec<_>>(),
+        "merge": written, "seeds": seeds, "runs": runs.iter().map(|(_, r)| &r.record.key).collect::<Vec<_>>(),
         "backbone": serde_json::to_value(&cx.exp.backbone).unwrap_or_default(),
         "data": serde_json::to_value(&cx.exp.data).unwrap_or_default(), "full": cx.full,
     });
@@ -128,7 +131,7 @@ fn merge_one(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64]) -> Result<Opt
     }
     reset_peak_rss();
     let started = Instant::now();
-    let needs = entry.rule.needs();
+    let needs = rule.needs();
     let classes = cx.data.classes.len() as i64;
     // The pre-trained weights with the head every run of this seed started from.
     tch::manual_seed(seed as i64);
@@ -193,11 +196,11 @@ fn merge_one(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64]) -> Result<Opt
         install(w)?;
         Ok(train::evaluate(&target, &[], &cx.data.val, batch, Compute::Fp32)?.top1())
     };
-    let (merged, chosen) = entry.rule.merge(&inputs, val_top1)?;
+    let (merged, chosen) = rule.merge(&inputs, val_top1)?;
     install(&merged)?;
     let merge_seconds = started.elapsed().as_secs_f64();
-    let mut summary = serde_json::json!({ "rule": entry.rule.name(), "runs": names, "chosen": chosen });
-    if let (MergeRule::Rebasin { max_iters }, [a, b], Some(spec)) = (&entry.rule, models.as_slice(), &spec) {
+    let mut summary = serde_json::json!({ "rule": rule.name(), "runs": names, "chosen": chosen });
+    if let (MergeRule::Rebasin { max_iters }, [a, b], Some(spec)) = (&rule, models.as_slice(), &spec) {
         let (aligned, _) = align(spec, a, b, *max_iters, seed)?;
         summary["barrier"] = serde_json::json!({
             "naive": barrier(a, b, &install, &target, &cx.data.test, batch)?,
@@ -214,7 +217,7 @@ fn merge_one(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64]) -> Result<Opt
         seed,
         key: key.clone(),
         config,
-        methods: serde_json::json!([{ "merge": entry.rule }]),
+        methods: serde_json::json!([{ "merge": with_defaults(&rule) }]),
         train: serde_json::Value::Null,
         backbone: backbone_desc,
         data: cx.data_desc.to_string(),
@@ -241,12 +244,27 @@ fn merge_one(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64]) -> Result<Opt
     append_record(cx.records, &record)?;
     eprintln!(
         "{label}: {} of {} models, test top-1 {:.2}% in {merge_seconds:.1} s, record appended to {}",
-        entry.rule.name(),
+        rule.name(),
         models.len(),
         100.0 * record.test_top1,
         cx.records.display()
     );
     Ok(Some(key))
+}
+
+/// The rule as a `rule` table with every setting: `kind`, then the settings
+/// with their defaults filled in (what the run key hashes).
+fn with_defaults(rule: &MergeRule) -> serde_json::Value {
+    let mut table = serde_json::Map::new();
+    if let serde_json::Value::Object(tagged) = serde_json::to_value(rule).unwrap_or_default() {
+        for (kind, settings) in tagged {
+            table.insert("kind".into(), kind.into());
+            if let serde_json::Value::Object(settings) = settings {
+                table.extend(settings);
+            }
+        }
+    }
+    serde_json::Value::Object(table)
 }
 
 /// A recorded run rebuilt as it trained: its backbone, its methods prepared

@@ -40,10 +40,12 @@ pub type Weights = BTreeMap<String, Tensor>;
 /// per layer during a forward pass, shared with the caller that reads it after.
 pub(crate) type SiteSums<T> = std::sync::Arc<std::sync::Mutex<BTreeMap<String, T>>>;
 
-/// A merge rule and its settings, as a `[[merge]]` entry's `rule` table
-/// writes it (`rule = { kind = "ties", density = 0.2 }`).
+/// A merge rule and its settings. A `[[merge]]` entry writes it as a table
+/// with its `kind` (`rule = { kind = "ties", density = 0.2 }`), read by
+/// [`MergeRule::from_table`]; serde sees it tagged by the variant's name
+/// (`{ ties = { density = 0.2 } }`), which keeps the span of a bad value.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum MergeRule {
     /// Model soup: the mean of the models, or greedy on held-out accuracy.
     Soup {
@@ -157,7 +159,33 @@ pub struct MergeInputs<'a> {
     pub seed: u64,
 }
 
+/// The rules' `kind`s.
+pub const RULES: [&str; 7] = ["soup", "task_arithmetic", "ties", "dare", "fisher", "regmean", "rebasin"];
+
 impl MergeRule {
+    /// The rule a `rule` table writes, `kind` and settings, checked: a
+    /// missing `kind` lists the table's keys and the rules; a misspelt or
+    /// ill-typed setting is quoted; a setting out of range is named.
+    pub fn from_table(table: &toml::Table) -> Result<MergeRule> {
+        let kind = match table.get("kind") {
+            Some(toml::Value::String(kind)) => kind.clone(),
+            _ => {
+                let keys: Vec<&str> = table.keys().map(String::as_str).collect();
+                return Err(Error::Config(format!(
+                    "a merge rule needs `kind = \"<rule>\"`, one of {}; the table has {}",
+                    RULES.join(", "),
+                    if keys.is_empty() { "no keys".to_string() } else { keys.join(", ") }
+                )));
+            }
+        };
+        let mut settings = table.clone();
+        settings.remove("kind");
+        let tagged = toml::Table::from_iter([(kind, toml::Value::Table(settings))]);
+        let rule: MergeRule = zhijian_core::from_table(&tagged).map_err(|e| Error::Config(format!("merge rule: {e}")))?;
+        rule.validate()?;
+        Ok(rule)
+    }
+
     /// The rule's name, as `kind` writes it.
     pub fn name(&self) -> &'static str {
         match self {
@@ -318,6 +346,24 @@ pub(crate) mod tests {
     /// A state of 1-d f32 tensors.
     pub fn weights(entries: &[(&str, &[f64])]) -> Weights {
         entries.iter().map(|(k, v)| (k.to_string(), Tensor::from_slice(v).to_kind(tch::Kind::Float))).collect()
+    }
+
+    #[test]
+    fn rule_tables_parse_and_name_what_is_wrong() {
+        let table = |text: &str| text.parse::<toml::Table>().unwrap();
+        assert_eq!(MergeRule::from_table(&table("kind = \"ties\"")).unwrap(), MergeRule::Ties { density: 0.2, lambda: 1.0 });
+        assert_eq!(MergeRule::from_table(&table("kind = \"soup\"\ngreedy = true")).unwrap(), MergeRule::Soup { greedy: true });
+        let err = |text: &str| MergeRule::from_table(&table(text)).unwrap_err().to_string();
+        let e = err("knd = \"ties\"\ndensity = 0.5");
+        assert!(e.contains("`kind") && e.contains("knd") && e.contains("rebasin"), "{e}");
+        let e = err("kind = \"soup\"\ngreedy = -2.5");
+        assert!(e.contains("greedy = -2.5"), "{e}");
+        let e = err("kind = \"dare\"\ndensty = 0.5");
+        assert!(e.contains("densty"), "{e}");
+        let e = err("kind = \"fisher\"\nexamples = 0");
+        assert!(e.contains("examples must be ≥ 1"), "{e}");
+        let e = err("kind = \"rebase\"");
+        assert!(e.contains("rebase") && e.contains("rebasin"), "{e}");
     }
 
     /// The f32 values of `w[key]`.
