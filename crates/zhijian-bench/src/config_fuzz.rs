@@ -7,6 +7,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 
 use toml::{Table, Value};
+use zhijian_core::SplitMix64;
 
 use crate::experiment::Experiment;
 
@@ -46,20 +47,12 @@ fn real_configs() -> Vec<(String, Table)> {
     configs
 }
 
-/// A tiny deterministic generator (SplitMix64), so a failure repeats.
-struct Draw(u64);
+/// Seeded draws, so a failure repeats.
+struct Draw(SplitMix64);
 
 impl Draw {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        self.0.index(n)
     }
 
     fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
@@ -188,7 +181,7 @@ fn names(message: &str, field: &str) -> bool {
 
 #[test]
 fn a_thousand_broken_configs_never_panic_and_name_the_field() {
-    let mut draw = Draw(0x00C0_FFEE);
+    let mut draw = Draw(SplitMix64::new(0x00C0_FFEE));
     let (mut cases, mut errors) = (0usize, 0usize);
     let mut faults = Vec::new();
     let mut check = |doc: &Value, what: String, field: &str, must_fail: bool| {

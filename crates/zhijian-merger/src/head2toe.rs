@@ -71,7 +71,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, OptimizerConfig, VarStore};
 use tch::{Device, Kind, Tensor};
-use zhijian_core::{Error, Method, Model, Result, RunData, Tap, TrainConfig, config_table};
+use zhijian_core::{Error, Method, Model, Result, RunData, SplitMix64, Tap, TrainConfig, config_table};
 
 use crate::prototypes::{check_fit, empty_state, freeze_head, l2_normalise, set_state};
 
@@ -209,31 +209,20 @@ pub fn group_lasso(w: &Tensor) -> Tensor {
 /// splitmix64 stream of `seed` (not LibTorch's global generator, which other
 /// threads may draw from), the incomplete end of each pass dropped.
 struct Minibatches {
-    state: u64,
+    rng: SplitMix64,
     order: Vec<i64>,
     at: usize,
 }
 
 impl Minibatches {
     fn new(seed: u64, n: i64) -> Self {
-        Minibatches { state: seed, order: (0..n).collect(), at: usize::MAX }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        Minibatches { rng: SplitMix64::new(seed), order: (0..n).collect(), at: usize::MAX }
     }
 
     /// The next `size` indices (`size` ≤ n).
     fn next(&mut self, size: usize) -> &[i64] {
         if self.at.saturating_add(size) > self.order.len() {
-            for i in (1..self.order.len()).rev() {
-                let j = (self.next_u64() % (i as u64 + 1)) as usize;
-                self.order.swap(i, j);
-            }
+            self.rng.shuffle(&mut self.order);
             self.at = 0;
         }
         self.at += size;

@@ -32,7 +32,7 @@ use std::collections::BTreeMap;
 
 use tch::{Device, Kind, Tensor};
 use zhijian_core::layers::Role;
-use zhijian_core::{Error, Model, Result};
+use zhijian_core::{Error, Model, Result, SplitMix64};
 
 /// The architectures whose hidden units feed only the next layer (through
 /// element-wise activations, BatchNorm and pooling, which commute with a
@@ -268,11 +268,11 @@ pub fn weight_matching(
     }
     let touched = spec.touched();
     let mut perms: Vec<Vec<i64>> = spec.sizes.iter().map(|&n| (0..n).collect()).collect();
-    let mut rng = SplitMix64(seed);
+    let mut rng = SplitMix64::new(seed);
     tch::no_grad(|| {
         for _ in 0..max_iters {
             let mut improved = false;
-            for p in rng.shuffled(spec.sizes.len()) {
+            for p in rng.permutation(spec.sizes.len()) {
                 let gain = similarity(spec, &touched[p], &perms, a, b)?;
                 if gain.iter().flatten().any(|g| !g.is_finite()) {
                     return Err(Error::Config(format!(
@@ -434,29 +434,6 @@ pub fn linear_assignment(cost: &[Vec<f64>]) -> Vec<usize> {
     assignment
 }
 
-/// Vigna's SplitMix64: a small seeded generator for the visiting order, so
-/// the matching repeats exactly for a seed whatever else draws from LibTorch's.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// `0..n` in a random order (Fisher–Yates).
-    fn shuffled(&mut self, n: usize) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..n).collect();
-        for i in (1..n).rev() {
-            order.swap(i, (self.next() % (i as u64 + 1)) as usize);
-        }
-        order
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,11 +461,11 @@ mod tests {
 
     /// One random permutation per permutation of the spec, none the identity.
     fn random_perms(spec: &PermutationSpec, seed: u64) -> Vec<Vec<i64>> {
-        let mut rng = SplitMix64(seed);
+        let mut rng = SplitMix64::new(seed);
         spec.sizes
             .iter()
             .map(|&n| {
-                let mut perm: Vec<i64> = rng.shuffled(n as usize).into_iter().map(|j| j as i64).collect();
+                let mut perm: Vec<i64> = rng.permutation(n as usize).into_iter().map(|j| j as i64).collect();
                 if perm.iter().copied().eq(0..n) {
                     perm.reverse();
                 }
@@ -531,14 +508,14 @@ mod tests {
     /// the assignment is a permutation whose total equals the brute-force optimum.
     #[test]
     fn linear_assignment_matches_brute_force_on_random_5x5() {
-        let mut rng = SplitMix64(11);
+        let mut rng = SplitMix64::new(11);
         for trial in 0..200 {
             let coarse = trial % 2 == 0;
             let cost: Vec<Vec<f64>> = (0..5)
                 .map(|_| {
                     (0..5)
                         .map(|_| {
-                            let u = (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
+                            let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
                             if coarse { (u * 4.0).floor() - 2.0 } else { u * 200.0 - 100.0 }
                         })
                         .collect()
