@@ -22,6 +22,9 @@ enum Command {
     ///
     /// Each finished run is appended to the records file at once (atomically);
     /// runs already recorded there are skipped, so an interrupted comparison resumes.
+    /// Then the file's `[[merge]]` entries merge recorded runs in weight space
+    /// and record the merged models the same way (a merge whose runs are not
+    /// all recorded yet waits for a later comparison, saying which).
     Compare {
         /// Experiment file, e.g. configs/demo.toml.
         config: PathBuf,
@@ -188,7 +191,8 @@ struct RunArgs {
     /// Run only slice I of N of the seed × strategy grid (run k belongs to
     /// slice k mod N), e.g. `--shard 0/2` here and `--shard 1/2` elsewhere,
     /// each with its own `--records`; `zhijian report` merges the files. No
-    /// plots are drawn for a slice.
+    /// plots are drawn for a slice, and `[[merge]]` entries wait for an
+    /// unsharded comparison.
     #[arg(long, value_name = "I/N", value_parser = parse_shard)]
     shard: Option<Shard>,
     /// Seeds to run instead of the experiment's, e.g. `--seeds 0,1,2`.
