@@ -16,7 +16,9 @@
 //! | `rebasin` | [`rebasin`] | θᵢ of a chain backbone (MLP, small CNN) |
 //!
 //! Tensors that are not floating point (BatchNorm's step counters) are taken
-//! from the first model.
+//! from the first model. The rules on task vectors (task arithmetic, TIES,
+//! DARE) average BatchNorm's running statistics instead of treating them as
+//! weights: a variance dropped and rescaled, or trimmed, can turn negative.
 
 use std::collections::BTreeMap;
 
@@ -239,7 +241,10 @@ impl MergeRule {
                 Err(Error::Config(format!("merge rule `{}` needs {what} for each of the {} models, got {have}", self.name(), models.len())))
             }
         };
-        let (floats, fixed) = split_off_fixed(&models);
+        let (mut floats, fixed) = split_off_fixed(&models);
+        // BatchNorm's running statistics are not weights: dropping, rescaling or trimming a
+        // variance's task vector can make it negative. The rules on task vectors average them.
+        let statistics = if self.needs().base { split_off_statistics(&mut floats) } else { Weights::new() };
         let floats: Vec<&Weights> = floats.iter().collect();
         let mut summary = serde_json::Value::Null;
         let mut merged = match *self {
@@ -275,6 +280,7 @@ impl MergeRule {
             }
         };
         merged.extend(fixed);
+        merged.extend(statistics);
         Ok((merged, summary))
     }
 }
@@ -295,6 +301,13 @@ fn split_off_fixed(models: &[&Weights]) -> (Vec<Weights>, Weights) {
     let fixed: Weights = models[0].iter().filter(|(_, t)| !t.is_floating_point()).map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
     let floats = models.iter().map(|m| m.iter().filter(|(k, _)| !fixed.contains_key(*k)).map(|(k, t)| (k.clone(), t.shallow_clone())).collect()).collect();
     (floats, fixed)
+}
+
+/// Takes BatchNorm's running statistics out of each model; returns their mean over the models.
+fn split_off_statistics(models: &mut [Weights]) -> Weights {
+    let keys: Vec<String> = models[0].keys().filter(|k| zhijian_core::layers::is_buffer(k)).cloned().collect();
+    let taken: Vec<Weights> = models.iter_mut().map(|m| keys.iter().filter_map(|k| m.remove_entry(k)).collect()).collect();
+    soup::uniform(&taken.iter().collect::<Vec<_>>())
 }
 
 /// Applies `f` to each key's tensors across `models` (every model has the
@@ -378,6 +391,8 @@ pub(crate) mod tests {
 #[cfg(test)]
 mod conformance {
     use tch::{Device, Kind};
+
+    use super::tests::weights;
     use zhijian_core::Model;
     use zhijian_core::train::Split;
 
@@ -475,6 +490,19 @@ mod conformance {
         let thrice: Weights = a.iter().map(|(k, t)| (k.clone(), (t - &base[k]) * 3.0 + &base[k])).collect();
         let agreeing = [shallow(&a), thrice];
         close(&run(&MergeRule::Ties { density: 1.0, lambda: 0.7 }, &base, &agreeing), &arithmetic(&agreeing, 0.35), "TIES");
+    }
+
+    #[test]
+    fn task_vector_rules_average_batchnorm_statistics() {
+        let base = weights(&[("w", &[0.0, 0.0]), ("bn.running_var", &[1.0, 1.0])]);
+        let a = weights(&[("w", &[1.0, 2.0]), ("bn.running_var", &[0.2, 0.4])]);
+        let b = weights(&[("w", &[3.0, -2.0]), ("bn.running_var", &[0.4, 0.6])]);
+        for rule in [MergeRule::TaskArithmetic { lambda: 1.0 }, MergeRule::Ties { density: 0.5, lambda: 1.0 }, MergeRule::Dare { density: 0.1, lambda: 1.0 }] {
+            let inputs = MergeInputs { base: &base, models: &[shallow(&a), shallow(&b)], fishers: &[], grams: &[], permutations: None, seed: 3 };
+            let (merged, _) = rule.merge(&inputs, |_| Ok(0.0)).unwrap();
+            let var = Vec::<f32>::try_from(&merged["bn.running_var"]).unwrap();
+            assert!((var[0] - 0.3).abs() < 1e-6 && (var[1] - 0.5).abs() < 1e-6, "{}: {var:?}", rule.name());
+        }
     }
 
     #[test]
