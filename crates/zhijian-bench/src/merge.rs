@@ -211,7 +211,7 @@ fn merge_one(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64]) -> Result<Opt
     let scores = Scores::of(&target, &[], &cx.data.test, &cx.data.ood, &cx.data.test, cx.source, batch, Compute::Fp32)?;
     let artifact = artifact_path(cx.artifacts, &entry.name, seed);
     let artifact_bytes = zhijian_core::save_atomic(&target.vs.variables().into_iter().collect::<Vec<_>>(), &artifact)?;
-    let record = Record {
+    let record = scores.into_record(Record {
         experiment: cx.exp.name.clone(),
         strategy: entry.name.clone(),
         seed,
@@ -228,19 +228,12 @@ fn merge_one(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64]) -> Result<Opt
         train_seconds: merge_seconds,
         train_samples_per_s: f64::NAN,
         final_loss: f64::NAN,
-        test_top1: scores.test.top1(),
-        test_top5: scores.test_top5,
-        test_n: scores.test.n,
-        ood: scores.ood,
-        source: scores.source,
-        latency_ms: Some(scores.latency_ms),
-        inference_per_s: Some(scores.inference_per_s),
         eval_compute: Some(Compute::Fp32),
         peak_rss_bytes: peak_rss_bytes(),
         artifact_bytes,
         summaries: [("merge".to_string(), summary)].into_iter().collect(),
         ..Record::default()
-    };
+    });
     append_record(cx.records, &record)?;
     eprintln!(
         "{label}: {} of {} models, test top-1 {:.2}% in {merge_seconds:.1} s, record appended to {}",

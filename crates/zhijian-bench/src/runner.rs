@@ -238,6 +238,20 @@ impl Scores {
         let (latency_ms, inference_per_s) = inference_speed(model, methods, raw_test, batch_size, compute)?;
         Ok(Scores { test_top5: top5(&accuracy), test: accuracy, ood, source, latency_ms, inference_per_s })
     }
+
+    /// `record` with these scores written into it (a run's and a merge's records share them).
+    pub(crate) fn into_record(self, record: Record) -> Record {
+        Record {
+            test_top1: self.test.top1(),
+            test_top5: self.test_top5,
+            test_n: self.test.n,
+            ood: self.ood,
+            source: self.source,
+            latency_ms: Some(self.latency_ms),
+            inference_per_s: Some(self.inference_per_s),
+            ..record
+        }
+    }
 }
 
 /// Runs every strategy × seed not yet recorded (of the shard, if one is given),
@@ -400,7 +414,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
         let peak = peak_rss_bytes();
         let artifact = artifact_path(&artifacts, &strategy.name, seed);
         let artifact_bytes = zhijian_core::save_atomic(&train::artifact(&model, &methods), &artifact)?;
-        let record = Record {
+        let record = scores.into_record(Record {
             finished_at: unix_now(),
             compute: Some(report.compute),
             eval_compute: Some(eval_compute),
@@ -412,13 +426,6 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             final_loss: report.final_loss,
             val_top1: report.val_top1.clone(),
             epoch_seconds: report.epoch_seconds.clone(),
-            test_top1: scores.test.top1(),
-            test_top5: scores.test_top5,
-            test_n: scores.test.n,
-            ood: scores.ood,
-            source: scores.source,
-            latency_ms: Some(scores.latency_ms),
-            inference_per_s: Some(scores.inference_per_s),
             peak_rss_bytes: peak,
             artifact_bytes,
             teacher: run_teacher.map(|t| TeacherUse {
@@ -428,7 +435,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             }),
             summaries: report.summaries.iter().map(|(k, v)| (k.clone(), serde_json::to_value(v).unwrap_or_default())).collect(),
             ..identity
-        };
+        });
         append_record(&records_path, &record)?;
         let mut shifted: String = record.ood.iter().map(|o| format!(", {} {:.2}%", o.split, 100.0 * o.top1)).collect();
         if let Some(s) = &record.source {
