@@ -202,15 +202,20 @@ fn vision_compare_tests_every_shift() {
 #[test]
 fn every_shipped_config_loads() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "toml")).collect();
-    files.sort();
+    let tomls = |dir: &Path| -> Vec<std::path::PathBuf> {
+        let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "toml")).collect();
+        files.sort();
+        files
+    };
+    let files = tomls(&dir);
     assert!(files.len() >= 5, "{files:?}");
     let registry = zhijian::bench::registry();
-    for file in files {
+    // The experiments whose runs give rank candidates their fine-tuned accuracies live beside the rank files.
+    for file in files.into_iter().chain(tomls(&dir.join("rank/finetune"))) {
         Experiment::load(&file, &registry).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
     }
     // The rank files (`zhijian rank`) have their own schema, in their own folder.
-    let ranks: Vec<_> = std::fs::read_dir(dir.join("rank")).unwrap().map(|e| e.unwrap().path()).collect();
+    let ranks = tomls(&dir.join("rank"));
     assert!(ranks.len() >= 2, "{ranks:?}");
     for file in ranks {
         zhijian::bench::rank::RankConfig::load(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));

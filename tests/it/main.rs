@@ -5,6 +5,7 @@ mod conformance;
 mod lazy;
 mod merge;
 mod mpnet;
+mod multimodal;
 mod pretrained;
 
 /// LibTorch's default random generator is global to the process and the test

@@ -1,6 +1,6 @@
-//! `[[merge]]`: models merged in weight space from recorded runs, evaluated
-//! and recorded like runs (small MLPs trained from scratch on a few MNIST and
-//! Fashion-MNIST images: the plumbing, not the accuracy).
+//! `[[merge]]`: models merged in weight space, and output-space ensembles, from
+//! recorded runs, evaluated and recorded like runs (small MLPs trained from
+//! scratch on a few MNIST and Fashion-MNIST images: the plumbing, not the accuracy).
 
 use std::path::Path;
 
@@ -132,4 +132,100 @@ fn merges_are_recorded_like_runs_and_refuse_what_cannot_merge() {
     assert!(err.contains("no strategy `ft-fast`") && err.contains("ft, ft-slow"), "{err}");
     let err = bad("rule = { kind = \"rebasin\" }", "rule = { kind = \"rebase\" }");
     assert!(err.contains("rebase") && err.contains("rebasin"), "{err}");
+}
+
+/// Two MLPs of other widths at other input sizes (28 and 14 pixels) on the same digits.
+const WIDE: &str = r#"
+name = "wide"
+seeds = [0]
+device = "cpu"
+[backbone]
+kind = "mlp"
+hidden = [32, 16]
+[data]
+kind = "mnist"
+train_limit = 200
+eval_limit = 100
+holdout = [0.1, 0.1]
+ood = ["gaussian_noise:3"]
+[train]
+epochs = 2
+batch_size = 32
+lr = 3e-3
+[[strategy]]
+name = "ft"
+methods = [{ method = "full_finetune" }]
+[[merge]]
+name = "ens-probabilities"
+strategies = ["ft"]
+with = [{ experiment = "small.toml", strategy = "ft", records = "small.jsonl" }]
+rule = { kind = "ensemble", combine = "probabilities", weights = [1.0, 2.0] }
+[[merge]]
+name = "ens-features"
+strategies = ["ft"]
+with = [{ experiment = "small.toml", strategy = "ft", records = "small.jsonl" }]
+rule = { kind = "ensemble", combine = "features", steps = 50 }
+[[merge]]
+name = "ens-self"
+strategies = ["ft", "ft"]
+rule = { kind = "ensemble", combine = "logits" }
+"#;
+
+#[test]
+fn ensembles_combine_runs_of_other_backbones_and_refuse_other_examples() {
+    let _rng = crate::rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let registry = zhijian::bench::registry();
+    let opts = |records: &str| CompareOptions { records: Some(dir.path().join(records)), device: Some(DeviceChoice::Cpu), ..Default::default() };
+    let small = WIDE.replace("name = \"wide\"", "name = \"small\"").replace("hidden = [32, 16]", "hidden = [24]\nimage_size = 14");
+    let small = &small[..small.find("[[merge]]").unwrap()];
+    compare(&Experiment::load(&write(dir.path(), "small.toml", small), &registry).unwrap(), &registry, &opts("small.jsonl")).unwrap();
+    let wide = Experiment::load(&write(dir.path(), "wide.toml", WIDE), &registry).unwrap();
+    let records = compare(&wide, &registry, &opts("wide.jsonl")).unwrap();
+    let names: Vec<&str> = records.iter().map(|r| r.strategy.as_str()).collect();
+    assert_eq!(names, ["ft", "ens-probabilities", "ens-features", "ens-self"]);
+    let small_run = &read_records(&dir.path().join("small.jsonl")).unwrap()[0];
+    let (ft, probabilities, features, itself) = (&records[0], &records[1], &records[2], &records[3]);
+    for r in &records[1..] {
+        assert!(r.finished() && (0.0..=1.0).contains(&r.test_top1) && r.val_top1.len() == 1 && r.ood.len() == 1, "{r:?}");
+    }
+    // Each member predicted through its own backbone and input size: alone, it scores as its run did.
+    let merge = &probabilities.summaries["merge"];
+    assert!(merge["members"][1].as_str().unwrap().contains("of small"), "{merge}");
+    let alone: Vec<f64> = merge["member_test_top1"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(alone, [ft.test_top1, small_run.test_top1]);
+    let weights: Vec<f64> = merge["weights"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert!((weights[0] - 1.0 / 3.0).abs() < 1e-12 && (weights[1] - 2.0 / 3.0).abs() < 1e-12, "{weights:?}");
+    // It stores nothing new and runs both members.
+    assert_eq!(probabilities.artifact_bytes, ft.artifact_bytes + small_run.artifact_bytes);
+    let latency = ft.latency_ms.unwrap() + small_run.latency_ms.unwrap();
+    assert!((probabilities.latency_ms.unwrap() - latency).abs() < 1e-9);
+    assert!(probabilities.steps == 0 && probabilities.trainable_params == 0);
+    // The feature ensemble fits one probe on 16 + 24 standardised features and saves it.
+    assert_eq!((features.steps, features.trainable_params), (50, 10 * (16 + 24) + 10));
+    assert_eq!(features.summaries["merge"]["probe"]["features"], 40);
+    assert!(features.artifact_bytes > probabilities.artifact_bytes && dir.path().join("artifacts/wide/ens-features-seed0.safetensors").exists());
+    // Its members' outputs were made by the first ensemble.
+    assert_eq!(features.summaries["merge"]["outputs_reused"], serde_json::json!([false, false]));
+    // A model ensembled with itself is that model.
+    assert_eq!((itself.test_top1, &itself.ood[0].top1), (ft.test_top1, &ft.ood[0].top1));
+
+    // Members must read the same examples: another eval_limit is refused, naming both experiments.
+    let fewer = small.replace("name = \"small\"", "name = \"fewer\"").replace("eval_limit = 100", "eval_limit = 80");
+    compare(&Experiment::load(&write(dir.path(), "fewer.toml", &fewer), &registry).unwrap(), &registry, &opts("fewer.jsonl")).unwrap();
+    let mismatched = WIDE.replace("small.toml", "fewer.toml").replace("small.jsonl", "fewer.jsonl");
+    let mismatched = Experiment::load(&write(dir.path(), "mismatched.toml", &mismatched), &registry).unwrap();
+    let err = compare(&mismatched, &registry, &opts("wide.jsonl")).err().unwrap().to_string();
+    assert!(err.contains("`fewer`") && err.contains("`wide`") && err.contains("same examples"), "{err}");
+
+    // Bad entries are named before anything runs.
+    let bad = |from: &str, to: &str| Experiment::load(&write(dir.path(), "bad.toml", &WIDE.replace(from, to)), &registry).err().unwrap().to_string();
+    let err = bad("weights = [1.0, 2.0]", "weights = [1.0, 2.0, 3.0]");
+    assert!(err.contains("ens-probabilities") && err.contains("3 weights for 2 members"), "{err}");
+    let err = bad("weights = [1.0, 2.0]", "weights = [1.0, -2.0]");
+    assert!(err.contains("weights[1] = -2") && err.contains("non-negative"), "{err}");
+    let err = bad("combine = \"logits\"", "combine = \"logits\", steps = 10");
+    assert!(err.contains("`steps`"), "{err}");
+    let err = bad("combine = \"logits\" }", "combine = \"logits\" }\nreset_batchnorm = 64");
+    assert!(err.contains("reset_batchnorm"), "{err}");
 }

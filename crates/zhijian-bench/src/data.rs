@@ -3,7 +3,7 @@
 
 use zhijian_core::{Error, ImagePreset, Result, Split};
 use zhijian_data::image::{FASHION_MNIST_CLASSES, idx_dataset, mnist_json_digits, optdigits};
-use zhijian_data::{Corruption, ImageLoader, ImageTransform, SUBSET_STREAM, image_folder, stratified_split, subsample_stratified};
+use zhijian_data::{Corruption, ImageLoader, ImageTransform, SUBSET_STREAM, image_folder, of_classes, per_class, stratified_split, subsample_stratified};
 
 use crate::build::{asset, tokenizer_file};
 use crate::experiment::{DataConfig, Experiment, ImageTask};
@@ -74,6 +74,10 @@ pub fn load_data(exp: &Experiment, preset: Option<&ImagePreset>, full: bool) -> 
             };
             image_splits(task, pool, None, &real, full)
         }
+        DataConfig::Optdigits(task) => {
+            let pool = ImageLoader::from_dataset(&optdigits(&asset("optdigits", "digits.csv.gz")?)?, transform(exp, task, preset)?)?;
+            image_splits(task, pool, None, &no_real_shift, full)
+        }
         DataConfig::ImageFolder { path, task } => {
             let files = image_folder(&exp.base.join(path))?;
             image_splits(task, ImageLoader::from_files(&files, transform(exp, task, preset)?)?, None, &no_real_shift, full)
@@ -130,6 +134,8 @@ fn transform(exp: &Experiment, task: &ImageTask, preset: Option<&ImagePreset>) -
 }
 
 /// Splits `pool` (its test part too, unless the data set has its own `test`),
+/// keeps the classes the task names (`train_classes` for training and
+/// validation, `eval_classes` for the test splits), draws `shots` per class,
 /// applies the limits and builds the shifted test splits: a corruption of the
 /// test images (`family:severity`) or a real shift `real(name)` knows.
 fn image_splits(
@@ -142,20 +148,33 @@ fn image_splits(
     let [val_fraction, test_fraction] = task.holdout.unwrap_or([0.1, 0.1]);
     let own_test = if test.is_some() { 0.0 } else { test_fraction };
     let labels = pool.labels();
+    let classes = pool.classes().len() as i64;
+    for (field, wanted) in [("train_classes", &task.train_classes), ("eval_classes", &task.eval_classes)] {
+        if let Some(bad) = wanted.iter().find(|&&c| !(0..classes).contains(&c)) {
+            return Err(Error::Config(format!("data.{field}: class {bad} is not one of the data set's {classes} (0 … {})", classes - 1)));
+        }
+    }
     let parts = stratified_split(&labels, [1.0 - val_fraction - own_test, val_fraction, own_test], task.split_seed)?;
     let limited = |rows: Vec<usize>, labels: &[i64], limit: Option<usize>| match limit.filter(|_| !full) {
         Some(n) => subsample_stratified(&rows, labels, n, task.split_seed ^ SUBSET_STREAM),
         None => rows,
     };
-    let train = limited(parts.train, &labels, task.train_limit);
+    // Shots are the task itself, not a budget: `full` keeps them.
+    let train = of_classes(parts.train, &labels, &task.train_classes);
+    let train = match task.shots {
+        Some(k) => per_class(&train, &labels, k, task.split_seed ^ SUBSET_STREAM),
+        None => train,
+    };
+    let train = limited(train, &labels, task.train_limit);
+    let evaluated = |rows: Vec<usize>, labels: &[i64]| limited(of_classes(rows, labels, &task.eval_classes), labels, task.eval_limit);
     let (test, test_rows) = match test {
         Some(t) => {
             let l = t.labels();
-            let rows = limited((0..l.len()).collect(), &l, task.eval_limit);
+            let rows = evaluated((0..l.len()).collect(), &l);
             (t, rows)
         }
         None => {
-            let rows = limited(parts.test, &labels, task.eval_limit);
+            let rows = evaluated(parts.test, &labels);
             (pool.clone(), rows)
         }
     };
@@ -163,7 +182,7 @@ fn image_splits(
     for name in &task.ood {
         let split = if let Some(shifted) = real(name)? {
             let l = shifted.labels();
-            shifted.split(name, &limited((0..l.len()).collect(), &l, task.eval_limit))?
+            shifted.split(name, &evaluated((0..l.len()).collect(), &l))?
         } else {
             let corruption: Corruption =
                 name.parse().map_err(|e: Error| Error::Config(format!("ood `{name}` is neither a shift this data set has nor a corruption: {e}")))?;
@@ -173,7 +192,7 @@ fn image_splits(
     }
     Ok(Data {
         train: pool.split("train", &train)?,
-        val: pool.split("val", &limited(parts.val, &labels, task.eval_limit))?,
+        val: pool.split("val", &limited(of_classes(parts.val, &labels, &task.train_classes), &labels, task.eval_limit))?,
         test: test.split("test", &test_rows)?,
         ood,
         classes: pool.classes().to_vec(),

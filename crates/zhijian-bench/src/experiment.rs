@@ -34,15 +34,21 @@ pub struct Experiment {
     /// experiment, restored from its artifact. Without it, methods that need
     /// a teacher get the pre-trained backbone itself (DELTA, LwF).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub teacher: Option<TeacherConfig>,
+    pub teacher: Option<RunRef>,
+    /// The second, frozen tower of a multimodal experiment: a text encoder's
+    /// embeddings of the class descriptions, for the methods that read them
+    /// (`contrastive_heads`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_text: Option<ClassText>,
     /// The training budget shared by every strategy.
     #[serde(default)]
     pub train: TrainConfig,
     /// The strategies compared (`[[strategy]]` tables).
     #[serde(rename = "strategy")]
     pub strategies: Vec<Strategy>,
-    /// Models merged in weight space from the strategies' runs (`[[merge]]`
-    /// tables), evaluated and recorded like runs once those runs are recorded.
+    /// Models merged in weight space from the strategies' runs, or their
+    /// outputs ensembled (`[[merge]]` tables), evaluated and recorded like
+    /// runs once those runs are recorded.
     #[serde(default, rename = "merge", skip_serializing_if = "Vec::is_empty")]
     pub merges: Vec<MergeEntry>,
     /// Folder of the experiment file: relative paths in it start here.
@@ -203,6 +209,10 @@ pub enum DataConfig {
     /// `mnist-digits`), split into train / validation / test; the shift
     /// `optdigits` (UCI digits, other writers and scanner) is available.
     Mnist(ImageTask),
+    /// UCI optdigits (asset `optdigits`): 1,797 8×8 digits of other writers
+    /// and another scanner than MNIST's, split into train / validation / test;
+    /// the target of MNIST → optdigits adaptation with few labels (`shots`).
+    Optdigits(ImageTask),
     /// An image folder: `<path>/<class>/*.{jpg,png}`, split into train /
     /// validation / test.
     ImageFolder {
@@ -238,6 +248,17 @@ pub struct ImageTask {
     /// (for MNIST), or a corruption of the test split `family:severity`
     /// (`gaussian_noise:3`; see `zhijian_data::corruptions`).
     pub ood: Vec<String>,
+    /// Train (and validate) on these classes only, by label index; default
+    /// every class. With `eval_classes` the rest: zero-shot splits.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub train_classes: Vec<i64>,
+    /// Test (shifted splits included) on these classes only; default every class.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub eval_classes: Vec<i64>,
+    /// Train on this many examples per class (k-shot), drawn from the training
+    /// split by `split_seed`; default all (or `train_limit`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shots: Option<usize>,
 }
 
 impl DataConfig {
@@ -252,7 +273,23 @@ impl DataConfig {
                 at_least_one("train_limit", *train_limit)
             }
             DataConfig::Text(files) => files.validate(),
-            DataConfig::FashionMnist(task) | DataConfig::Mnist(task) | DataConfig::ImageFolder { task, .. } => task.validate(),
+            DataConfig::FashionMnist(task) | DataConfig::Mnist(task) | DataConfig::Optdigits(task) | DataConfig::ImageFolder { task, .. } => task.validate(),
+        }
+    }
+
+    /// What an image data set's task says (limits, size, classes); `None` for text.
+    pub fn image_task(&self) -> Option<&ImageTask> {
+        match self {
+            DataConfig::FashionMnist(task) | DataConfig::Mnist(task) | DataConfig::Optdigits(task) | DataConfig::ImageFolder { task, .. } => Some(task),
+            DataConfig::RottenTomatoes { .. } | DataConfig::Text(_) => None,
+        }
+    }
+
+    /// [`DataConfig::image_task`], to change.
+    pub fn image_task_mut(&mut self) -> Option<&mut ImageTask> {
+        match self {
+            DataConfig::FashionMnist(task) | DataConfig::Mnist(task) | DataConfig::Optdigits(task) | DataConfig::ImageFolder { task, .. } => Some(task),
+            DataConfig::RottenTomatoes { .. } | DataConfig::Text(_) => None,
         }
     }
 
@@ -263,6 +300,7 @@ impl DataConfig {
             DataConfig::Text(_) => "text",
             DataConfig::FashionMnist(_) => "fashion_mnist",
             DataConfig::Mnist(_) => "mnist",
+            DataConfig::Optdigits(_) => "optdigits",
             DataConfig::ImageFolder { .. } => "image_folder",
         }
     }
@@ -280,6 +318,7 @@ impl ImageTask {
     pub fn validate(&self) -> Result<()> {
         at_least_one("train_limit", self.train_limit)?;
         at_least_one("eval_limit", self.eval_limit)?;
+        at_least_one("shots", self.shots)?;
         if let Some(holdout) = self.holdout
             && (holdout.iter().any(|f| !(0.0..1.0).contains(f)) || holdout[0] + holdout[1] >= 1.0)
         {
@@ -318,12 +357,14 @@ pub enum SourceTask {
     FoolboxImagenet,
 }
 
-/// `[teacher]`: a finished run of another experiment on the same examples
-/// (its own backbone, its own view of the data: tokenizer, image size), whose
-/// artifact is restored and frozen. Its run must be recorded first.
+/// A finished run of another experiment, found in its records, whose
+/// artifact is restored: `[teacher]` (on the same examples, with its own
+/// backbone and its own view of the data: tokenizer, image size; frozen) and a
+/// strategy's `init` (the same backbone and methods, trained further). Its
+/// run must be recorded first.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TeacherConfig {
+pub struct RunRef {
     /// The teacher's experiment file, relative to this one.
     pub experiment: PathBuf,
     /// The strategy of that experiment whose run is the teacher.
@@ -354,9 +395,10 @@ pub struct MergeEntry {
     /// Default false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub across_seeds: bool,
-    /// Runs of other experiments on the same backbone (other tasks: task
-    /// arithmetic, TIES, …), with the same seeds. Their heads are not merged:
-    /// the merged model keeps this experiment's head.
+    /// Runs of other experiments, with the same seeds: on the same backbone
+    /// for the weight-space rules (other tasks: task arithmetic, TIES, …;
+    /// their heads are not merged, the merged model keeps this experiment's
+    /// head), on any backbone for an ensemble (the same examples).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub with: Vec<OtherRuns>,
     /// The rule and its settings, e.g. `{ kind = "ties", density = 0.2 }`
@@ -403,6 +445,52 @@ pub struct Strategy {
     /// cache saves. Default true.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub teacher_cache: bool,
+    /// Start from a recorded run instead of the pre-trained model: its
+    /// artifact (what its methods trained, and the head) is restored into this
+    /// strategy's model, whose backbone and methods must be that run's, before
+    /// training (contrastive heads trained on MNIST, adapted to optdigits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<RunRef>,
+}
+
+/// `[class_text]`: the class descriptions a text encoder embeds once, frozen
+/// (mean-pooled sentence embeddings for MiniLM), one per class in label order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClassText {
+    /// The text encoder, as a `bert` backbone's `weights` (a preset, an asset
+    /// or a folder). Default `all-minilm-l6-v2`.
+    pub weights: String,
+    /// What each class name fills: `{}` stands for the name. Default `{}`.
+    pub template: String,
+    /// The descriptions themselves, one per class in label order; default the
+    /// data set's class names, each in `template`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub descriptions: Vec<String>,
+}
+
+impl Default for ClassText {
+    fn default() -> Self {
+        ClassText { weights: "all-minilm-l6-v2".into(), template: "{}".into(), descriptions: Vec::new() }
+    }
+}
+
+impl ClassText {
+    /// The description of each class (`classes`: the data set's names, in label order).
+    pub fn descriptions(&self, classes: &[String]) -> Result<Vec<String>> {
+        if self.descriptions.is_empty() {
+            return Ok(classes.iter().map(|c| self.template.replace("{}", c)).collect());
+        }
+        if self.descriptions.len() != classes.len() {
+            return Err(Error::Config(format!(
+                "class_text.descriptions has {} entries for {} classes ({}): give one per class, in label order",
+                self.descriptions.len(),
+                classes.len(),
+                classes.join(", ")
+            )));
+        }
+        Ok(self.descriptions.clone())
+    }
 }
 
 fn yes() -> bool {
@@ -499,6 +587,7 @@ impl Experiment {
                 )));
             }
             let rule = MergeRule::from_table(&m.rule).map_err(|e| Error::Config(format!("merge `{}`: {e}", m.name)))?;
+            crate::ensemble::check_entry(m, &rule, self.seeds.len())?;
             let models = m.strategies.len() * if m.across_seeds { self.seeds.len() } else { 1 } * (1 + m.with.len());
             // One model is a merge only for rules that scale a task vector (task arithmetic's λ).
             if models < 2 && !rule.needs().base {

@@ -4,9 +4,11 @@
 //! already recorded. [`table::markdown`] renders the comparison.
 
 pub mod build;
+pub mod class_text;
 #[cfg(test)]
 mod config_fuzz;
 pub mod data;
+mod ensemble;
 pub mod experiment;
 pub mod features;
 pub mod folder;

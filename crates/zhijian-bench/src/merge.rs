@@ -11,6 +11,9 @@
 //! whole state is read. A run whose methods keep weights outside the backbone
 //! (prompts, adapters that do not fold, class means) cannot be merged, and
 //! says so. The merged model is the plain backbone and head.
+//!
+//! The `ensemble` rule is the exception: it reads no weights, so its runs may
+//! be of other backbones and keep any methods; [`crate::ensemble`] runs it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -60,21 +63,24 @@ struct Ingredient {
 /// returns the keys of those recorded.
 pub(crate) fn run_merges(cx: &MergeContext, seeds: &[u64]) -> Result<Vec<String>> {
     let mut keys = Vec::new();
+    // Ensembles of the same runs (by probabilities, then by features) run each member once.
+    let mut outputs = crate::ensemble::Outputs::for_merges(&cx.exp.merges);
     for entry in &cx.exp.merges {
         let groups: Vec<Vec<u64>> = if entry.across_seeds { vec![seeds.to_vec()] } else { seeds.iter().map(|&s| vec![s]).collect() };
         for group in groups {
-            keys.extend(merge_one(cx, entry, &group)?);
+            keys.extend(merge_one(cx, entry, &group, &mut outputs)?);
         }
     }
     Ok(keys)
 }
 
 /// A run a merge reads, and the other experiment it belongs to (none: this one's).
-type Run = (Option<(Experiment, PathBuf)>, RecordedRun);
+pub(crate) type Run = (Option<(Experiment, PathBuf)>, RecordedRun);
 
 /// The runs `entry` reads at `seeds`: this experiment's (strategy-major), then
-/// each `with` experiment's; or why not all are recorded yet.
-fn runs_of(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64]) -> Result<std::result::Result<Vec<Run>, String>> {
+/// each `with` experiment's; or why not all are recorded yet. A weight-space
+/// rule (`one_backbone`) refuses another experiment's backbone.
+fn runs_of(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64], one_backbone: bool) -> Result<std::result::Result<Vec<Run>, String>> {
     let mut runs = Vec::new();
     for strategy in &entry.strategies {
         for &seed in seeds {
@@ -87,9 +93,9 @@ fn runs_of(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64]) -> Result<std::
     for other in &entry.with {
         let path = cx.exp.base.join(&other.experiment);
         let oexp = Experiment::load(&path, cx.registry)?;
-        if serde_json::to_value(&oexp.backbone).ok() != serde_json::to_value(&cx.exp.backbone).ok() {
+        if one_backbone && serde_json::to_value(&oexp.backbone).ok() != serde_json::to_value(&cx.exp.backbone).ok() {
             return Err(Error::Config(format!(
-                "merge `{}`: {} has another backbone; only fine-tunes of one pre-trained backbone merge",
+                "merge `{}`: {} has another backbone; only fine-tunes of one pre-trained backbone merge in weight space (`kind = \"ensemble\"` combines the outputs of any backbones)",
                 entry.name,
                 path.display()
             )));
@@ -105,9 +111,10 @@ fn runs_of(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64]) -> Result<std::
     Ok(Ok(runs))
 }
 
-fn merge_one(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64]) -> Result<Option<String>> {
+fn merge_one(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64], outputs: &mut crate::ensemble::Outputs) -> Result<Option<String>> {
     let seed = seeds[0];
-    let runs = match runs_of(cx, entry, seeds)? {
+    let rule = MergeRule::from_table(&entry.rule)?;
+    let runs = match runs_of(cx, entry, seeds, !matches!(rule, MergeRule::Ensemble(_)))? {
         Ok(runs) => runs,
         // Two experiments merging each other's runs each run first without the other's.
         Err(why) => {
@@ -115,7 +122,6 @@ fn merge_one(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64]) -> Result<Opt
             return Ok(None);
         }
     };
-    let rule = MergeRule::from_table(&entry.rule)?;
     let mut written = serde_json::to_value(entry).unwrap_or_default();
     written["rule"] = with_defaults(&rule);
     let config = serde_json::json!({
@@ -127,6 +133,11 @@ fn merge_one(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64]) -> Result<Opt
     let label = format!("merge {} seed {seed}", entry.name);
     if cx.done.contains_key(key.as_str()) {
         eprintln!("{label}: already recorded in {}, skipped", cx.records.display());
+        return Ok(Some(key));
+    }
+    if let MergeRule::Ensemble(ensemble) = &rule {
+        let made = crate::ensemble::Made { key: key.clone(), config, label, seed };
+        crate::ensemble::run(cx, entry, ensemble, &runs, made, outputs)?;
         return Ok(Some(key));
     }
     reset_peak_rss();
@@ -247,7 +258,7 @@ fn merge_one(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64]) -> Result<Opt
 
 /// The rule as a `rule` table with every setting: `kind`, then the settings
 /// with their defaults filled in (what the run key hashes).
-fn with_defaults(rule: &MergeRule) -> serde_json::Value {
+pub(crate) fn with_defaults(rule: &MergeRule) -> serde_json::Value {
     let mut table = serde_json::Map::new();
     if let serde_json::Value::Object(tagged) = serde_json::to_value(rule).unwrap_or_default() {
         for (kind, settings) in tagged {
@@ -263,14 +274,21 @@ fn with_defaults(rule: &MergeRule) -> serde_json::Value {
 /// A recorded run rebuilt as it trained: its backbone, its methods prepared
 /// with its seed and restored from its artifact, folded into the weights.
 fn restored(exp: &Experiment, registry: &Registry, run: &RecordedRun, classes: i64, device: Device) -> Result<Model> {
+    let (model, mut methods) = rebuilt(exp, registry, run, classes, device)?;
+    fold(&model, &mut methods, &run.record.strategy)?;
+    Ok(model)
+}
+
+/// A recorded run rebuilt as it trained and restored from its artifact, its
+/// methods beside the backbone (what an ensemble runs).
+pub(crate) fn rebuilt(exp: &Experiment, registry: &Registry, run: &RecordedRun, classes: i64, device: Device) -> Result<(Model, Vec<Box<dyn Method>>)> {
     let (model, _) = build_model(exp, classes, device)?;
     let entries: Vec<toml::Table> = serde_json::from_value(run.record.methods.clone())
         .map_err(|e| Error::Config(format!("{} seed {}: the run's methods do not parse: {e}", run.record.strategy, run.record.seed)))?;
     let mut methods = entries.iter().map(|m| registry.build(m)).collect::<Result<Vec<_>>>()?;
     train::prepare(&model, &mut methods, run.record.seed)?;
     train::restore(&model, &methods, &run.artifact)?;
-    fold(&model, &mut methods, &run.record.strategy)?;
-    Ok(model)
+    Ok((model, methods))
 }
 
 /// Folds each method into the backbone's weights, or refuses a method whose

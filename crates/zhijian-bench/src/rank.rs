@@ -154,7 +154,7 @@ impl RankConfig {
         if self.batch_size < 1 {
             return Err(Error::Config(format!("batch_size must be at least 1, got {}", self.batch_size)));
         }
-        let image = matches!(self.data, DataConfig::Mnist(_) | DataConfig::FashionMnist(_) | DataConfig::ImageFolder { .. });
+        let image = self.data.image_task().is_some();
         for c in &self.candidates {
             match c.image_size {
                 Some(_) if !image => return Err(Error::Config(format!("candidate `{}`: image_size needs image data, not `{}`", c.name, self.data.name()))),
@@ -179,7 +179,7 @@ impl RankConfig {
     /// The experiment that builds candidate `c`'s model and data.
     fn experiment(&self, c: &Candidate, device: DeviceChoice) -> Experiment {
         let mut data = self.data.clone();
-        if let (Some(size), DataConfig::Mnist(task) | DataConfig::FashionMnist(task) | DataConfig::ImageFolder { task, .. }) = (c.image_size, &mut data) {
+        if let (Some(size), Some(task)) = (c.image_size, data.image_task_mut()) {
             task.image_size = Some(size);
         }
         Experiment {
@@ -191,6 +191,7 @@ impl RankConfig {
             data,
             source: None,
             teacher: None,
+            class_text: None,
             train: TrainConfig::default(),
             strategies: Vec::new(),
             merges: Vec::new(),

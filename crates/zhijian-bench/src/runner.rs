@@ -11,8 +11,9 @@ use zhijian_core::train::{self, TrainOptions, features_cacheable};
 use zhijian_core::{Compute, Error, Method, Model, Registry, Result, Split};
 
 use crate::build::{build_model, image_preset, weights_file};
+use crate::class_text::ClassTexts;
 use crate::data::load_data;
-use crate::experiment::{DeviceChoice, Experiment, Strategy};
+use crate::experiment::{DeviceChoice, Experiment, RunRef, Strategy};
 use crate::features::{FeatureCache, FeatureOrigin, feature_key, file_digest};
 use crate::record::{Record, SplitScore, TeacherUse, append_record, read_records};
 use crate::source::Source;
@@ -117,7 +118,7 @@ pub fn recorded_run(exp: &Experiment, path: &Path, records: Option<PathBuf>, str
 }
 
 /// Everything that defines a run, as the record keeps it and its key hashes.
-fn run_config(exp: &Experiment, strategy: &Strategy, train: &serde_json::Value, seed: u64, full: bool, uses_teacher: bool) -> serde_json::Value {
+fn run_config(exp: &Experiment, strategy: &Strategy, train: &serde_json::Value, seed: u64, full: bool, uses: Uses) -> serde_json::Value {
     let methods = serde_json::to_value(&strategy.methods).unwrap_or_default();
     let mut canonical = serde_json::json!({
         "backbone": serde_json::to_value(&exp.backbone).unwrap_or_default(),
@@ -125,7 +126,7 @@ fn run_config(exp: &Experiment, strategy: &Strategy, train: &serde_json::Value, 
         "full": full, "methods": methods, "train": train, "seed": seed,
     });
     // Only what a teacher changes, and only when a method uses one, so other runs keep their keys.
-    if uses_teacher {
+    if uses.teacher {
         if let Some(teacher) = &exp.teacher {
             canonical["teacher"] = serde_json::to_value(teacher).unwrap_or_default();
         }
@@ -137,7 +138,34 @@ fn run_config(exp: &Experiment, strategy: &Strategy, train: &serde_json::Value, 
     if let Some(source) = &exp.source {
         canonical["source"] = serde_json::to_value(source).unwrap_or_default();
     }
+    if uses.class_text {
+        canonical["class_text"] = serde_json::to_value(exp.class_text.clone().unwrap_or_default()).unwrap_or_default();
+    }
+    // The run started from, by its key: rerunning it reruns this one.
+    if let (Some(init), Some(key)) = (&strategy.init, uses.init_key) {
+        canonical["init"] = serde_json::json!({ "run": serde_json::to_value(init).unwrap_or_default(), "key": key });
+    }
     canonical
+}
+
+/// What of the experiment beyond backbone, data and budget a run uses, so
+/// that it keys the run only then (other runs keep their keys).
+#[derive(Clone, Copy, Default)]
+struct Uses<'a> {
+    /// A method needs a teacher.
+    teacher: bool,
+    /// A method reads the class texts.
+    class_text: bool,
+    /// The key of the recorded run the strategy starts from.
+    init_key: Option<&'a str>,
+}
+
+/// The recorded run a strategy's `init` names, with its experiment file.
+fn init_run(exp: &Experiment, init: &RunRef, registry: &Registry) -> Result<RecordedRun> {
+    let path = exp.base.join(&init.experiment);
+    let iexp = Experiment::load(&path, registry)?;
+    recorded_run(&iexp, &path, init.records.as_ref().map(|r| exp.base.join(r)), &init.strategy, init.seed)
+        .map_err(|e| Error::Config(format!("strategy init: {e}")))
 }
 
 /// The hash of a run's configuration: a rerun skips runs whose key is recorded.
@@ -280,6 +308,8 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
     let mut features = FeatureCache::new(opts.feature_cache.clone());
     // Built the first time a strategy's methods ask for it, then shared: it is frozen.
     let mut teacher = None;
+    // Embedded the first time a strategy's methods read them, then shared.
+    let mut class_texts: Option<ClassTexts> = None;
     let mut weights_digest: Option<Option<String>> = None;
     let mut keys = Vec::new();
     let rev = git_rev();
@@ -294,8 +324,13 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
         let methods_json = serde_json::to_value(&strategy.methods).unwrap_or_default();
         let train_json = serde_json::to_value(&cfg).unwrap_or_default();
         let mut methods: Vec<Box<dyn Method>> = strategy.methods.iter().map(|m| registry.build(m)).collect::<Result<_>>()?;
-        let uses_teacher = methods.iter().any(|m| m.teacher_taps().is_some());
-        let config = run_config(exp, strategy, &train_json, seed, opts.full, uses_teacher);
+        let init = strategy.init.as_ref().map(|r| init_run(exp, r, registry)).transpose()?;
+        let uses = Uses {
+            teacher: methods.iter().any(|m| m.teacher_taps().is_some()),
+            class_text: methods.iter().any(|m| m.reads_class_text()),
+            init_key: init.as_ref().map(|r| r.record.key.as_str()),
+        };
+        let config = run_config(exp, strategy, &train_json, seed, opts.full, uses);
         let key = run_key(&config);
         keys.push(key.clone());
         if let Some(earlier) = done.get(key.as_str()) {
@@ -306,12 +341,27 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
             continue;
         }
         let label = format!("{} seed {seed}", strategy.name);
+        // Embedded before the seed is set: building the text tower draws from
+        // the random stream, which the run's own initialisation must not see.
+        if uses.class_text && class_texts.is_none() {
+            let texts = ClassTexts::embed(exp, &exp.class_text.clone().unwrap_or_default(), &data.classes, device)?;
+            eprintln!("class texts: {}", texts.description);
+            class_texts = Some(texts);
+        }
         reset_peak_rss();
         // Seeded before the model exists: the new head's initialisation is part of
         // the run, so neither the strategy order nor a resumed comparison changes it.
         tch::manual_seed(seed as i64);
         let (model, backbone_desc) = build_model(exp, data.classes.len() as i64, device)?;
+        if let Some(texts) = &class_texts {
+            texts.give(&mut methods)?;
+        }
         train::prepare(&model, &mut methods, seed)?;
+        if let (Some(run), Some(r)) = (&init, &strategy.init) {
+            train::restore(&model, &methods, &run.artifact)
+                .map_err(|e| Error::Config(format!("strategy `{}` init from `{}` of {}: {e}", strategy.name, r.strategy, r.experiment.display())))?;
+            eprintln!("{label}: starts from `{}` seed {} of {} (test top-1 {:.2}%)", r.strategy, r.seed, r.experiment.display(), 100.0 * run.record.test_top1);
+        }
         let trainable = train::trainable(&model, &methods);
         if train::teacher_taps(&methods).is_some() && teacher.is_none() {
             let t = match &exp.teacher {

@@ -133,7 +133,9 @@ pub fn markdown(records: &[Record]) -> String {
         out.push_str("\n‡ no gradient step: fitted on the training split's features (class means, neighbours); train time is the fit.\n");
     }
     if records.iter().any(|r| r.finished() && merged(r)) {
-        out.push_str("\n‡ merged in weight space from recorded runs (`[[merge]]`), no gradient step: train time is the merge's.\n");
+        out.push_str(
+            "\n‡ made from recorded runs (`[[merge]]`: merged in weight space, or ensembled in output space), no gradient step through a backbone: train time is the merge's (an ensemble's: its models' passes and the combination).\n",
+        );
     }
     out
 }

@@ -11,7 +11,7 @@ use zhijian_core::{Error, Registry, Result, Teacher};
 
 use crate::build::{build_model, image_preset, new_model, weights_file};
 use crate::data::{Data, load_data};
-use crate::experiment::{Experiment, TeacherConfig};
+use crate::experiment::{Experiment, RunRef};
 use crate::runner::{RecordedRun, recorded_run};
 
 /// The experiment's backbone as pre-trained, with the head its weights ship
@@ -41,7 +41,7 @@ pub fn pretrained_teacher(exp: &Experiment, task_classes: i64, device: Device) -
 /// its artifact restored, frozen; with that experiment's own view of the
 /// training split (its tokenizer, its image size), which must hold the same
 /// examples in the same order as the student's.
-pub fn configured_teacher(exp: &Experiment, config: &TeacherConfig, registry: &Registry, student: &Data, device: Device, full: bool) -> Result<Teacher> {
+pub fn configured_teacher(exp: &Experiment, config: &RunRef, registry: &Registry, student: &Data, device: Device, full: bool) -> Result<Teacher> {
     let path = exp.base.join(&config.experiment);
     let texp = Experiment::load(&path, registry)?;
     let RecordedRun { record: run, artifact } = recorded_run(&texp, &path, config.records.as_ref().map(|r| exp.base.join(r)), &config.strategy, config.seed)

@@ -129,6 +129,20 @@ pub trait Method: Send {
     /// trains in the backbone. Called once, before training.
     fn prepare(&mut self, model: &Model) -> Result<()>;
 
+    /// Whether the method reads a second, frozen tower's embeddings of the
+    /// task's class descriptions (contrastive heads): the runner then embeds
+    /// them once and hands them over with [`Method::set_class_text`].
+    fn reads_class_text(&self) -> bool {
+        false
+    }
+
+    /// The class descriptions' embeddings `[classes, d]` (float, CPU), one row
+    /// per label, given before [`Method::prepare`] when
+    /// [`Method::reads_class_text`].
+    fn set_class_text(&mut self, _embeddings: &Tensor) -> Result<()> {
+        Ok(())
+    }
+
     /// Transforms the input `x` of the linear layer at `site` before its matmul.
     fn linear_input(&self, _site: &Site, x: Tensor, _train: bool) -> Tensor {
         x

@@ -88,7 +88,11 @@ pub fn from_table<T: DeserializeOwned>(table: &toml::Table) -> std::result::Resu
                 let start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
                 let end = text[span.start..].find('\n').map_or(text.len(), |i| span.start + i);
                 let line = text[start..end].trim();
-                format!("`{line}`: {message}{}", keys_of_header(table, line, message))
+                // A value inside a sub-table (`[a.b]`, then `x = 1`) names only its own key: the
+                // header names the field whose value it is (an enum given a table, `b = { x = 1 }`).
+                let header = text[..start].lines().rev().find(|l| l.trim_start().starts_with('[')).filter(|_| !line.starts_with('['));
+                let within = header.map(|h| format!(" in `{}`", h.trim())).unwrap_or_default();
+                format!("`{line}`{within}: {message}{}", keys_of_header(table, line, message))
             }
             None => message.to_string(),
         }
@@ -119,5 +123,42 @@ pub fn config_table<T: serde::Serialize>(config: &T) -> toml::Table {
     match toml::Value::try_from(config) {
         Ok(toml::Value::Table(t)) => t,
         _ => toml::Table::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Outer {
+        size: u32,
+        inner: Inner,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Inner {
+        mode: Mode,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum Mode {
+        Fast,
+    }
+
+    /// A bad value is quoted with its line; inside a sub-table, with the
+    /// header too, which names the field the value belongs to.
+    #[test]
+    fn errors_quote_the_line_and_the_table_it_is_in() {
+        let parse = |text: &str| from_table::<Outer>(&text.parse::<toml::Table>().unwrap()).unwrap_err();
+        let e = parse("size = -1\ninner = { mode = \"fast\" }");
+        assert!(e.starts_with("`size = -1`:"), "{e}");
+        // An enum given a table: serde sees only `x = 1`; the header says it is `mode`.
+        let e = parse("size = 1\ninner = { mode = { x = 1 } }");
+        assert!(e.contains("`x = 1` in `[inner.mode]`"), "{e}");
     }
 }

@@ -28,7 +28,7 @@ pub use foolbox::{foolbox_imagenet, foolbox_samples};
 pub use image_folder::{ImageFile, ImageFiles, image_folder};
 pub use loader::ImageLoader;
 pub use rotten_tomatoes::rotten_tomatoes;
-pub use split::{SplitIndices, check_fractions, stratified_split, subsample_stratified};
+pub use split::{SplitIndices, check_fractions, of_classes, per_class, stratified_split, subsample_stratified};
 pub use text::{TextDataset, read_columns};
 pub use text_files::{TextColumns, TextCorpus, TextFiles, TextShift};
 pub use tokenize::{TextTokenizer, TokenizedText};

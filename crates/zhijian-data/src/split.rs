@@ -104,6 +104,29 @@ pub fn subsample_stratified(indices: &[usize], labels: &[i64], n: usize, seed: u
     out
 }
 
+/// At most `k` of `indices` (rows of `labels`) per class, drawn at random
+/// with `seed` (a k-shot training set); a class with fewer rows keeps them
+/// all. Sorted ascending.
+pub fn per_class(indices: &[usize], labels: &[i64], k: usize, seed: u64) -> Vec<usize> {
+    let mut rng = SplitMix64::new(seed);
+    let mut out = Vec::new();
+    for (_, mut rows) in by_class(indices.iter().copied(), labels) {
+        rng.shuffle(&mut rows);
+        out.extend_from_slice(&rows[..k.min(rows.len())]);
+    }
+    out.sort_unstable();
+    out
+}
+
+/// The rows of `indices` whose label is one of `classes`; all of them when
+/// `classes` is empty.
+pub fn of_classes(indices: Vec<usize>, labels: &[i64], classes: &[i64]) -> Vec<usize> {
+    if classes.is_empty() {
+        return indices;
+    }
+    indices.into_iter().filter(|&i| classes.contains(&labels[i])).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,5 +227,22 @@ mod tests {
         }
         // Each value leads ~1000 times; a broken shuffle (e.g. off-by-one range) skews this.
         assert!(first.iter().all(|&c| (850..1150).contains(&c)), "{first:?}");
+    }
+
+    #[test]
+    fn per_class_draws_k_of_each_class_and_of_classes_filters() {
+        let labels = labels();
+        let all: Vec<usize> = (0..labels.len()).collect();
+        let five = per_class(&all, &labels, 5, 3);
+        assert_eq!([0, 1, 2].map(|c| count(&five, &labels, c)), [5, 5, 5]);
+        assert!(five.windows(2).all(|w| w[0] < w[1]), "sorted, no repeats");
+        assert_eq!(five, per_class(&all, &labels, 5, 3), "the same seed draws the same rows");
+        assert_ne!(five, per_class(&all, &labels, 5, 4));
+        // Class 2 has 12 rows: all of them.
+        assert_eq!(count(&per_class(&all, &labels, 50, 3), &labels, 2), 12);
+        let some = of_classes(all.clone(), &labels, &[0, 2]);
+        assert_eq!(some.len(), 113);
+        assert!(some.iter().all(|&i| labels[i] != 1));
+        assert_eq!(of_classes(all.clone(), &labels, &[]), all);
     }
 }

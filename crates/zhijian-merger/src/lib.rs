@@ -1,10 +1,13 @@
 //! Merger-stage reuse: how pre-trained knowledge is used at prediction time
-//! (class prototypes and nearest neighbours over frozen features) and which
+//! (class prototypes and nearest neighbours over frozen features, heads
+//! aligning them with a text tower's class descriptions) and which
 //! backbone to reuse before any training (transferability scores). One method
 //! per file; [`register`] adds the methods to a [`Registry`].
 
 use zhijian_core::{Registry, Stage, parse_config};
 
+pub mod contrastive_heads;
+pub mod ensemble;
 pub mod head2toe;
 pub mod knn;
 pub mod merge;
@@ -13,6 +16,8 @@ pub mod prototypes;
 pub mod score;
 pub mod simpleshot;
 
+pub use contrastive_heads::{Candidates, ContrastiveHeads, ContrastiveHeadsConfig};
+pub use ensemble::{Combine, Ensemble, FeatureProbe};
 pub use head2toe::{Head2Toe, Head2ToeConfig};
 pub use knn::{Knn, KnnConfig, Weighting};
 pub use ncm::{Ncm, NcmConfig};
@@ -33,4 +38,10 @@ pub fn register(r: &mut Registry) {
     r.register("head2toe", Stage::Merger, "linear head on group-lasso-selected features of every block of the frozen backbone (Evci et al. 2022)", |c| {
         Ok(Box::new(Head2Toe::new(parse_config("head2toe", c)?)))
     });
+    r.register(
+        "contrastive_heads",
+        Stage::Merger,
+        "projection heads aligning frozen image features with a frozen text tower's class descriptions, symmetric InfoNCE (CLIP/LiT)",
+        |c| Ok(Box::new(ContrastiveHeads::new(parse_config("contrastive_heads", c)?))),
+    );
 }

@@ -14,7 +14,13 @@
 //! | `fisher` | [`fisher`] | θᵢ, each model's diagonal Fisher on its task |
 //! | `regmean` | [`regmean`] | θᵢ, each model's input Grams on its task |
 //! | `rebasin` | [`rebasin`] | θᵢ of a chain backbone (MLP, small CNN) |
+//! | `ensemble` | [`crate::ensemble`] | no weights: each model's outputs (probabilities, logits or pooled features) |
 //!
+//! `ensemble` is the one rule in output space: every model runs and their
+//! predictions are combined (or one probe is fitted on their concatenated
+//! features), so its models may be different backbones. It is listed here
+//! because a `[[merge]]` entry names it like the others; the bench runs it
+//! ([`MergeRule::merge`] refuses it).
 //! Tensors that are not floating point (BatchNorm's step counters) are taken
 //! from the first model. The rules on task vectors (task arithmetic, TIES,
 //! DARE) average BatchNorm's running statistics instead of treating them as
@@ -103,6 +109,9 @@ pub enum MergeRule {
         #[serde(default = "default_rounds")]
         max_iters: usize,
     },
+    /// Output-space ensemble: the models' probabilities or logits combined,
+    /// or one probe on their concatenated features ([`crate::ensemble`]).
+    Ensemble(crate::ensemble::Ensemble),
 }
 
 fn default_lambda() -> f64 {
@@ -162,7 +171,7 @@ pub struct MergeInputs<'a> {
 }
 
 /// The rules' `kind`s.
-pub const RULES: [&str; 7] = ["soup", "task_arithmetic", "ties", "dare", "fisher", "regmean", "rebasin"];
+pub const RULES: [&str; 8] = ["soup", "task_arithmetic", "ties", "dare", "fisher", "regmean", "rebasin", "ensemble"];
 
 impl MergeRule {
     /// The rule a `rule` table writes, `kind` and settings, checked: a
@@ -183,8 +192,12 @@ impl MergeRule {
         let mut settings = table.clone();
         settings.remove("kind");
         let tagged = toml::Table::from_iter([(kind, toml::Value::Table(settings))]);
-        let rule: MergeRule = zhijian_core::from_table(&tagged).map_err(|e| Error::Config(format!("merge rule: {e}")))?;
+        let mut rule: MergeRule = zhijian_core::from_table(&tagged).map_err(|e| Error::Config(format!("merge rule: {e}")))?;
         rule.validate()?;
+        // The probe's defaults, written in so that records and run keys hold them.
+        if let MergeRule::Ensemble(e) = &mut rule {
+            e.fill_defaults();
+        }
         Ok(rule)
     }
 
@@ -199,6 +212,7 @@ impl MergeRule {
             MergeRule::Fisher { .. } => "Fisher merging",
             MergeRule::Regmean { .. } => "RegMean",
             MergeRule::Rebasin { .. } => "re-basin (weight matching)",
+            MergeRule::Ensemble(e) => e.name(),
         }
     }
 
@@ -211,6 +225,7 @@ impl MergeRule {
             MergeRule::Fisher { floor, .. } if floor.is_nan() || floor <= 0.0 => bad("floor must be > 0"),
             MergeRule::Regmean { alpha, .. } if !(0.0..=1.0).contains(&alpha) => bad("alpha must be in [0, 1]"),
             MergeRule::Rebasin { max_iters: 0 } => bad("max_iters must be ≥ 1"),
+            MergeRule::Ensemble(ref e) => e.validate(),
             _ => Ok(()),
         }
     }
@@ -223,6 +238,8 @@ impl MergeRule {
             MergeRule::Fisher { examples, .. } => Needs { fisher: Some(examples), ..Needs::default() },
             MergeRule::Regmean { examples, .. } => Needs { grams: Some(examples), ..Needs::default() },
             MergeRule::Rebasin { .. } => Needs { permutations: true, ..Needs::default() },
+            // It reads no weights: its models run.
+            MergeRule::Ensemble(_) => Needs::default(),
         }
     }
 
@@ -277,6 +294,12 @@ impl MergeRule {
                 }
                 summary = serde_json::json!({ "units_moved": moved });
                 soup::uniform(&[first].into_iter().chain(&aligned).collect::<Vec<_>>())
+            }
+            MergeRule::Ensemble(_) => {
+                return Err(Error::Config(
+                    "merge rule `ensemble` combines the models' outputs, not their weights: run each model and combine them with `zhijian_merger::ensemble`"
+                        .into(),
+                ));
             }
         };
         merged.extend(fixed);
@@ -376,7 +399,20 @@ pub(crate) mod tests {
         let e = err("kind = \"fisher\"\nexamples = 0");
         assert!(e.contains("examples must be ≥ 1"), "{e}");
         let e = err("kind = \"rebase\"");
-        assert!(e.contains("rebase") && e.contains("rebasin"), "{e}");
+        assert!(e.contains("rebase") && e.contains("rebasin") && e.contains("ensemble"), "{e}");
+        // The output-space rule parses as the others; a feature ensemble's probe settings get their defaults.
+        let MergeRule::Ensemble(e) = MergeRule::from_table(&table("kind = \"ensemble\"\ncombine = \"features\"\nsteps = 50")).unwrap() else {
+            panic!("not an ensemble")
+        };
+        assert_eq!((e.combine, e.steps, e.lr), (crate::ensemble::Combine::Features, Some(50), Some(1e-2)));
+        let e = err("kind = \"ensemble\"\nweights = [1.0, -1.0]");
+        assert!(e.contains("weights[1] = -1"), "{e}");
+        let e = err("kind = \"ensemble\"\ncombine = \"vote\"");
+        assert!(e.contains("vote"), "{e}");
+        let rule = MergeRule::from_table(&table("kind = \"ensemble\"")).unwrap();
+        let one = MergeInputs { base: &Weights::new(), models: &[weights(&[("w", &[1.0])])], fishers: &[], grams: &[], permutations: None, seed: 0 };
+        let e = rule.merge(&one, |_| Ok(0.0)).unwrap_err().to_string();
+        assert!(e.contains("outputs, not their weights"), "{e}");
     }
 
     /// The f32 values of `w[key]`.
@@ -467,6 +503,26 @@ mod conformance {
             // Rules on task vectors add them up: one model, λ = 1.
             let models = if rule.needs().base { vec![shallow(&a)] } else { vec![shallow(&a), shallow(&a)] };
             close(&run(&rule, &base, &models), &a, rule.name());
+        }
+    }
+
+    /// The output-space rule's form of the property: the probabilities or
+    /// logits of a model ensembled with itself are its own, whatever the
+    /// weights. (Not the feature ensemble: its probe on two copies of one
+    /// model's features is a new head, not the model's.)
+    #[test]
+    fn ensembling_a_model_with_itself_returns_its_predictions() {
+        use crate::ensemble::{Combine, Ensemble};
+        let base = state(&zhijian_backbones::toys::mlp(0, 3));
+        let model = model_with(&tuned(&base, 1, 0.1));
+        let images = zhijian_core::Input::Images(Tensor::randn([8, 1, 4, 4], (Kind::Float, Device::Cpu)));
+        let logits = zhijian_core::train::predict(&model, &[], &images, 4, zhijian_core::Compute::Fp32).unwrap();
+        for combine in [Combine::Probabilities, Combine::Logits] {
+            let rule = Ensemble { combine, weights: Some(vec![1.0, 3.0]), ..Ensemble::default() };
+            let out = rule.combine(&[&logits, &logits], &rule.member_weights(2).unwrap()).unwrap();
+            let own = if combine == Combine::Logits { logits.shallow_clone() } else { logits.softmax(-1, Kind::Float) };
+            assert!(out.allclose(&own, 1e-5, 1e-6, false), "{}", rule.name());
+            assert!(out.argmax(1, false).equal(&logits.argmax(1, false)), "{}", rule.name());
         }
     }
 
