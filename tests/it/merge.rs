@@ -2,9 +2,9 @@
 //! recorded runs, evaluated and recorded like runs (small MLPs trained from
 //! scratch on a few MNIST and Fashion-MNIST images: the plumbing, not the accuracy).
 
-use std::path::Path;
-
 use zhijian::bench::{CompareOptions, DeviceChoice, Experiment, compare, read_records};
+
+use crate::write;
 
 const DIGITS: &str = r#"
 name = "digits"
@@ -59,12 +59,6 @@ strategies = ["ft"]
 with = [{ experiment = "clothes.toml", strategy = "ft", records = "clothes.jsonl" }]
 rule = { kind = "fisher", examples = 16 }
 "#;
-
-fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 #[test]
 fn merges_are_recorded_like_runs_and_refuse_what_cannot_merge() {

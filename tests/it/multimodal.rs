@@ -6,6 +6,8 @@
 
 use std::path::Path;
 
+use crate::write;
+
 use zhijian::bench::{CompareOptions, DeviceChoice, Experiment, compare};
 
 const ZERO_SHOT: &str = r#"
@@ -34,12 +36,6 @@ methods = [{ method = "contrastive_heads", dim = 16, predict = "unseen" }]
 name = "heads-all"
 methods = [{ method = "contrastive_heads", dim = 16 }]
 "#;
-
-fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 #[test]
 fn contrastive_heads_classify_unseen_classes_by_their_descriptions() {
@@ -104,6 +100,10 @@ fn contrastive_heads_classify_unseen_classes_by_their_descriptions() {
     assert!(err.contains("templat"), "{err}");
     let err = bad(&few.replace("strategy = \"heads\", records", "strategy = \"nope\", records"));
     assert!(err.contains("nope") && err.contains("zhijian compare"), "{err}");
+    // A recorded run whose artifact is not on this machine: say how to remake it.
+    std::fs::remove_file(dir.path().join("artifacts/zero-shot/heads-seed0.safetensors")).unwrap();
+    let err = bad(&few);
+    assert!(err.contains("heads-seed0.safetensors") && err.contains("delete that record's line"), "{err}");
 }
 
 /// The key of `strategy`'s last record in `records`.

@@ -95,8 +95,19 @@ pub struct RecordedRun {
 
 /// The last finished run of `strategy` with `seed` in `records`, if there is one.
 pub fn find_run(exp: &Experiment, records: &Path, strategy: &str, seed: u64) -> Result<Option<RecordedRun>> {
-    let record = read_records(records)?.into_iter().rev().find(|r| r.strategy == strategy && r.seed == seed && r.finished());
-    Ok(record.map(|record| RecordedRun { record, artifact: artifact_path(&default_artifacts(records, &exp.name), strategy, seed) }))
+    let Some(record) = read_records(records)?.into_iter().rev().find(|r| r.strategy == strategy && r.seed == seed && r.finished()) else {
+        return Ok(None);
+    };
+    let artifact = artifact_path(&default_artifacts(records, &exp.name), strategy, seed);
+    // Artifacts stay on the machine that made them (they are not committed): say how to remake one.
+    if !artifact.is_file() {
+        return Err(Error::Config(format!(
+            "`{strategy}` seed {seed} is recorded in {} but its artifact {} is not here (artifacts stay where the run ran): delete that record's line and run its experiment again to remake it",
+            records.display(),
+            artifact.display()
+        )));
+    }
+    Ok(Some(RecordedRun { record, artifact }))
 }
 
 /// What to run so that [`find_run`] finds `strategy` seed `seed` of the experiment at `path`.
