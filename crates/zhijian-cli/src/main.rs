@@ -22,9 +22,10 @@ enum Command {
     ///
     /// Each finished run is appended to the records file at once (atomically);
     /// runs already recorded there are skipped, so an interrupted comparison resumes.
-    /// Then the file's `[[merge]]` entries merge recorded runs in weight space
-    /// and record the merged models the same way (a merge whose runs are not
-    /// all recorded yet waits for a later comparison, saying which).
+    /// Then the file's `[[merge]]` entries merge recorded runs in weight space,
+    /// or ensemble their outputs (`kind = "ensemble"`, runs of any backbones),
+    /// and record the results the same way (a merge whose runs are not all
+    /// recorded yet waits for a later comparison, saying which).
     Compare {
         /// Experiment file, e.g. configs/demo.toml.
         config: PathBuf,

@@ -10,9 +10,9 @@
 //!   description (both L2-normalised first), `g` and `h` linear maps to
 //!   `dim` (one per modality, or one `shared` map over features zero-padded
 //!   to the wider tower; or, with `text_head = false`, `h` the identity and
-//!   `g` to the text width, DeViSE's fixed target space), `ĝ`, `ĥ` their
-//!   L2-normalised outputs and
-//!   `s = exp(log_scale)`, learnt from CLIP's 1/0.07 and clamped at 100 as
+//!   `g` to the text width, DeViSE's fixed target space; `center_text`
+//!   subtracts the class texts' mean first), `ĝ`, `ĥ` their L2-normalised
+//!   outputs and `s = exp(log_scale)`, learnt from CLIP's 1/0.07 and clamped at 100 as
 //!   CLIP does. They replace the head's logits, which is frozen.
 //! - loss: METHODS.md's `L = ½[CE(s·ÎT̂ᵀ, I) + CE(s·T̂Îᵀ, I)]` with the class
 //!   descriptions as texts, where several images of a batch share a class:
@@ -20,8 +20,8 @@
 //!   texts; the text → image half ([`text_to_image_loss`], the method's extra
 //!   loss) is, for each class in the batch, the cross-entropy over the
 //!   batch's images with its images as equal positives. The engine adds the
-//!   two, so the loss is `2L`: the same minimiser, and Adam's steps do not see
-//!   the factor. With one image per class it is exactly `2L` (unit test).
+//!   two, so the loss is `2L`: the same minimiser, and Adam's normalised steps
+//!   barely see the factor. With one image per class it is exactly `2L` (unit test).
 //! - zero-shot: classes without training examples are left out of the
 //!   training loss's candidates (a text whose class never appears is not a
 //!   negative the heads could learn from: it would leak the unseen classes);
@@ -34,8 +34,11 @@
 //!   ([`Method::set_class_text`]).
 //! - artifact: `contrastive_heads/{image,text}` (or `/shared`) `[dim, d]`,
 //!   `/log_scale`, and as persistent state `/class_text` `[classes, d_text]`
-//!   and `/seen` `[classes]` (1 for classes the heads were trained on), so a
-//!   restored run needs no text tower.
+//!   and `/seen` `[classes]` (1 for classes the heads were trained on): a
+//!   restored run predicts with the texts it was trained with, written over
+//!   the ones embedded for `prepare` (which sizes the heads from them, so a
+//!   run is restored where class texts are given: not yet as a teacher or an
+//!   ensemble member).
 
 use std::collections::BTreeMap;
 
