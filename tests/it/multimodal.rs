@@ -35,6 +35,11 @@ methods = [{ method = "contrastive_heads", dim = 16, predict = "unseen" }]
 [[strategy]]
 name = "heads-all"
 methods = [{ method = "contrastive_heads", dim = 16 }]
+[[merge]]
+name = "heads-ensemble"
+strategies = ["heads-all"]
+with = [{ experiment = "zero-shot.toml", strategy = "heads-all", records = "zero-shot.jsonl" }]
+rule = { kind = "ensemble" }
 "#;
 
 #[test]
@@ -45,7 +50,11 @@ fn contrastive_heads_classify_unseen_classes_by_their_descriptions() {
     let exp = Experiment::load(&write(dir.path(), "zero-shot.toml", ZERO_SHOT), &registry).unwrap();
     let records = dir.path().join("zero-shot.jsonl");
     let opts = CompareOptions { records: Some(records.clone()), device: Some(DeviceChoice::Cpu), ..Default::default() };
-    let runs = compare(&exp, &registry, &opts).unwrap();
+    let mut runs = compare(&exp, &registry, &opts).unwrap();
+    // A contrastive run restored as an ensemble member, twice (its heads sized
+    // from the class texts, then its own texts restored), predicts as it did.
+    let ensemble = runs.pop().unwrap();
+    assert_eq!((ensemble.strategy.as_str(), ensemble.test_top1), ("heads-ensemble", runs[1].test_top1));
     assert_eq!(runs.len(), 2);
     for r in &runs {
         // Trained on 200 examples of the 5 seen digits, tested on 100 of the unseen ones.
@@ -68,7 +77,7 @@ fn contrastive_heads_classify_unseen_classes_by_their_descriptions() {
     assert_eq!((solo[0].key.as_str(), solo[0].test_top1, solo[0].final_loss), (runs[1].key.as_str(), runs[1].test_top1, runs[1].final_loss));
 
     // k-shot training on all classes, starting from the zero-shot run's heads.
-    let few = ZERO_SHOT
+    let few = ZERO_SHOT[..ZERO_SHOT.find("[[merge]]").unwrap()]
         .replace("name = \"zero-shot\"", "name = \"few\"")
         .replace("train_classes = [0, 1, 2, 3, 4]\neval_classes = [5, 6, 7, 8, 9]", "shots = 3")
         .replace(

@@ -40,3 +40,15 @@ impl ClassTexts {
         methods.iter_mut().filter(|m| m.reads_class_text()).try_for_each(|m| m.set_class_text(&self.embeddings))
     }
 }
+
+/// Gives the methods of a run being restored that read class texts
+/// embeddings of the right shape, from `exp`'s `[class_text]`, so that
+/// `prepare` can size their heads: the run's artifact then writes the texts
+/// it was trained with over them (only the shape, `[classes, d]`, matters).
+pub fn for_restore(exp: &Experiment, classes: i64, methods: &mut [Box<dyn Method>], device: Device) -> Result<()> {
+    if !methods.iter().any(|m| m.reads_class_text()) {
+        return Ok(());
+    }
+    let names: Vec<String> = (0..classes).map(|c| c.to_string()).collect();
+    ClassTexts::embed(exp, &exp.class_text.clone().unwrap_or_default(), &names, device)?.give(methods)
+}

@@ -36,9 +36,8 @@
 //!   `/log_scale`, and as persistent state `/class_text` `[classes, d_text]`
 //!   and `/seen` `[classes]` (1 for classes the heads were trained on): a
 //!   restored run predicts with the texts it was trained with, written over
-//!   the ones embedded for `prepare` (which sizes the heads from them, so a
-//!   run is restored where class texts are given: not yet as a teacher or an
-//!   ensemble member).
+//!   the ones the runner embeds for `prepare` to size the heads from (as a
+//!   strategy's `init`, a teacher or an ensemble member).
 
 use std::collections::BTreeMap;
 
