@@ -241,12 +241,20 @@ pub(crate) fn new_model(exp: &Experiment, num_classes: i64, device: Device) -> R
     let new = |build: &dyn Fn(tch::nn::Path) -> Box<dyn Backbone>| Model::new(device, num_classes, build);
     let backbone = concrete(&exp.backbone)?;
     let (model, desc) = match &*backbone {
-        BackboneConfig::Bert { weights, pooling } => {
-            let config = BertConfig { pooling: *pooling, ..BertConfig::from_json(&TextModel::resolve(weights, &exp.base)?.file("config.json")?)? };
+        BackboneConfig::Bert { weights, pooling, layers } => {
+            let mut config = BertConfig { pooling: *pooling, ..BertConfig::from_json(&TextModel::resolve(weights, &exp.base)?.file("config.json")?)? };
+            let all = config.num_hidden_layers;
+            let layers_desc = match *layers {
+                None => format!("{all} layers"),
+                Some(kept) if (1..=all).contains(&kept) => {
+                    config.num_hidden_layers = kept;
+                    format!("its first {kept} of {all} layers")
+                }
+                Some(kept) => return Err(Error::Config(format!("backbone.layers = {kept}: `{weights}` has {all} layers; keep 1 … {all}"))),
+            };
             config.validate()?;
             let model = new(&|p| Box::new(Bert::new(p, &config).expect("validated")));
-            let desc = format!("bert `{weights}` ({} layers, hidden {})", config.num_hidden_layers, config.hidden_size);
-            (model, desc)
+            (model, format!("bert `{weights}` ({layers_desc}, hidden {})", config.hidden_size))
         }
         BackboneConfig::EfficientnetLite { preset, .. } => {
             let config = EfficientNetLiteConfig::by_name(preset)?;

@@ -113,6 +113,41 @@ fn minilm_from_a_folder_equals_the_asset() {
     assert_eq!(weights_file(&experiment(base, spellings[1]).unwrap()).unwrap().unwrap(), converted.0[1]);
 }
 
+/// `layers = 4` keeps MiniLM's first four layers: the features are the full
+/// encoder's layer-3 output mean-pooled over real tokens (what `zhijian rank`
+/// scores as `block = 3`), and the dropped layers' weights are neither built
+/// nor loaded. Out-of-range counts are refused with the encoder's depth.
+#[test]
+fn bert_layers_keeps_the_first_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = experiment(dir.path(), &format!("kind = \"bert\"\nweights = \"{MINILM}\"")).unwrap();
+    let kept = experiment(dir.path(), &format!("kind = \"bert\"\nweights = \"{MINILM}\"\nlayers = 4")).unwrap();
+    let (full_model, ids, _) = text_features(&full);
+    let (model, kept_ids, features) = text_features(&kept);
+    assert!(ids.equal(&kept_ids));
+    assert_eq!(model.backbone.num_blocks(), 4);
+    let per_layer = 4 * 384 * 384 + 4 * 384 + 2 * 384 * 1536 + 1536 + 384 + 4 * 384;
+    assert_eq!(full_model.num_params() - model.num_params(), 2 * per_layer, "two layers fewer");
+    let (_, desc) = build_model(&kept, 2, Device::Cpu).unwrap();
+    assert!(desc.contains("its first 4 of 6 layers"), "{desc}");
+
+    let tokenizer = zhijian_data::TextTokenizer::from_file(&tokenizer_file(&full).unwrap().unwrap(), 32).unwrap();
+    let tokens = tokenizer.encode(&SENTENCES.map(String::from)).unwrap();
+    let input = Input::Tokens { ids: tokens.ids, mask: tokens.mask.shallow_clone() };
+    let hidden = tch::no_grad(|| full_model.backbone.prefix(&Ctx::new(false, &[], vec![]), &input, 4)).unwrap();
+    let Input::Hidden { states, .. } = hidden else { panic!("a text prefix is hidden states") };
+    let mask = tokens.mask.to_kind(Kind::Float).unsqueeze(-1);
+    let layer3 = (states * &mask).sum_dim_intlist(1, false, Kind::Float) / mask.sum_dim_intlist(1, false, Kind::Float);
+    let d = (&features - &layer3).abs().max().double_value(&[]);
+    assert!(d < 1e-5, "layers = 4 differs from layer 3's pooled output by {d}");
+
+    for bad in [0, 7] {
+        let exp = experiment(dir.path(), &format!("kind = \"bert\"\nweights = \"{MINILM}\"\nlayers = {bad}")).unwrap();
+        let err = build_model(&exp, 2, Device::Cpu).err().unwrap().to_string();
+        assert!(err.contains(&format!("backbone.layers = {bad}: `{MINILM}` has 6 layers; keep 1 … 6")), "{err}");
+    }
+}
+
 /// An experiment naming the MPNet asset (or its preset) builds MPNet from the
 /// asset's config.json and tokenises with MPNet's own tokenizer.json: the
 /// tokens and sentence embeddings of `scripts/gen_mpnet_golden.py`'s sentences

@@ -25,7 +25,7 @@ impl ClassTexts {
     /// encoder's pooling: the mean over tokens for MiniLM), frozen, no gradient.
     pub fn embed(exp: &Experiment, config: &ClassText, classes: &[String], device: Device) -> Result<ClassTexts> {
         let descriptions = config.descriptions(classes)?;
-        let text = Experiment { backbone: BackboneConfig::Bert { weights: config.weights.clone(), pooling: Default::default() }, ..exp.clone() };
+        let text = Experiment { backbone: BackboneConfig::Bert { weights: config.weights.clone(), pooling: Default::default(), layers: None }, ..exp.clone() };
         let (model, desc) = build_model(&text, 2, device)?;
         let tokenizer_json = tokenizer_file(&text)?.expect("a bert backbone has a tokenizer");
         let tokens = zhijian_data::TextTokenizer::from_file(&tokenizer_json, MAX_TOKENS)?.encode(&descriptions)?;

@@ -107,6 +107,13 @@ pub enum BackboneConfig {
         /// Pooling; default mean (sentence-transformers).
         #[serde(default)]
         pooling: Pooling,
+        /// Keep only the first `layers` transformer layers (1 … the
+        /// checkpoint's count); the later layers' weights are not loaded. The
+        /// features are then layer `layers − 1`'s output, pooled as above: what
+        /// `zhijian rank` scores as `block = layers − 1`, here trainable.
+        /// Default: every layer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        layers: Option<usize>,
     },
     /// EfficientNet-Lite (`lite0` … `lite4`), lukemelas key names.
     EfficientnetLite {

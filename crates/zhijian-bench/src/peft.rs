@@ -172,7 +172,12 @@ pub fn export_run(records: &Path, experiment: Option<&str>, strategy: &str, seed
         )));
     }
     let (weights, pooling) = match serde_json::from_value(backbone.clone()) {
-        Ok(crate::BackboneConfig::Bert { weights, pooling }) => (weights, pooling),
+        Ok(crate::BackboneConfig::Bert { layers: Some(kept), .. }) => {
+            return Err(Error::Config(format!(
+                "PEFT export loads the whole encoder; `{strategy}` ran on its first {kept} layers (`backbone.layers`), which PEFT cannot express"
+            )));
+        }
+        Ok(crate::BackboneConfig::Bert { weights, pooling, layers: None }) => (weights, pooling),
         Ok(_) => {
             let kind = backbone.get("kind").and_then(Value::as_str).unwrap_or("?");
             return Err(Error::Config(format!(

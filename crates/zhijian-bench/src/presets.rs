@@ -162,7 +162,7 @@ impl Preset {
         let weights = self.asset.map(String::from);
         match self.arch {
             // Every BERT preset has an asset: its config.json sizes the encoder.
-            Arch::Bert => BackboneConfig::Bert { weights: weights.unwrap_or_default(), pooling: Pooling::Mean },
+            Arch::Bert => BackboneConfig::Bert { weights: weights.unwrap_or_default(), pooling: Pooling::Mean, layers: None },
             Arch::EfficientnetLite(preset) => BackboneConfig::EfficientnetLite { preset: preset.into(), weights },
             Arch::Resnet(depth) => BackboneConfig::Resnet { depth, weights },
             Arch::Vit(preset) => BackboneConfig::Vit { preset: preset.into(), weights },
