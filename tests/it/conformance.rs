@@ -44,7 +44,7 @@ fn toy_model_with_classes(toy: Toy, seed: i64, classes: i64) -> Model {
         }
         Toy::EfficientNet => {
             tch::manual_seed(seed);
-            let config = EfficientNetLiteConfig { width: 0.25, depth: 0.5, image_size: 16, in_chans: 3 };
+            let config = EfficientNetLiteConfig { width: 0.25, depth: 0.5, image_size: 16, in_chans: 3, stages: None };
             Model::new(Device::Cpu, classes, |p| Box::new(EfficientNetLite::new(p, &config).unwrap()))
         }
         Toy::Cnn => {

@@ -58,11 +58,17 @@ pub struct EfficientNetLiteConfig {
     pub image_size: i64,
     /// Input channels.
     pub in_chans: i64,
+    /// Keep only the first `stages` of the seven stages (1 … 7) and no
+    /// `_conv_head`: the features are then stage `stages − 1`'s output,
+    /// average-pooled (what `Tap::Block(stages − 1)` records). None: the
+    /// whole network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stages: Option<usize>,
 }
 
 impl EfficientNetLiteConfig {
     fn preset(width: f64, depth: f64, image_size: i64) -> Self {
-        EfficientNetLiteConfig { width, depth, image_size, in_chans: 3 }
+        EfficientNetLiteConfig { width, depth, image_size, in_chans: 3, stages: None }
     }
 
     /// Lite0: 224 px, 4.65 M parameters with a 1000-class head.
@@ -102,6 +108,9 @@ impl EfficientNetLiteConfig {
     pub fn validate(&self) -> Result<()> {
         if !(self.width > 0.0 && self.depth > 0.0) || self.image_size < 1 || self.in_chans < 1 {
             return Err(Error::Config(format!("efficientnet-lite: width, depth, image_size and in_chans must be positive: {self:?}")));
+        }
+        if let Some(kept) = self.stages.filter(|k| !(1..=STAGES.len()).contains(k)) {
+            return Err(Error::Config(format!("efficientnet-lite: stages = {kept}; keep 1 … {} of its stages", STAGES.len())));
         }
         Ok(())
     }
@@ -182,7 +191,9 @@ pub struct EfficientNetLite {
     config: EfficientNetLiteConfig,
     stem: ConvBn,
     stages: Vec<Vec<Block>>,
-    head: ConvBn,
+    /// `_conv_head`; none when the network is cut after a stage.
+    head: Option<ConvBn>,
+    width: i64,
 }
 
 impl EfficientNetLite {
@@ -193,7 +204,7 @@ impl EfficientNetLite {
         let stem = ConvBn { conv: stem.conv.with_role(Role::Stem), ..stem };
         let (mut c_in, mut index) = (STEM_WIDTH, 0);
         let mut stages = Vec::new();
-        for (i, s) in STAGES.iter().enumerate() {
+        for (i, s) in STAGES.iter().enumerate().take(config.stages.unwrap_or(STAGES.len())) {
             let c_out = config.channels(s.channels);
             let blocks = (0..config.repeats(i))
                 .map(|j| {
@@ -204,8 +215,9 @@ impl EfficientNetLite {
                 .collect();
             stages.push(blocks);
         }
-        let head = ConvBn::new(&p, "_conv_head", "_bn1", c_in, HEAD_WIDTH, 1, 1, 1);
-        Ok(EfficientNetLite { config: config.clone(), stem, stages, head })
+        let head = config.stages.is_none().then(|| ConvBn::new(&p, "_conv_head", "_bn1", c_in, HEAD_WIDTH, 1, 1, 1));
+        let width = if head.is_some() { HEAD_WIDTH } else { c_in };
+        Ok(EfficientNetLite { config: config.clone(), stem, stages, head, width })
     }
 
     /// The configuration.
@@ -220,7 +232,7 @@ impl Backbone for EfficientNetLite {
     }
 
     fn hidden_size(&self) -> i64 {
-        HEAD_WIDTH
+        self.width
     }
 
     fn head_name(&self) -> &str {
@@ -240,7 +252,7 @@ impl Backbone for EfficientNetLite {
 
     fn sites(&self) -> Vec<Site> {
         let blocks = self.stages.iter().flatten().flat_map(Block::convs);
-        std::iter::once(&self.stem).chain(blocks).chain([&self.head]).flat_map(|c| [c.conv.site().clone(), c.bn.site().clone()]).collect()
+        std::iter::once(&self.stem).chain(blocks).chain(&self.head).flat_map(|c| [c.conv.site().clone(), c.bn.site().clone()]).collect()
     }
 
     fn group(&self, param: &str) -> ParamGroup {
@@ -263,6 +275,10 @@ impl Backbone for EfficientNetLite {
             x = stage.iter().fold(x, |h, block| block.forward(cx, &h));
             cx.tap(Tap::Block(i), &x);
         }
-        relu6(self.head.forward(cx, &x)).adaptive_avg_pool2d([1, 1]).flatten(1, 3)
+        let x = match &self.head {
+            Some(head) => relu6(head.forward(cx, &x)),
+            None => x,
+        };
+        x.adaptive_avg_pool2d([1, 1]).flatten(1, 3)
     }
 }

@@ -53,7 +53,7 @@ pub fn vit(seed: i64) -> Model {
 /// An EfficientNet-Lite at width 0.25, depth 0.5, on 16 px images, 3 classes.
 pub fn efficientnet(seed: i64) -> Model {
     tch::manual_seed(seed);
-    let config = EfficientNetLiteConfig { width: 0.25, depth: 0.5, image_size: 16, in_chans: 3 };
+    let config = EfficientNetLiteConfig { width: 0.25, depth: 0.5, image_size: 16, in_chans: 3, stages: None };
     Model::new(Device::Cpu, 3, |p| Box::new(EfficientNetLite::new(p, &config).unwrap()))
 }
 

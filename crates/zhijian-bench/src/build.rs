@@ -256,9 +256,11 @@ pub(crate) fn new_model(exp: &Experiment, num_classes: i64, device: Device) -> R
             let model = new(&|p| Box::new(Bert::new(p, &config).expect("validated")));
             (model, format!("bert `{weights}` ({layers_desc}, hidden {})", config.hidden_size))
         }
-        BackboneConfig::EfficientnetLite { preset, .. } => {
-            let config = EfficientNetLiteConfig::by_name(preset)?;
-            (new(&|p| Box::new(EfficientNetLite::new(p, &config).expect("validated"))), format!("efficientnet-{preset}"))
+        BackboneConfig::EfficientnetLite { preset, stages, .. } => {
+            let config = EfficientNetLiteConfig { stages: *stages, ..EfficientNetLiteConfig::by_name(preset)? };
+            config.validate()?;
+            let desc = stages.map_or(format!("efficientnet-{preset}"), |kept| format!("efficientnet-{preset} (its first {kept} of 7 stages)"));
+            (new(&|p| Box::new(EfficientNetLite::new(p, &config).expect("validated"))), desc)
         }
         BackboneConfig::Resnet { depth, .. } => {
             let config = ResNetConfig::by_depth(*depth)?;

@@ -129,6 +129,12 @@ pub enum BackboneConfig {
         /// this one). None: random init.
         #[serde(default)]
         weights: Option<String>,
+        /// Keep only the first `stages` of the seven stages (1 … 7), without
+        /// the 1×1 `_conv_head`: the features are stage `stages − 1`'s output,
+        /// average-pooled, what `zhijian rank` scores as `block = stages − 1`,
+        /// here trainable. Default: the whole network.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stages: Option<usize>,
     },
     /// ResNet-18 / 34 / 50 (torchvision / timm key names).
     Resnet {

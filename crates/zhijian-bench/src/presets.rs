@@ -163,7 +163,7 @@ impl Preset {
         match self.arch {
             // Every BERT preset has an asset: its config.json sizes the encoder.
             Arch::Bert => BackboneConfig::Bert { weights: weights.unwrap_or_default(), pooling: Pooling::Mean, layers: None },
-            Arch::EfficientnetLite(preset) => BackboneConfig::EfficientnetLite { preset: preset.into(), weights },
+            Arch::EfficientnetLite(preset) => BackboneConfig::EfficientnetLite { preset: preset.into(), weights, stages: None },
             Arch::Resnet(depth) => BackboneConfig::Resnet { depth, weights },
             Arch::Vit(preset) => BackboneConfig::Vit { preset: preset.into(), weights },
         }

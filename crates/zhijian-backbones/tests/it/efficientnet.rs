@@ -10,7 +10,7 @@ use zhijian_core::{Ctx, Input, Model, ParamGroup, Role, Tap};
 use crate::{checkpoint, golden};
 
 fn tiny() -> EfficientNetLiteConfig {
-    EfficientNetLiteConfig { width: 0.25, depth: 0.5, image_size: 32, in_chans: 3 }
+    EfficientNetLiteConfig { width: 0.25, depth: 0.5, image_size: 32, in_chans: 3, stages: None }
 }
 
 #[test]
@@ -38,6 +38,32 @@ fn efficientnet_lite_matches_timm() {
         }
     }
     println!("EfficientNet-Lite vs timm tf_efficientnet_lite (32 and 45 px): max abs diff {worst:.2e}");
+}
+
+/// `stages = k` cuts the network after stage k − 1: loaded from the same
+/// checkpoint (the later stages and `_conv_head` reported as unused), its
+/// features are timm's stage k − 1 output average-pooled, and it is narrower.
+#[test]
+fn efficientnet_lite_cut_after_a_stage_pools_that_stage() {
+    let g = golden("efficientnet_lite_tiny.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let weights = checkpoint(&g, "w.", dir.path());
+    for kept in [1, 4, 7] {
+        let config = EfficientNetLiteConfig { stages: Some(kept), ..tiny() };
+        let model = Model::new(Device::Cpu, 7, |p| Box::new(EfficientNetLite::new(p, &config).unwrap()));
+        let report = load_pretrained(&model, &weights).unwrap();
+        assert!(report.missing.is_empty(), "{report:?}");
+        assert!(report.unexpected.iter().any(|k| k.starts_with("_conv_head.")), "{report:?}");
+        assert_eq!(model.backbone.num_blocks(), kept);
+        let features = tch::no_grad(|| model.features(&Ctx::new(false, &[], vec![]), &Input::Images(g["images32"].shallow_clone())));
+        let want = g[&format!("32.block.{}", kept - 1)].mean_dim([2, 3].as_slice(), false, tch::Kind::Float);
+        assert_eq!(features.size(), want.size(), "stages = {kept}");
+        assert_eq!(model.backbone.hidden_size(), want.size()[1]);
+        let d = (&features - &want).abs().max().double_value(&[]);
+        assert!(d < 1e-4, "stages = {kept}: max abs diff {d} from timm's pooled stage output");
+    }
+    let bad = EfficientNetLiteConfig { stages: Some(8), ..tiny() };
+    assert!(EfficientNetLite::new(tch::nn::VarStore::new(Device::Cpu).root(), &bad).err().unwrap().to_string().contains("stages = 8; keep 1 … 7"));
 }
 
 #[test]
