@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use tch::Tensor;
-use zhijian_core::metrics::{peak_rss_bytes, reset_peak_rss};
+use zhijian_core::metrics::reset_peak_rss;
 use zhijian_core::train::{self, Split};
 use zhijian_core::{Accuracy, Compute, Error, Input, Result, Tap};
 use zhijian_merger::ensemble::{Combine, Ensemble, FeatureProbe};
@@ -37,7 +37,7 @@ use zhijian_merger::merge::MergeRule;
 use crate::build::image_preset;
 use crate::data::{Data, load_data};
 use crate::experiment::{Experiment, MergeEntry};
-use crate::merge::{MergeContext, Run, rebuilt, with_defaults};
+use crate::merge::{MergeContext, Run, rebuilt};
 use crate::record::{Record, SplitScore, append_record};
 use crate::runner::{RecordedRun, Scores, artifact_path};
 
@@ -277,19 +277,8 @@ pub(crate) fn run(cx: &MergeContext, entry: &MergeEntry, rule: &Ensemble, runs: 
     }
     let seconds = member_seconds.iter().sum::<f64>() + combine_seconds;
     let backbones: Vec<&str> = runs.iter().map(|(_, r)| r.record.backbone.as_str()).collect();
+    let backbone = format!("ensemble of {}: {}", runs.len(), backbones.join(" + "));
     let record = scores.into_record(Record {
-        experiment: cx.exp.name.clone(),
-        strategy: entry.name.clone(),
-        seed: made.seed,
-        key: made.key,
-        config: made.config,
-        methods: serde_json::json!([{ "merge": with_defaults(&MergeRule::Ensemble(rule.clone())) }]),
-        train: serde_json::Value::Null,
-        backbone: format!("ensemble of {}: {}", runs.len(), backbones.join(" + ")),
-        data: cx.data_desc.to_string(),
-        device: format!("{:?}", cx.device).to_lowercase(),
-        git_rev: cx.rev.to_string(),
-        finished_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         trainable_params: params,
         total_params: runs.iter().map(|(_, r)| r.record.total_params).sum::<i64>() + params,
         // The members' passes as features were for a probe on cached features (†); the combination as training.
@@ -301,11 +290,9 @@ pub(crate) fn run(cx: &MergeContext, entry: &MergeEntry, rule: &Ensemble, runs: 
         steps: if probe.is_some() { rule.probe().steps } else { 0 },
         final_loss: probe.as_ref().map_or(f64::NAN, |(_, loss, _)| *loss),
         val_top1: vec![accuracies[0].top1()],
-        eval_compute: Some(Compute::Fp32),
-        peak_rss_bytes: peak_rss_bytes(),
         artifact_bytes,
         summaries: [("merge".to_string(), summary)].into_iter().collect(),
-        ..Record::default()
+        ..cx.record(&entry.name, made.seed, made.key, made.config, &MergeRule::Ensemble(rule.clone()), backbone)
     });
     append_record(cx.records, &record)?;
     let alone: Vec<String> = member_test.iter().map(|a| format!("{:.2}%", 100.0 * a)).collect();

@@ -47,6 +47,31 @@ pub(crate) struct MergeContext<'a> {
     pub done: &'a HashMap<&'a str, &'a Record>,
 }
 
+impl MergeContext<'_> {
+    /// A merge's record with what every merge rule fills alike: its name, seed,
+    /// key and config, the rule as its one method, no training, fp32
+    /// evaluation, this process's peak RSS and the time it finishes.
+    pub(crate) fn record(&self, name: &str, seed: u64, key: String, config: serde_json::Value, rule: &MergeRule, backbone: String) -> Record {
+        Record {
+            experiment: self.exp.name.clone(),
+            strategy: name.to_string(),
+            seed,
+            key,
+            config,
+            methods: serde_json::json!([{ "merge": with_defaults(rule) }]),
+            train: serde_json::Value::Null,
+            backbone,
+            data: self.data_desc.to_string(),
+            device: format!("{:?}", self.device).to_lowercase(),
+            git_rev: self.rev.to_string(),
+            finished_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            eval_compute: Some(Compute::Fp32),
+            peak_rss_bytes: peak_rss_bytes(),
+            ..Record::default()
+        }
+    }
+}
+
 /// One model a merge reads.
 struct Ingredient {
     /// `strategy seed N` (of `experiment` when another's).
@@ -223,27 +248,13 @@ fn merge_one(cx: &MergeContext, entry: &MergeEntry, seeds: &[u64], outputs: &mut
     let artifact = artifact_path(cx.artifacts, &entry.name, seed);
     let artifact_bytes = zhijian_core::save_atomic(&target.vs.variables().into_iter().collect::<Vec<_>>(), &artifact)?;
     let record = scores.into_record(Record {
-        experiment: cx.exp.name.clone(),
-        strategy: entry.name.clone(),
-        seed,
-        key: key.clone(),
-        config,
-        methods: serde_json::json!([{ "merge": with_defaults(&rule) }]),
-        train: serde_json::Value::Null,
-        backbone: backbone_desc,
-        data: cx.data_desc.to_string(),
-        device: format!("{:?}", cx.device).to_lowercase(),
-        git_rev: cx.rev.to_string(),
-        finished_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         total_params: target.num_params(),
         train_seconds: merge_seconds,
         train_samples_per_s: f64::NAN,
         final_loss: f64::NAN,
-        eval_compute: Some(Compute::Fp32),
-        peak_rss_bytes: peak_rss_bytes(),
         artifact_bytes,
         summaries: [("merge".to_string(), summary)].into_iter().collect(),
-        ..Record::default()
+        ..cx.record(&entry.name, seed, key.clone(), config, &rule, backbone_desc)
     });
     append_record(cx.records, &record)?;
     eprintln!(
