@@ -227,8 +227,8 @@ fn prepare(config: &Path, steps: Option<usize>, out: &Path) -> Result<()> {
     // Absolute, so the jobs find it from any folder.
     let config = &config.canonicalize().with_context(|| format!("no experiment file {}", config.display()))?;
     let mut exp = Experiment::load(config, &registry)?;
-    let BackboneConfig::Bert { weights, pooling } = exp.backbone.clone() else {
-        bail!("{}: the reference jobs need a `bert` backbone", config.display());
+    let BackboneConfig::Bert { weights, pooling, layers: None } = exp.backbone.clone() else {
+        bail!("{}: the reference jobs need a whole `bert` backbone (no `layers`)", config.display());
     };
     if pooling != Pooling::Mean {
         bail!("{}: the reference jobs use mean pooling (PyTorch's side does too)", config.display());
