@@ -132,6 +132,74 @@ pub struct Record {
     /// TPGM's radii). (Absent in older records.)
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub summaries: std::collections::BTreeMap<String, serde_json::Value>,
+    /// The machine and its load when the record was written: compare times
+    /// only between records of one CPU and a quiet load. (Absent in older records.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<Host>,
+}
+
+/// Where a run's times were taken.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Host {
+    /// The CPU's model name (`/proc/cpuinfo`, as `lscpu` prints it); empty where unknown.
+    pub cpu: String,
+    /// Logical CPUs this process may run on.
+    pub cpus: usize,
+    /// LibTorch's intra-op threads (`OMP_NUM_THREADS`, default one per CPU).
+    pub threads: i64,
+    /// The one-minute load average (`/proc/loadavg`); NaN where unknown.
+    #[serde(deserialize_with = "nan_if_null")]
+    pub load: f64,
+    /// Other `zhijian` processes running at the time.
+    pub other_zhijian: usize,
+}
+
+impl Host {
+    /// This machine, now.
+    pub fn now() -> Host {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|info| info.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string()))
+            .unwrap_or_default();
+        let load = std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next()?.parse().ok()).unwrap_or(f64::NAN);
+        Host {
+            cpu,
+            cpus: std::thread::available_parallelism().map_or(1, usize::from),
+            threads: tch::get_num_threads() as i64,
+            load,
+            other_zhijian: other_zhijian_processes().len(),
+        }
+    }
+
+    /// Why this host's times may be slow, if they may: other `zhijian`
+    /// processes beside LibTorch threads that together outnumber the CPUs.
+    /// OpenMP's threads spin at their barriers, so oversubscribed processes
+    /// slow each other far more than their share (10–50× measured here).
+    pub fn oversubscribed(&self) -> Option<String> {
+        let wanted = (self.other_zhijian + 1) * self.threads.max(1) as usize;
+        (self.other_zhijian > 0 && wanted > self.cpus).then(|| {
+            format!(
+                "{} other zhijian process{} running, and this one uses {} LibTorch threads on {} CPUs: oversubscribed OpenMP threads spin and can make \
+                 every process many times slower; run one at a time, or give each OMP_NUM_THREADS=1 (or CPUs ÷ processes)",
+                self.other_zhijian,
+                if self.other_zhijian == 1 { " is" } else { "es are" },
+                self.threads,
+                self.cpus
+            )
+        })
+    }
+}
+
+/// Process ids of other running processes whose executable is named `zhijian…`
+/// (a copied binary such as `zhijian.study` included).
+fn other_zhijian_processes() -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return vec![] };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.starts_with("zhijian")))
+        .collect()
 }
 
 /// How a run used its teacher.
@@ -237,6 +305,7 @@ pub const MERGE_IGNORES: &[&str] = &[
     "latency_ms",
     "inference_per_s",
     "peak_rss_bytes",
+    "host",
 ];
 
 /// Where a record was read: file and line (from 1).
@@ -421,12 +490,32 @@ pub(crate) fn sample(strategy: &str, seed: u64, top1: f64) -> Record {
         artifact_bytes: 4096,
         teacher: None,
         summaries: Default::default(),
+        host: None,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Oversubscription is other zhijian processes whose LibTorch threads,
+    /// with this one's, outnumber the CPUs; a host survives a JSON round trip
+    /// (an unknown load as null).
+    #[test]
+    fn host_says_when_processes_oversubscribe_the_cpus() {
+        let host = |other_zhijian, threads| Host { cpu: "x".into(), cpus: 2, threads, load: f64::NAN, other_zhijian };
+        assert_eq!(host(0, 2).oversubscribed(), None, "alone");
+        assert_eq!(host(1, 1).oversubscribed(), None, "two processes, one thread each, two CPUs");
+        let why = host(1, 2).oversubscribed().unwrap();
+        assert!(why.starts_with("1 other zhijian process is running, and this one uses 2 LibTorch threads on 2 CPUs"), "{why}");
+        assert!(host(3, 1).oversubscribed().unwrap().contains("3 other zhijian processes are running"));
+        let now = Host::now();
+        assert!(now.cpus >= 1 && now.threads >= 1, "{now:?}");
+        let json = serde_json::to_string(&host(0, 2)).unwrap();
+        assert!(json.contains("\"load\":null"), "{json}");
+        let back: Host = serde_json::from_str(&json).unwrap();
+        assert!(back.load.is_nan() && back.cpus == 2 && back.cpu == "x");
+    }
 
     #[test]
     fn append_keeps_every_record_and_reports_bad_lines() {
@@ -454,7 +543,7 @@ mod tests {
             append_record(&a, &r).unwrap();
         }
         // The same run again, finished later on another machine: a duplicate.
-        let again = Record { finished_at: 99, git_rev: "y".into(), train_seconds: 7.0, latency_ms: None, ..sample("a", 0, 0.5) };
+        let again = Record { finished_at: 99, git_rev: "y".into(), train_seconds: 7.0, latency_ms: None, host: Some(Host::now()), ..sample("a", 0, 0.5) };
         for r in [again, sample("c", 0, 0.9), sample("b", 0, 0.6), sample("d", 1, 0.1), failed] {
             append_record(&b, &r).unwrap();
         }

@@ -288,6 +288,7 @@ impl Scores {
             source: self.source,
             latency_ms: Some(self.latency_ms),
             inference_per_s: Some(self.inference_per_s),
+            host: Some(crate::record::Host::now()),
             ..record
         }
     }
@@ -302,6 +303,9 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
     let artifacts = opts.artifacts.clone().unwrap_or_else(|| default_artifacts(&records_path, &exp.name));
     let existing = read_records(&records_path)?;
     let done: HashMap<&str, &Record> = existing.iter().map(|r| (r.key.as_str(), r)).collect();
+    if let Some(why) = crate::record::Host::now().oversubscribed() {
+        eprintln!("warning: {why}");
+    }
     // The data's transforms follow the backbone's preset (size, normalisation).
     let data = load_data(exp, image_preset(exp)?.as_ref(), opts.full)?;
     let data_desc = data.describe(exp.data.name());
