@@ -74,11 +74,19 @@ fn compare_records_and_resumes() {
 
     // A run does not depend on what ran before it in the process: LoRA alone
     // (as after an interruption) repeats the LoRA run of the full comparison.
-    let mut alone = exp.clone();
-    alone.strategies.retain(|s| s.name == "lora");
-    let opts = CompareOptions { records: Some(dir.path().join("alone.jsonl")), ..opts };
-    let solo = compare(&alone, &registry, &opts).unwrap();
-    assert_eq!((solo[0].final_loss, solo[0].test_top1), (lora.final_loss, lora.test_top1));
+    // `--strategies lora` runs it alone, under the key it has in the whole
+    // comparison; an unknown name lists the experiment's strategies.
+    let only = |names: &[&str], file: &str| CompareOptions {
+        records: Some(dir.path().join(file)),
+        strategies: Some(names.iter().map(|n| n.to_string()).collect()),
+        ..opts.clone()
+    };
+    let solo = compare(&exp, &registry, &only(&["lora"], "alone.jsonl")).unwrap();
+    assert_eq!(solo.len(), 1);
+    assert_eq!((solo[0].key.as_str(), solo[0].final_loss, solo[0].test_top1), (lora.key.as_str(), lora.final_loss, lora.test_top1));
+    let err = compare(&exp, &registry, &only(&["lora", "lroa"], "typo.jsonl")).unwrap_err().to_string();
+    assert!(err.contains("no strategy `lroa`") && err.contains("its strategies: probe, lora"), "{err}");
+    assert!(!dir.path().join("typo.jsonl").exists(), "nothing ran");
 }
 
 #[test]

@@ -34,6 +34,10 @@ pub struct CompareOptions {
     pub shard: Option<Shard>,
     /// Run these seeds instead of the experiment's.
     pub seeds: Option<Vec<u64>>,
+    /// Run only these strategies (by name; the grid keeps the file's order).
+    /// Their runs have the keys they have in the whole comparison, so a later
+    /// comparison of the whole file skips them.
+    pub strategies: Option<Vec<String>>,
     /// Folder that keeps a frozen backbone's features across runs
     /// ([`crate::features`]); none: features are kept for this comparison only.
     pub feature_cache: Option<PathBuf>,
@@ -298,6 +302,12 @@ impl Scores {
 /// appending a record after each run. Returns those runs' records (earlier ones
 /// included), in grid order.
 pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> Result<Vec<Record>> {
+    if let Some(wanted) = &opts.strategies {
+        let known: Vec<&str> = exp.strategies.iter().map(|s| s.name.as_str()).collect();
+        if let Some(unknown) = wanted.iter().find(|w| !known.contains(&w.as_str())) {
+            return Err(Error::Config(format!("no strategy `{unknown}` in experiment `{}`; its strategies: {}", exp.name, known.join(", "))));
+        }
+    }
     let device = opts.device.unwrap_or(exp.device).resolve()?;
     let records_path = opts.records.clone().unwrap_or_else(|| exp.records_path());
     let artifacts = opts.artifacts.clone().unwrap_or_else(|| default_artifacts(&records_path, &exp.name));
@@ -332,7 +342,8 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
     if seeds.is_empty() {
         return Err(Error::Config("no seeds to run".into()));
     }
-    let grid = seeds.iter().flat_map(|&seed| exp.strategies.iter().map(move |s| (seed, s)));
+    let chosen: Vec<&Strategy> = exp.strategies.iter().filter(|s| opts.strategies.as_ref().is_none_or(|w| w.contains(&s.name))).collect();
+    let grid = seeds.iter().flat_map(|&seed| chosen.iter().map(move |&s| (seed, s)));
     for (_, (seed, strategy)) in grid.enumerate().filter(|(k, _)| opts.shard.is_none_or(|s| s.has(*k))) {
         let cfg = strategy.train_config(&exp.train)?;
         let cfg = zhijian_core::TrainConfig { seed, ..cfg };

@@ -199,6 +199,10 @@ struct RunArgs {
     /// Seeds to run instead of the experiment's, e.g. `--seeds 0,1,2`.
     #[arg(long, value_delimiter = ',')]
     seeds: Option<Vec<u64>>,
+    /// Run only these strategies, e.g. `--strategies full-finetune,lora`; their
+    /// records are the ones the whole comparison would write, so it skips them later.
+    #[arg(long, value_delimiter = ',')]
+    strategies: Option<Vec<String>>,
     /// Do not read or write the frozen-backbone feature cache
     /// (`$ZHIJIAN_CACHE/features/`); features are then computed once per comparison.
     #[arg(long)]
@@ -243,6 +247,7 @@ impl RunArgs {
             artifacts: None,
             shard: self.shard,
             seeds: self.seeds.clone(),
+            strategies: self.strategies.clone(),
             feature_cache: (!self.no_feature_cache).then(|| zhijian_assets::cache_dir().join("features")),
             no_prefix_cache: self.no_prefix_cache,
         }
@@ -258,6 +263,7 @@ impl RunArgs {
             device,
             shard: _,
             seeds,
+            strategies,
             no_feature_cache,
             no_prefix_cache,
             slurm: _,
@@ -282,6 +288,9 @@ impl RunArgs {
         }
         if let Some(seeds) = seeds {
             args.extend(["--seeds".to_string(), seeds.iter().map(u64::to_string).collect::<Vec<_>>().join(",")]);
+        }
+        if let Some(strategies) = strategies {
+            args.extend(["--strategies".to_string(), strategies.join(",")]);
         }
         if *no_feature_cache {
             args.push("--no-feature-cache".to_string());
