@@ -31,18 +31,12 @@ name = "lora"
 methods = [{ method = "lora", rank = 2, targets = ["query", "re:encoder\\.layer\\.5\\..*value"] }]
 "#;
 
-fn write(dir: &Path, text: &str) -> std::path::PathBuf {
-    let path = dir.join("exp.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 #[test]
 fn compare_records_and_resumes() {
     let _rng = crate::rng_lock();
     let dir = tempfile::tempdir().unwrap();
     let registry = zhijian::bench::registry();
-    let exp = Experiment::load(&write(dir.path(), TINY), &registry).unwrap();
+    let exp = Experiment::load(&crate::write(dir.path(), "exp.toml", TINY), &registry).unwrap();
     let records = dir.path().join("records.jsonl");
     let opts = CompareOptions { records: Some(records.clone()), device: Some(DeviceChoice::Cpu), ..Default::default() };
     let first = compare(&exp, &registry, &opts).unwrap();
@@ -94,7 +88,7 @@ fn bad_configs_fail_before_training_and_name_the_problem() {
     let _rng = crate::rng_lock();
     let dir = tempfile::tempdir().unwrap();
     let registry = zhijian::bench::registry();
-    let load = |text: String| Experiment::load(&write(dir.path(), &text), &registry).err().unwrap().to_string();
+    let load = |text: String| Experiment::load(&crate::write(dir.path(), "exp.toml", &text), &registry).err().unwrap().to_string();
     let err = load(TINY.replace("batch_size = 16", "batch_sise = 16"));
     assert!(err.contains("batch_sise"), "{err}");
     let err = load(TINY.replace("\"linear_probe\"", "\"linear_prob\""));
@@ -104,7 +98,7 @@ fn bad_configs_fail_before_training_and_name_the_problem() {
     let err = load(TINY.replace("train = { lr = 1e-2 }", "train = { learning_rate = 1e-2 }"));
     assert!(err.contains("learning_rate"), "{err}");
 
-    let exp = Experiment::load(&write(dir.path(), &TINY.replace("all-minilm-l6-v2", "no-such-model")), &registry).unwrap();
+    let exp = Experiment::load(&crate::write(dir.path(), "exp.toml", &TINY.replace("all-minilm-l6-v2", "no-such-model")), &registry).unwrap();
     let err = compare(&exp, &registry, &CompareOptions { records: Some(dir.path().join("r.jsonl")), ..Default::default() }).err().unwrap().to_string();
     assert!(err.contains("no-such-model") && err.contains("all-minilm-l6-v2"), "{err}");
 }
@@ -142,7 +136,7 @@ fn vision_compare_tests_every_shift() {
     let _rng = crate::rng_lock();
     let dir = tempfile::tempdir().unwrap();
     let registry = zhijian::bench::registry();
-    let exp = Experiment::load(&write(dir.path(), VISION), &registry).unwrap();
+    let exp = Experiment::load(&crate::write(dir.path(), "exp.toml", VISION), &registry).unwrap();
     let cache = dir.path().join("features");
     let opts =
         CompareOptions { records: Some(dir.path().join("r.jsonl")), device: Some(DeviceChoice::Cpu), feature_cache: Some(cache.clone()), ..Default::default() };
@@ -187,13 +181,14 @@ fn vision_compare_tests_every_shift() {
     assert!(std::fs::read(&files[0]).unwrap().len() > 1000, "the damaged file was replaced");
 
     // Bad shifts and mismatched data name the problem before anything trains.
-    let err = compare(&Experiment::load(&write(dir.path(), &VISION.replace("gaussian_noise:2", "fog:3")), &registry).unwrap(), &registry, &opts)
-        .err()
-        .unwrap()
-        .to_string();
+    let err =
+        compare(&Experiment::load(&crate::write(dir.path(), "exp.toml", &VISION.replace("gaussian_noise:2", "fog:3")), &registry).unwrap(), &registry, &opts)
+            .err()
+            .unwrap()
+            .to_string();
     assert!(err.contains("fog:3") && err.contains("gaussian_noise"), "{err}");
     let err = compare(
-        &Experiment::load(&write(dir.path(), &VISION.replace("\"efficientnet-lite0\"", "\"lite0.safetensors\"")), &registry).unwrap(),
+        &Experiment::load(&crate::write(dir.path(), "exp.toml", &VISION.replace("\"efficientnet-lite0\"", "\"lite0.safetensors\"")), &registry).unwrap(),
         &registry,
         &opts,
     )
@@ -202,7 +197,7 @@ fn vision_compare_tests_every_shift() {
     .to_string();
     assert!(err.contains("lite0.safetensors") && err.contains("efficientnet-lite0"), "{err}");
     let text = VISION.replace("kind = \"mnist\"", "kind = \"rotten_tomatoes\"");
-    assert!(Experiment::load(&write(dir.path(), &text), &registry).is_err(), "image fields on a text data set");
+    assert!(Experiment::load(&crate::write(dir.path(), "exp.toml", &text), &registry).is_err(), "image fields on a text data set");
 }
 
 /// Every experiment file the project ships parses, and every method entry in
