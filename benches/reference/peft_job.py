@@ -16,6 +16,7 @@ Subcommands (run with the set-up's venv; nothing is downloaded):
     peft_job.py job --method linear_probe|full_finetune|lora --precision fp32|bf16 [--epochs E] [--group-by-length] --data FILE --out JSON
     peft_job.py ceiling --out JSON
     peft_job.py flops-check --data FILE --out JSON
+    peft_job.py profile --method full_finetune|lora --precision fp32|bf16 [--steps N] --data FILE --out JSON
 
 `job` trains for one epoch over the prepared examples (or `--epochs E`,
 evaluating the test split after each: the `curve` of the time-to-accuracy
@@ -348,12 +349,14 @@ def job(args):
     print(f"  {label}: {out['samples_per_s']:.1f} samples/s, test top-1 {100 * top1:.2f}%", flush=True)
 
 
-def matmul_rate(n, dtype, min_seconds=0.4, trials=3):
-    """Best sustained FLOP/s of `n`x`n` matmuls over `trials` timed runs of at
-    least `min_seconds` each, after a warm-up."""
+def matmul_rate(n, dtype, min_seconds=0.4, trials=3, shape=None):
+    """Best sustained FLOP/s of `n`x`n` matmuls (or `[m, k]` by `[k, n]` for
+    `shape = (m, k, n)`) over `trials` timed runs of at least `min_seconds`
+    each, after a warm-up."""
+    m, k, n = shape or (n, n, n)
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(dtype)
-    b = torch.randn(n, n, generator=g).to(dtype)
+    a = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(k, n, generator=g).to(dtype)
     for _ in range(2):
         torch.matmul(a, b)
     t = time.perf_counter()
@@ -364,7 +367,7 @@ def matmul_rate(n, dtype, min_seconds=0.4, trials=3):
         t = time.perf_counter()
         for _ in range(reps):
             torch.matmul(a, b)
-        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t))
     return best
 
 
@@ -412,6 +415,93 @@ def flops_check(args):
     write_json(args.out, out)
 
 
+# Operator families of `profile`: which share of a training step the matrix
+# products take (what the ceiling measures), and what the rest is spent on.
+OP_FAMILIES = [
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product",
+                "aten::_efficient_attention", "aten::_flash_attention", "aten::_scaled_mm")),
+    ("optimiser", ("Optimizer.", "aten::_foreach", "aten::addcdiv", "aten::addcmul", "aten::lerp", "aten::sqrt")),
+    ("dtype casts", ("aten::copy_", "aten::to", "aten::_to_copy")),
+    ("dropout and random numbers", ("aten::bernoulli", "aten::native_dropout", "aten::dropout")),
+    ("layer norm", ("aten::native_layer_norm", "aten::layer_norm")),
+    ("gelu", ("aten::gelu",)),
+    ("softmax", ("aten::_softmax", "aten::softmax", "aten::_log_softmax")),
+]
+
+
+def op_family(name):
+    for family, prefixes in OP_FAMILIES:
+        if name.startswith(prefixes):
+            return family
+    return "other"
+
+
+def profile(args):
+    """Where a training step's time goes: `--steps` steps (after two warm-up
+    steps) of one job under torch.profiler, each operator's self CPU time
+    summed by family. These are the same ATen kernels zhijian calls, so the
+    shares say what bounds both sides' fraction of the matmul ceiling. Then
+    the rate of the encoder's own matmul shapes (the profiled batches' mean
+    token count) against the square ceiling, measured in the same process."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    tensors, plan = read_data(args.data)
+    cfg = plan["jobs"][args.method]["train"]
+    model, trainable = build(plan, tensors, args.method)
+    opt = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    ids, mask, labels = tensors["train.ids"], tensors["train.mask"], tensors["train.labels"]
+    batch = cfg["batch_size"]
+    model.train()
+    torch.manual_seed(cfg["seed"])
+    order = torch.randperm(len(labels))
+    tokens = []
+
+    def step(k):
+        idx = order[k * batch:(k + 1) * batch]
+        x, m = trim(ids, mask, idx)
+        tokens.append(x.numel())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = torch.nn.functional.cross_entropy(model(x, m), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
+        opt.step()
+
+    for k in range(2):
+        step(k)
+    start = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for k in range(2, 2 + args.steps):
+            step(k)
+    wall = time.perf_counter() - start
+    families, ops = {}, []
+    for e in prof.key_averages():
+        seconds = e.self_cpu_time_total / 1e6
+        families[op_family(e.key)] = families.get(op_family(e.key), 0.0) + seconds
+        ops.append((seconds, e.key))
+    total = sum(families.values())
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    square = max(matmul_rate(n, dtype) for n in (512, 1024, 2048))
+    t, h, i = round(sum(tokens) / len(tokens)), model.encoder.config.hidden_size, model.encoder.config.intermediate_size
+    shapes = {"[T, h] x [h, h] (attention projections)": (t, h, h), "[T, h] x [h, i] (FFN up)": (t, h, i),
+              "[T, i] x [i, h] (FFN down)": (t, i, h), "[h, T] x [T, i] (a weight gradient)": (h, t, i)}
+    shape_rates = {name: matmul_rate(0, dtype, shape=v) / square for name, v in shapes.items()}
+    out = {"method": args.method, "precision": args.precision, "steps": args.steps, "threads": torch.get_num_threads(),
+           "wall_seconds": wall, "self_cpu_seconds": total,
+           "families": {f: {"seconds": s, "share": s / total} for f, s in sorted(families.items(), key=lambda x: -x[1])},
+           "top_ops": [{"op": k, "seconds": s, "share": s / total} for s, k in sorted(ops, reverse=True)[:15]],
+           "tokens_per_batch": t, "square_ceiling_flops": square, "shape_rate_of_ceiling": shape_rates}
+    print(f"  {args.method} {args.precision}: {args.steps} steps, {wall:.1f} s wall (profiled), "
+          f"{torch.get_num_threads()} threads")
+    for f, v in out["families"].items():
+        print(f"    {f:28s} {100 * v['share']:5.1f} %")
+    print(f"  {args.precision} matmul rate at the encoder's shapes (T = {t}), of the square ceiling "
+          f"({square / 1e12:.3f} TFLOP/s):")
+    for name, share in shape_rates.items():
+        print(f"    {name:42s} {100 * share:5.1f} %")
+    write_json(args.out, out)
+
+
 def write_json(path, value):
     """Writes JSON atomically (temporary file, then rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -440,6 +530,13 @@ def main():
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(run=flops_check)
+    p = sub.add_parser("profile", help="a training step's time by operator family (torch.profiler)")
+    p.add_argument("--method", choices=["full_finetune", "lora"], required=True)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=profile)
     args = parser.parse_args()
     args.run(args)
 
