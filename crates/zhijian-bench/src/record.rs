@@ -256,8 +256,12 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
 
 /// Appends `record` by writing the whole file anew beside it and renaming it
 /// over the old one: a crash at any moment leaves either the old or the new
-/// file, never a torn line, and finished records are never lost.
+/// file, never a torn line, and finished records are never lost. Processes
+/// appending to one file at once (a `--seeds` or `--strategies` run beside a
+/// whole comparison) take turns ([`lock_folder`]), so none renames over a
+/// record another has just added.
 pub fn append_record(path: &Path, record: &Record) -> Result<()> {
+    let _turn = lock_folder(path)?;
     let mut content = match std::fs::read(path) {
         Ok(c) => c,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -268,6 +272,28 @@ pub fn append_record(path: &Path, record: &Record) -> Result<()> {
     }
     push_line(&mut content, record)?;
     write_atomic(path, &content)
+}
+
+/// The most recent record of run `key` in `path`, if any: what another process
+/// appending to the same file may have recorded since this one read it.
+pub fn find_record(path: &Path, key: &str) -> Result<Option<Record>> {
+    Ok(read_records(path)?.into_iter().rev().find(|r| r.key == key))
+}
+
+/// An exclusive lock on the folder of `path`, held until the returned handle
+/// drops. The folder, not the file: the file is replaced by a rename at every
+/// append, so a lock on it would guard an inode the next writer no longer
+/// opens; a lock file beside it would be one more file in every records
+/// folder.
+fn lock_folder(path: &Path) -> Result<std::fs::File> {
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => d,
+        None => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+    let handle = std::fs::File::open(dir).map_err(Error::io(dir))?;
+    handle.lock().map_err(Error::io(dir))?;
+    Ok(handle)
 }
 
 /// Writes `records`, one per line, as the whole of `path`, atomically (a
@@ -530,6 +556,29 @@ mod tests {
         std::fs::write(&path, "{\"not\": \"a record\"}\n").unwrap();
         let err = read_records(&path).unwrap_err();
         assert!(err.to_string().contains("line 1"), "{err}");
+    }
+
+    /// Eight writers appending to one file at once lose none of each other's
+    /// records, and each finds the others' by key.
+    #[test]
+    fn concurrent_appends_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("records.jsonl");
+        std::thread::scope(|s| {
+            for w in 0..8 {
+                let path = &path;
+                s.spawn(move || {
+                    for k in 0..12 {
+                        append_record(path, &sample(&format!("w{w}-{k}"), k, 0.5)).unwrap();
+                    }
+                });
+            }
+        });
+        let got = read_records(&path).unwrap();
+        assert_eq!(got.len(), 8 * 12);
+        let found = find_record(&path, &sample("w3-7", 7, 0.5).key).unwrap().expect("w3-7 is recorded");
+        assert_eq!(found.strategy, "w3-7");
+        assert!(find_record(&path, "no such key").unwrap().is_none());
     }
 
     /// Duplicates are dropped, a retried failure gives way to its finished

@@ -15,7 +15,7 @@ use crate::class_text::ClassTexts;
 use crate::data::load_data;
 use crate::experiment::{DeviceChoice, Experiment, RunRef, Strategy};
 use crate::features::{FeatureCache, FeatureOrigin, feature_key, file_digest};
-use crate::record::{Record, SplitScore, TeacherUse, append_record, read_records};
+use crate::record::{Record, SplitScore, TeacherUse, append_record, find_record, read_records};
 use crate::source::Source;
 use crate::teacher::{configured_teacher, pretrained_teacher};
 
@@ -359,7 +359,14 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
         let config = run_config(exp, strategy, &train_json, seed, opts.full, uses);
         let key = run_key(&config);
         keys.push(key.clone());
-        if let Some(earlier) = done.get(key.as_str()) {
+        // Read anew before each run: another process on the same records file
+        // (`--seeds` or `--strategies` beside this comparison) may have
+        // recorded it since this one started.
+        let recorded_since = match done.contains_key(key.as_str()) {
+            true => None,
+            false => find_record(&records_path, &key)?,
+        };
+        if let Some(earlier) = done.get(key.as_str()).copied().or(recorded_since.as_ref()) {
             match &earlier.failed {
                 None => eprintln!("{} seed {seed}: already recorded in {}, skipped", strategy.name, records_path.display()),
                 Some(why) => eprintln!("{} seed {seed}: recorded as failed ({why}); delete its line from {} to retry", strategy.name, records_path.display()),
