@@ -2,10 +2,11 @@
 //! text encoder embeds each class's description once, for the methods that
 //! read class texts ([`zhijian_core::Method::reads_class_text`]).
 
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
+use zhijian_backbones::BertConfig;
 use zhijian_core::{Input, Method, Result, train};
 
-use crate::build::{build_model, tokenizer_file};
+use crate::build::{TextModel, build_model, tokenizer_file};
 use crate::experiment::{BackboneConfig, ClassText, Experiment};
 
 /// Longest description kept, in tokens: a class description is a phrase.
@@ -41,14 +42,17 @@ impl ClassTexts {
     }
 }
 
-/// Gives the methods of a run being restored that read class texts
-/// embeddings of the right shape, from `exp`'s `[class_text]`, so that
-/// `prepare` can size their heads: the run's artifact then writes the texts
-/// it was trained with over them (only the shape, `[classes, d]`, matters).
-pub fn for_restore(exp: &Experiment, classes: i64, methods: &mut [Box<dyn Method>], device: Device) -> Result<()> {
+/// Gives the methods of a run being restored that read class texts a
+/// placeholder of the right shape, `[classes, d]` zeros with `d` the text
+/// encoder's width from its `config.json`, so that `prepare` can size their
+/// heads: the run's artifact then writes the embeddings it was trained with
+/// over it. Nothing is tokenised or encoded.
+pub fn for_restore(exp: &Experiment, classes: i64, methods: &mut [Box<dyn Method>]) -> Result<()> {
     if !methods.iter().any(|m| m.reads_class_text()) {
         return Ok(());
     }
-    let names: Vec<String> = (0..classes).map(|c| c.to_string()).collect();
-    ClassTexts::embed(exp, &exp.class_text.clone().unwrap_or_default(), &names, device)?.give(methods)
+    let config = exp.class_text.clone().unwrap_or_default();
+    let width = BertConfig::from_json(&TextModel::resolve(&config.weights, &exp.base)?.file("config.json")?)?.hidden_size;
+    let placeholder = Tensor::zeros([classes, width], (Kind::Float, Device::Cpu));
+    methods.iter_mut().filter(|m| m.reads_class_text()).try_for_each(|m| m.set_class_text(&placeholder))
 }

@@ -297,7 +297,7 @@ pub(crate) fn rebuilt(exp: &Experiment, registry: &Registry, run: &RecordedRun, 
     let entries: Vec<toml::Table> = serde_json::from_value(run.record.methods.clone())
         .map_err(|e| Error::Config(format!("{} seed {}: the run's methods do not parse: {e}", run.record.strategy, run.record.seed)))?;
     let mut methods = entries.iter().map(|m| registry.build(m)).collect::<Result<Vec<_>>>()?;
-    crate::class_text::for_restore(exp, classes, &mut methods, device)?;
+    crate::class_text::for_restore(exp, classes, &mut methods)?;
     train::prepare(&model, &mut methods, run.record.seed)?;
     train::restore(&model, &methods, &run.artifact)?;
     Ok((model, methods))

@@ -484,6 +484,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
                     final_loss: f64::NAN,
                     test_top1: f64::NAN,
                     peak_rss_bytes: peak_rss_bytes(),
+                    host: Some(crate::record::Host::now()),
                     ..identity
                 };
                 append_record(&records_path, &failed)?;

@@ -59,7 +59,7 @@ pub fn configured_teacher(exp: &Experiment, config: &RunRef, registry: &Registry
     let entries: Vec<toml::Table> =
         serde_json::from_value(run.methods.clone()).map_err(|e| Error::Config(format!("[teacher]: the run's methods do not parse: {e}")))?;
     let mut methods = entries.iter().map(|m| registry.build(m)).collect::<Result<Vec<_>>>()?;
-    crate::class_text::for_restore(&texp, data.classes.len() as i64, &mut methods, device)?;
+    crate::class_text::for_restore(&texp, data.classes.len() as i64, &mut methods)?;
     zhijian_core::train::prepare(&model, &mut methods, config.seed)?;
     zhijian_core::train::restore(&model, &methods, &artifact)?;
     let description = format!("{desc}, `{}` seed {} of {} (test top-1 {:.2}%)", config.strategy, config.seed, texp.name, 100.0 * run.test_top1);

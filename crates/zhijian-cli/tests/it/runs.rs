@@ -113,6 +113,7 @@ fn a_diverging_strategy_is_recorded_as_failed_and_the_comparison_goes_on() {
     let all = read_records(&records).unwrap();
     assert_eq!(all.iter().map(|r| (r.strategy.as_str(), r.finished())).collect::<Vec<_>>(), [("hot", false), ("calm", true)]);
     assert!(all[0].failed.as_ref().unwrap().contains("lower train.lr") && all[0].test_top1.is_nan());
+    assert!(all[0].host.as_ref().is_some_and(|h| h.cpus >= 1), "a failed run says where it ran too");
     assert!(std::fs::read_to_string(&records).unwrap().lines().next().unwrap().contains("\"test_top1\":null"));
     let table = String::from_utf8_lossy(&out.stdout).into_owned();
     let hot = table.lines().find(|l| l.starts_with("| hot ")).unwrap();
