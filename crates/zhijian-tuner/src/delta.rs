@@ -80,6 +80,9 @@ impl DeltaConfig {
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return bad(format!("`temperature = {}`: must be a positive number", self.temperature));
         }
+        if !self.probe.l2.is_empty() {
+            return bad("`probe.l2`: DELTA's probe only scores channels; it takes no penalties to choose from".into());
+        }
         self.probe.validate("delta")
     }
 }

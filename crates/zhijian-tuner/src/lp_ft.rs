@@ -14,8 +14,10 @@
 //! weight_decay }`), inside the run's clock; the run's own steps are the
 //! fine-tuning phase (the paper uses a smaller learning rate there: set the
 //! strategy's `lr`). The paper fits the probe with L-BFGS logistic
-//! regression; AdamW to convergence on the same features reaches the same
-//! kind of solution on these problems.
+//! regression, its L2 strength chosen on validation; `probe.l2 = [λ, …]`
+//! does that choice here (AdamW on the penalised loss, the best validation
+//! top-1 kept; see [`ProbeConfig::l2`]). Without it the probe is
+//! unregularised, and on small training sets it ends very confident.
 //!
 //! - trains: in phase 2 every backbone parameter and the head
 //!   (`unfreeze = false`: only what the strategy's other methods train, e.g.
@@ -24,7 +26,7 @@
 use serde::{Deserialize, Serialize};
 use zhijian_core::{Method, Model, Result, RunData, TrainConfig, config_table};
 
-use crate::probe::{ProbeConfig, fit_head};
+use crate::probe::{ProbeConfig, ProbeFit, fit_probe};
 
 /// Configuration of LP-FT.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -45,13 +47,13 @@ impl Default for LpFtConfig {
 /// LP-FT.
 pub struct LpFt {
     config: LpFtConfig,
-    probe_loss: Option<f64>,
+    probe: Option<ProbeFit>,
 }
 
 impl LpFt {
     /// LP-FT with `config`.
     pub fn new(config: LpFtConfig) -> Self {
-        LpFt { config, probe_loss: None }
+        LpFt { config, probe: None }
     }
 }
 
@@ -72,13 +74,13 @@ impl Method for LpFt {
     }
 
     fn before_train(&mut self, model: &Model, data: &RunData, cfg: &TrainConfig) -> Result<()> {
-        self.probe_loss = Some(fit_head(model, data.train, self.config.probe.budget(cfg))?);
+        self.probe = Some(fit_probe(model, data.train, data.val, &self.config.probe, cfg, "lp_ft")?);
         Ok(())
     }
 
     fn summary(&self) -> Option<toml::Table> {
         let mut t = toml::Table::new();
-        t.insert("probe_final_loss".into(), self.probe_loss?.into());
+        self.probe.as_ref()?.summary(&mut t);
         Some(t)
     }
 }
@@ -98,7 +100,7 @@ mod tests {
         let split = Split { name: "train".into(), input: testing::images(), labels: testing::labels() };
         let backbone_before = model.vs.variables()["features.0.conv.weight"].copy();
         let mut methods: Vec<Box<dyn Method>> =
-            vec![Box::new(LpFt::new(LpFtConfig { probe: ProbeConfig { epochs: 200, lr: 0.05, weight_decay: 0.0 }, unfreeze: true }))];
+            vec![Box::new(LpFt::new(LpFtConfig { probe: ProbeConfig { epochs: 200, lr: 0.05, ..Default::default() }, unfreeze: true }))];
         prepare(&model, &mut methods, 0).unwrap();
         let cfg = TrainConfig { max_steps: 2, batch_size: 6, lr: 1e-2, warmup_ratio: 0.0, ..Default::default() };
         train(&model, &mut methods, &split, None, &cfg, &TrainOptions::default()).unwrap();

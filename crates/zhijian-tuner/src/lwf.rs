@@ -27,7 +27,7 @@ use tch::nn::{Init, VarStore};
 use tch::{Kind, Tensor};
 use zhijian_core::{Error, Method, Model, Result, RunData, StepOutput, Tap, TrainConfig, config_table};
 
-use crate::probe::{ProbeConfig, fit_head};
+use crate::probe::{ProbeConfig, fit_probe};
 
 /// Configuration of LwF.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -149,7 +149,7 @@ impl Method for Lwf {
             }
         });
         if self.config.warmup {
-            fit_head(model, data.train, self.config.probe.budget(cfg))?;
+            fit_probe(model, data.train, data.val, &self.config.probe, cfg, "lwf")?;
         }
         Ok(())
     }

@@ -26,7 +26,7 @@ use zhijian_core::train::{artifact, evaluate};
 use zhijian_core::{Compute, Error, Method, Model, Result, RunData, TrainConfig, config_table};
 
 use crate::anchor::{Anchored, snapshot};
-use crate::probe::{ProbeConfig, fit_head};
+use crate::probe::{ProbeConfig, ProbeFit, best_later_on_ties, fit_probe};
 
 /// Configuration of WiSE-FT.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -66,13 +66,14 @@ pub struct WiseFt {
     start: Vec<Anchored>,
     curve: Vec<(f64, f64)>,
     chosen: Option<f64>,
+    probe: Option<ProbeFit>,
     eval_batch_size: i64,
 }
 
 impl WiseFt {
     /// WiSE-FT with `config`.
     pub fn new(config: WiseFtConfig) -> Self {
-        WiseFt { config, start: Vec::new(), curve: Vec::new(), chosen: None, eval_batch_size: 128 }
+        WiseFt { config, start: Vec::new(), curve: Vec::new(), chosen: None, probe: None, eval_batch_size: 128 }
     }
 }
 
@@ -89,8 +90,7 @@ pub fn interpolate(anchored: &[Anchored], end: &[Tensor], alpha: f64) {
 /// The index of the best score; ties go to the later entry (the larger α:
 /// closer to the fine-tuned model, which the validation split cannot tell apart).
 fn best(curve: &[(f64, f64)]) -> usize {
-    // `max_by` keeps the last of equal maxima.
-    (0..curve.len()).max_by(|&i, &j| curve[i].1.total_cmp(&curve[j].1)).unwrap_or(0)
+    best_later_on_ties(curve)
 }
 
 impl Method for WiseFt {
@@ -117,7 +117,7 @@ impl Method for WiseFt {
         if data.val.is_none() {
             return Err(Error::Config("wise_ft chooses α on a validation split, and this run has none".into()));
         }
-        fit_head(model, data.train, self.config.probe.budget(cfg))?;
+        self.probe = Some(fit_probe(model, data.train, data.val, &self.config.probe, cfg, "wise_ft")?);
         // The model's trained tensors with the running statistics of the
         // BatchNorm layers that train (what the artifact holds): both ends
         // are whole models, statistics included.
@@ -147,6 +147,9 @@ impl Method for WiseFt {
         t.insert("alpha".into(), self.chosen?.into());
         t.insert("alphas".into(), self.curve.iter().map(|c| toml::Value::from(c.0)).collect::<Vec<_>>().into());
         t.insert("val_top1".into(), self.curve.iter().map(|c| toml::Value::from(c.1)).collect::<Vec<_>>().into());
+        if let Some(probe) = &self.probe {
+            probe.summary(&mut t);
+        }
         Some(t)
     }
 }
