@@ -84,8 +84,8 @@ impl ProbeFit {
 
 /// Fits the model's head on the frozen features of `train` as `config` says:
 /// once ([`fit_head`]) or, where `config.l2` lists penalties, once per
-/// penalty from the same initial head, keeping the best on `val` (named in
-/// the error when missing: `method` needs a validation split then).
+/// penalty from the same initial head, keeping the one with the best top-1
+/// on `val` (without a validation split that is an error naming `method`).
 pub fn fit_probe(model: &Model, train: &Split, val: Option<&Split>, config: &ProbeConfig, cfg: &TrainConfig, method: &str) -> Result<ProbeFit> {
     let budget = config.budget(cfg);
     if config.l2.is_empty() {
