@@ -25,8 +25,9 @@ pub const SIZE: (u32, u32) = (960, 640);
 
 const FONT: &str = "sans-serif";
 
-/// Tableau's ten colours: distinct, and readable on white.
-const PALETTE: [RGBColor; 10] = [
+/// Tableau's twenty colours: the ten strong ones, then their light
+/// partners, so a study of up to twenty strategies gives each its own.
+const PALETTE: [RGBColor; 20] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -37,6 +38,16 @@ const PALETTE: [RGBColor; 10] = [
     RGBColor(127, 127, 127),
     RGBColor(188, 189, 34),
     RGBColor(23, 190, 207),
+    RGBColor(174, 199, 232),
+    RGBColor(255, 187, 120),
+    RGBColor(152, 223, 138),
+    RGBColor(255, 152, 150),
+    RGBColor(197, 176, 213),
+    RGBColor(196, 156, 148),
+    RGBColor(247, 182, 210),
+    RGBColor(199, 199, 199),
+    RGBColor(219, 219, 141),
+    RGBColor(158, 218, 229),
 ];
 
 /// One strategy's runs, summarised.
@@ -336,6 +347,16 @@ mod tests {
             out.push(Record { trainable_params: 22_600_000, train_seconds: 290.0, ood: shift(0.4), ..sample("full-finetune", seed, 0.80 + s) });
         }
         out
+    }
+
+    /// Up to twenty strategies each get a colour no other has (the robust study has fourteen).
+    #[test]
+    fn each_of_twenty_strategies_has_its_own_colour() {
+        let records: Vec<Record> = (0..20).map(|i| sample(&format!("s{i}"), 0, 0.5)).collect();
+        let colours: Vec<RGBColor> = points(&records).iter().map(|p| p.colour).collect();
+        for (i, c) in colours.iter().enumerate() {
+            assert!(!colours[..i].contains(c), "strategy {i} repeats colour {c:?}");
+        }
     }
 
     #[test]
