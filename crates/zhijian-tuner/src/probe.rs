@@ -213,10 +213,8 @@ fn fit(params: &[Tensor], pooled: &Tensor, labels: &Tensor, budget: ProbeBudget)
             if let Some(b) = params.get(1) {
                 logits += b;
             }
-            let mut loss = logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0);
-            if budget.l2 > 0.0 {
-                loss = loss + l2_penalty(&params[0], budget.l2);
-            }
+            let cross_entropy = logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0);
+            let loss = if budget.l2 > 0.0 { cross_entropy + l2_penalty(&params[0], budget.l2) } else { cross_entropy };
             opt.zero_grad();
             loss.backward();
             opt.step(budget.lr);
