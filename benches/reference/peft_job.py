@@ -224,6 +224,16 @@ def pooled_features(model, ids, mask, batch_size, autocast):
     return out
 
 
+def adamw(trainable, cfg):
+    """zhijian's AdamW: decoupled decay on matrices only, not on biases and norm scales."""
+    opt_cfg = cfg["optimizer"]
+    decay = [p for p in trainable if p.dim() >= 2]
+    rest = [p for p in trainable if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
+        lr=cfg["lr"], betas=(opt_cfg["beta1"], opt_cfg["beta2"]), eps=opt_cfg["eps"])
+
+
 def job(args):
     """Trains over the prepared examples, evaluates, writes the JSON."""
     tensors, plan = read_data(args.data)
@@ -238,12 +248,7 @@ def job(args):
         sys.exit("peft_job: label smoothing not supported")
     epochs = args.epochs or cfg["epochs"]
     model, trainable = build(plan, tensors, args.method)
-    # zhijian's AdamW decays matrices only, not biases and norm scales.
-    decay = [p for p in trainable if p.dim() >= 2]
-    rest = [p for p in trainable if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
-        lr=cfg["lr"], betas=(opt_cfg["beta1"], opt_cfg["beta2"]), eps=opt_cfg["eps"])
+    opt = adamw(trainable, cfg)
     ids, mask, labels = tensors["train.ids"], tensors["train.mask"], tensors["train.labels"]
     test = (tensors["test.ids"], tensors["test.mask"], tensors["test.labels"])
     n, batch = len(labels), cfg["batch_size"]
@@ -448,7 +453,7 @@ def profile(args):
     tensors, plan = read_data(args.data)
     cfg = plan["jobs"][args.method]["train"]
     model, trainable = build(plan, tensors, args.method)
-    opt = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    opt = adamw(trainable, cfg)
     ids, mask, labels = tensors["train.ids"], tensors["train.mask"], tensors["train.labels"]
     batch = cfg["batch_size"]
     model.train()

@@ -362,10 +362,7 @@ pub fn compare(exp: &Experiment, registry: &Registry, opts: &CompareOptions) -> 
         // Read anew before each run: another process on the same records file
         // (`--seeds` or `--strategies` beside this comparison) may have
         // recorded it since this one started.
-        let recorded_since = match done.contains_key(key.as_str()) {
-            true => None,
-            false => find_record(&records_path, &key)?,
-        };
+        let recorded_since = if done.contains_key(key.as_str()) { None } else { find_record(&records_path, &key)? };
         if let Some(earlier) = done.get(key.as_str()).copied().or(recorded_since.as_ref()) {
             match &earlier.failed {
                 None => eprintln!("{} seed {seed}: already recorded in {}, skipped", strategy.name, records_path.display()),

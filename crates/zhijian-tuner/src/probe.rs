@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor};
 use zhijian_core::train::{Optimizer, OptimizerConfig, batches, features};
-use zhijian_core::{Error, Model, Result, Split, TrainConfig};
+use zhijian_core::{Accuracy, Error, Model, Result, Split, TrainConfig};
 
 /// How a method's linear probe trains (a `probe = { … }` table in its config).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -96,21 +96,18 @@ pub fn fit_probe(model: &Model, train: &Split, val: Option<&Split>, config: &Pro
     let (pooled, val_pooled) = (features(model, &[], &train.input, batch)?, features(model, &[], &val.input, batch)?);
     let head: Vec<Tensor> = std::iter::once(&model.head.ws).chain(model.head.bs.as_ref()).map(Tensor::shallow_clone).collect();
     let initial: Vec<Tensor> = head.iter().map(|t| t.detach().copy()).collect();
+    // (λ, validation top-1, final loss, the fitted head) of each penalty.
     let mut fits = Vec::new();
     for &l2 in &config.l2 {
         write_head(&head, &initial);
         let final_loss = fit_head_on(model, &pooled, &train.labels, ProbeBudget { l2, ..budget })?;
-        let top1 = tch::no_grad(|| top1(&head, &val_pooled, &val.labels));
-        fits.push(((l2, top1), final_loss, head.iter().map(|t| t.detach().copy()).collect::<Vec<_>>()));
+        let top1 = tch::no_grad(|| Accuracy::from_logits(&logits(&head, &val_pooled.to_device(head[0].device())), &val.labels).top1());
+        fits.push((l2, top1, final_loss, head.iter().map(|t| t.detach().copy()).collect::<Vec<_>>()));
     }
-    // Ties go to the stronger penalty: the penalties in increasing order, the later of equals.
-    let mut order: Vec<usize> = (0..fits.len()).collect();
-    order.sort_by(|&i, &j| fits[i].0.0.total_cmp(&fits[j].0.0));
-    let scores: Vec<(f64, f64)> = order.iter().map(|&i| fits[i].0).collect();
-    let chosen = order[best_later_on_ties(&scores)];
-    let ((l2, _), final_loss, tensors) = &fits[chosen];
+    // The best top-1; of equals, the stronger penalty.
+    let (l2, _, final_loss, tensors) = fits.iter().max_by(|a, b| a.1.total_cmp(&b.1).then(a.0.total_cmp(&b.0))).expect("`probe.l2` is not empty");
     write_head(&head, tensors);
-    Ok(ProbeFit { final_loss: *final_loss, l2: Some(*l2), val_top1: fits.iter().map(|f| f.0.1).collect() })
+    Ok(ProbeFit { final_loss: *final_loss, l2: Some(*l2), val_top1: fits.iter().map(|f| f.1).collect() })
 }
 
 /// Copies `values` into the head's tensors.
@@ -118,20 +115,13 @@ fn write_head(head: &[Tensor], values: &[Tensor]) {
     tch::no_grad(|| head.iter().zip(values).for_each(|(h, v)| h.shallow_clone().copy_(v)));
 }
 
-/// Top-1 of the linear classifier `[weight, bias?]` on `pooled` (on the CPU).
-fn top1(head: &[Tensor], pooled: &Tensor, labels: &Tensor) -> f64 {
-    let mut logits = pooled.to_device(head[0].device()).matmul(&head[0].tr());
-    if let Some(b) = head.get(1) {
-        logits += b;
+/// The logits of the linear classifier `[weight, bias?]` on `x`.
+fn logits(head: &[Tensor], x: &Tensor) -> Tensor {
+    let logits = x.matmul(&head[0].tr());
+    match head.get(1) {
+        Some(b) => logits + b,
+        None => logits,
     }
-    logits.argmax(-1, false).to_device(Device::Cpu).eq_tensor(labels).to_kind(Kind::Float).mean(Kind::Float).double_value(&[])
-}
-
-/// The index of the best score of `(setting, score)` pairs; ties go to the
-/// later entry.
-pub(crate) fn best_later_on_ties(scores: &[(f64, f64)]) -> usize {
-    // `max_by` keeps the last of equal maxima.
-    (0..scores.len()).max_by(|&i, &j| scores[i].1.total_cmp(&scores[j].1)).unwrap_or(0)
 }
 
 /// λ/2·‖w‖²: the L2 penalty of a probe's weight.
@@ -209,11 +199,7 @@ fn fit(params: &[Tensor], pooled: &Tensor, labels: &Tensor, budget: ProbeBudget)
             let rows = order.index_select(0, &idx);
             let x = pooled.index_select(0, &rows).to_device(device);
             let y = labels.index_select(0, &rows).to_device(device);
-            let mut logits = x.matmul(&params[0].tr());
-            if let Some(b) = params.get(1) {
-                logits += b;
-            }
-            let cross_entropy = logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0);
+            let cross_entropy = logits(params, &x).cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0);
             let loss = if budget.l2 > 0.0 { cross_entropy + l2_penalty(&params[0], budget.l2) } else { cross_entropy };
             opt.zero_grad();
             loss.backward();

@@ -26,7 +26,7 @@ use zhijian_core::train::{artifact, evaluate};
 use zhijian_core::{Compute, Error, Method, Model, Result, RunData, TrainConfig, config_table};
 
 use crate::anchor::{Anchored, snapshot};
-use crate::probe::{ProbeConfig, ProbeFit, best_later_on_ties, fit_probe};
+use crate::probe::{ProbeConfig, ProbeFit, fit_probe};
 
 /// Configuration of WiSE-FT.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -90,7 +90,8 @@ pub fn interpolate(anchored: &[Anchored], end: &[Tensor], alpha: f64) {
 /// The index of the best score; ties go to the later entry (the larger α:
 /// closer to the fine-tuned model, which the validation split cannot tell apart).
 fn best(curve: &[(f64, f64)]) -> usize {
-    best_later_on_ties(curve)
+    // `max_by` keeps the last of equal maxima.
+    (0..curve.len()).max_by(|&i, &j| curve[i].1.total_cmp(&curve[j].1)).unwrap_or(0)
 }
 
 impl Method for WiseFt {
