@@ -49,7 +49,7 @@ commands:
                         the same, on every training review: linear probe, LoRA (3 epochs) and full
                         fine-tuning (2 epochs) on both sides, with dynamic padding and grouped by
                         length, test top-1 after each epoch; the time each took to reach PyTorch's
-                        final accuracy (results/reference/time-to-accuracy.md; ~45 min on 2 cores)
+                        final accuracy (results/reference/time-to-accuracy.md; 50-55 min on 2 cores)
 
 environment: ZHIJIAN_HOME (default ~/.cache/zhijian; the venv is $ZHIJIAN_HOME/venv),
              ZHIJIAN_CACHE (assets; default ~/.cache/zhijian/assets)";
