@@ -521,16 +521,16 @@ pub fn train(
         if teacher_input.len() != train.len() {
             return Err(Error::Data(format!("the teacher's copy of the training split has {} examples, the split {}", teacher_input.len(), train.len())));
         }
-        let cacheable = !opts.no_teacher_cache && TeacherCache::applies(teacher, teacher_input, wanted);
-        if cacheable {
+        if !opts.no_teacher_cache && TeacherCache::applies(teacher, teacher_input, wanted) {
             let t = Instant::now();
-            let (cache, computed) = teacher.outputs_once(teacher_input, &train.labels, cfg.eval_batch_size)?;
-            if computed {
-                report.teacher_cache_seconds = t.elapsed().as_secs_f64();
+            if let Some((cache, computed)) = teacher.outputs_once(teacher_input, &train.labels, wanted, cfg.eval_batch_size)? {
+                if computed {
+                    report.teacher_cache_seconds = t.elapsed().as_secs_f64();
+                }
+                teacher_cache = Some(cache);
             }
-            teacher_cache = Some(cache);
         }
-        report.teacher_cached = Some(cacheable);
+        report.teacher_cached = Some(teacher_cache.is_some());
     }
     let teacher_weights = WeightCache::new();
     // Frozen weights keep their bf16 copies for the whole run: nothing

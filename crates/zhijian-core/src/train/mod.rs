@@ -11,4 +11,4 @@ pub use engine::{
 };
 pub use optim::{Optimizer, OptimizerConfig, ParamOpts};
 pub use schedule::Schedule;
-pub use teacher::{Teacher, TeacherCache, teacher_taps};
+pub use teacher::{TEACHER_CACHE_BUDGET, Teacher, TeacherCache, teacher_taps};

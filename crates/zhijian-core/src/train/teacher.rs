@@ -55,20 +55,40 @@ impl Teacher {
         Teacher { model, methods, compute: Compute::Fp32, description: description.into(), train_input: None, memo: Mutex::new(None) }
     }
 
-    /// The teacher's logits and pooled features on every example of `input`,
-    /// computed once ([`TeacherCache`]) and reused by later runs whose
-    /// training split has the same labels (a comparison's strategies and seeds
-    /// share one split), whichever of the two they read. Returns the cache and
-    /// whether it was computed now.
-    pub fn outputs_once(&self, input: &Input, labels: &Tensor, batch_size: i64) -> Result<(TeacherCache, bool)> {
+    /// The teacher's logits, pooled features and `taps` on every example of
+    /// `input`, computed once ([`TeacherCache`]) and reused by later runs
+    /// whose training split has the same labels (a comparison's strategies
+    /// and seeds share one split), whichever of the two views they read. A
+    /// run wanting taps the memo lacks computes those and adds them. Returns
+    /// the cache and whether anything was computed now, or `None` where the
+    /// cache would outgrow [`TEACHER_CACHE_BUDGET`] (the teacher then runs on
+    /// every batch).
+    pub fn outputs_once(&self, input: &Input, labels: &Tensor, taps: &[Tap], batch_size: i64) -> Result<Option<(TeacherCache, bool)>> {
         let mut memo = self.memo.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(m) = memo.as_ref().filter(|m| m.labels.size() == labels.size() && m.labels.equal(labels)) {
-            return Ok((m.cache.shallow_clone(), false));
+        if memo.as_ref().is_some_and(|m| m.labels.size() != labels.size() || !m.labels.equal(labels)) {
+            *memo = None;
         }
         // Pooled features too, even for a loss on logits alone: a later run's may read them.
-        let cache = tch::no_grad(|| TeacherCache::compute(self, input, &[Tap::Pooled], batch_size))?;
-        *memo = Some(Memo { labels: labels.shallow_clone(), cache: cache.shallow_clone() });
-        Ok((cache, true))
+        let mut missing = vec![Tap::Pooled];
+        missing.extend(taps.iter().filter(|t| **t != Tap::Pooled).cloned());
+        missing.retain(|t| !memo.as_ref().is_some_and(|m| m.cache.taps.contains_key(t)));
+        if missing.is_empty()
+            && let Some(m) = memo.as_ref()
+        {
+            return Ok(Some((m.cache.shallow_clone(), false)));
+        }
+        let budget = TEACHER_CACHE_BUDGET - memo.as_ref().map_or(0, |m| m.cache.bytes());
+        let Some(computed) = tch::no_grad(|| TeacherCache::compute(self, input, &missing, batch_size, budget))? else {
+            return Ok(None);
+        };
+        let memo = match memo.as_mut() {
+            Some(m) => {
+                m.cache.taps.extend(computed.taps);
+                m
+            }
+            None => memo.insert(Memo { labels: labels.shallow_clone(), cache: computed }),
+        };
+        Ok(Some((memo.cache.shallow_clone(), true)))
     }
 
     /// Number of the teacher's output classes.
@@ -85,62 +105,90 @@ impl Teacher {
     }
 }
 
+/// The most memory a teacher's cached outputs may take (2 GiB): block maps of
+/// a large split at a large image size can exceed it, and the teacher then
+/// runs on every batch instead.
+pub const TEACHER_CACHE_BUDGET: i64 = 2 << 30;
+
 /// The teacher's outputs on every training example, computed once: what a
 /// frozen teacher gives when its inputs are the same at every epoch (in
 /// memory, or its own view of the split, which it reads without
-/// augmentation) and the methods want only its logits and pooled features.
+/// augmentation). Logits always; pooled features, and block or site outputs
+/// where every example's has the same shape (images).
 pub struct TeacherCache {
     logits: Tensor,
-    pooled: Option<Tensor>,
+    taps: BTreeMap<Tap, Tensor>,
 }
 
 impl TeacherCache {
     /// Whether the teacher's outputs on `input` (its own view of the split,
     /// or the student's) can be computed once for `taps`: the student's lazy
-    /// images may be augmented anew at every epoch, the rest is fixed.
+    /// images may be augmented anew at every epoch, the rest is fixed; and
+    /// a text batch's block outputs are as long as its longest review, so
+    /// for text only pooled features have one shape for every example.
     pub fn applies(teacher: &Teacher, input: &Input, taps: &[Tap]) -> bool {
-        (teacher.train_input.is_some() || !matches!(input, Input::Lazy(_))) && taps.iter().all(|t| *t == Tap::Pooled)
+        let fixed = teacher.train_input.is_some() || !matches!(input, Input::Lazy(_));
+        let images = matches!(input, Input::Images(_) | Input::Lazy(_));
+        fixed && taps.iter().all(|t| *t == Tap::Pooled || images)
     }
 
-    /// Runs `teacher` over every example of `input` (on the CPU, in example order).
-    pub fn compute(teacher: &Teacher, input: &Input, taps: &[Tap], batch_size: i64) -> Result<TeacherCache> {
+    /// Runs `teacher` over every example of `input` (on the CPU, in example
+    /// order), or returns `None` when its logits and `taps` would take more
+    /// than `budget` bytes (sized from the first example's outputs).
+    pub fn compute(teacher: &Teacher, input: &Input, taps: &[Tap], batch_size: i64, budget: i64) -> Result<Option<TeacherCache>> {
         if !Self::applies(teacher, input, taps) {
-            return Err(Error::Config("the teacher's outputs can be cached only for fixed inputs and pooled taps".into()));
+            return Err(Error::Config("the teacher's outputs can be cached only for fixed inputs, and block outputs only for images".into()));
         }
-        let pooled = taps.contains(&Tap::Pooled);
+        if input.is_empty() {
+            return Err(Error::Data("nothing to run: the split is empty".into()));
+        }
         let weights = WeightCache::new();
-        let classes = teacher.num_classes();
-        // One pass, logits and pooled features side by side.
-        let both = in_length_order(input, batch_size, teacher.model.device(), |batch| {
+        let device = teacher.model.device();
+        // Each output's shape per example, from the first example.
+        let first = teacher.run(&input.select(&Tensor::from_slice(&[0i64]), device)?, taps, &weights);
+        let mut shapes = vec![first.logits.size()[1..].to_vec()];
+        for t in taps {
+            let out = first.taps.get(t).ok_or_else(|| Error::Config(format!("the teacher produces no {t:?} output")))?;
+            shapes.push(out.size()[1..].to_vec());
+        }
+        let widths: Vec<i64> = shapes.iter().map(|s| s.iter().product()).collect();
+        if input.len() * widths.iter().sum::<i64>() * 4 > budget {
+            return Ok(None);
+        }
+        // One pass, every output of an example flattened side by side in one
+        // row, split apart after.
+        let rows = in_length_order(input, batch_size, device, |batch| {
             let out = teacher.run(batch, taps, &weights);
-            match out.taps.get(&Tap::Pooled) {
-                Some(p) if pooled => Tensor::cat(&[out.logits, crate::precision::to_fp32(p)], 1),
-                _ => out.logits,
-            }
+            let b = out.logits.size()[0];
+            let parts: Vec<Tensor> =
+                std::iter::once(out.logits).chain(taps.iter().map(|t| crate::precision::to_fp32(&out.taps[t]))).map(|p| p.reshape([b, -1])).collect();
+            Tensor::cat(&parts, 1)
         })?;
-        let logits = both.narrow(1, 0, classes);
-        let pooled = pooled.then(|| both.narrow(1, classes, both.size()[1] - classes));
-        Ok(TeacherCache { logits, pooled })
+        let mut start = 0;
+        let mut outputs = shapes.iter().zip(&widths).map(|(shape, &width)| {
+            let part = rows.narrow(1, start, width).reshape([&[-1][..], shape].concat());
+            start += width;
+            part
+        });
+        let logits = outputs.next().expect("the logits come first");
+        Ok(Some(TeacherCache { logits, taps: taps.iter().cloned().zip(outputs).collect() }))
     }
 
     /// The same outputs, sharing their storage.
     pub fn shallow_clone(&self) -> TeacherCache {
-        TeacherCache { logits: self.logits.shallow_clone(), pooled: self.pooled.as_ref().map(Tensor::shallow_clone) }
+        TeacherCache { logits: self.logits.shallow_clone(), taps: self.taps.iter().map(|(t, v)| (t.clone(), v.shallow_clone())).collect() }
     }
 
     /// The outputs for the examples at `idx` (int64 on the CPU), on `device`.
     pub fn select(&self, idx: &Tensor, device: Device) -> TeacherOutput {
-        let mut taps = BTreeMap::new();
-        if let Some(p) = &self.pooled {
-            taps.insert(Tap::Pooled, p.index_select(0, idx).to_device(device));
-        }
+        let taps = self.taps.iter().map(|(t, v)| (t.clone(), v.index_select(0, idx).to_device(device))).collect();
         TeacherOutput { logits: self.logits.index_select(0, idx).to_device(device), taps }
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> i64 {
         let size = |t: &Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
-        size(&self.logits) + self.pooled.as_ref().map_or(0, size)
+        size(&self.logits) + self.taps.values().map(size).sum::<i64>()
     }
 }
 

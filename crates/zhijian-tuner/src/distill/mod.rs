@@ -773,23 +773,39 @@ mod tests {
     use super::*;
     use zhijian_core::Registry;
 
-    /// The cache holds what the teacher computes, logits and pooled features
-    /// both (a later run reads whichever it wants), once per training split.
+    /// The cache holds what the teacher computes, once per training split:
+    /// logits and pooled features from the first run (a later run reads
+    /// whichever it wants), and the block maps a later run wants, added to
+    /// the same memo.
     #[test]
     fn the_teacher_cache_is_the_teachers_outputs_computed_once() {
+        use zhijian_core::train::TeacherCache;
         let teacher = zhijian_core::Teacher::new(zhijian_backbones::toys::cnn(1), Vec::new(), "toy");
         let (input, labels) = (zhijian_backbones::toys::images(), zhijian_backbones::toys::labels());
-        let (_, computed) = teacher.outputs_once(&input, &labels, 4).unwrap();
-        let (cache, again) = teacher.outputs_once(&input, &labels, 4).unwrap();
-        assert!(computed && !again);
+        let once = |taps: &[Tap]| teacher.outputs_once(&input, &labels, taps, 4).unwrap().expect("within the budget");
+        let block = Tap::Block(1);
+        let computed = [once(&[]).1, once(&[Tap::Pooled]).1, once(std::slice::from_ref(&block)).1];
+        let (cache, again) = once(&[Tap::Pooled, block.clone()]);
+        assert_eq!(computed, [true, false, true], "pooled features with the logits; the block map when first wanted");
+        assert!(!again);
         let idx = Tensor::from_slice(&[0i64, 3, 5]);
         let cached = cache.select(&idx, tch::Device::Cpu);
-        let live = teacher.run(&input.select(&idx, tch::Device::Cpu).unwrap(), &[Tap::Pooled], &WeightCache::new());
+        let live = teacher.run(&input.select(&idx, tch::Device::Cpu).unwrap(), &[Tap::Pooled, block.clone()], &WeightCache::new());
         assert!(cached.logits.allclose(&live.logits, 1e-5, 1e-6, false));
-        assert!(cached.taps[&Tap::Pooled].allclose(&live.taps[&Tap::Pooled], 1e-5, 1e-6, false));
+        for tap in [Tap::Pooled, block.clone()] {
+            assert_eq!(cached.taps[&tap].size(), live.taps[&tap].size(), "{tap:?}");
+            assert!(cached.taps[&tap].allclose(&live.taps[&tap], 1e-5, 1e-6, false), "{tap:?}");
+        }
+        // Over the memory budget nothing is cached; a tap the teacher lacks is named.
+        assert!(TeacherCache::compute(&teacher, &input, std::slice::from_ref(&block), 4, 64).unwrap().is_none());
+        let err = TeacherCache::compute(&teacher, &input, &[Tap::Block(99)], 4, 1 << 30).err().expect("no block 99").to_string();
+        assert!(err.contains("Block(99)"), "{err}");
+        // A text batch's block outputs are as long as its longest review: only pooled features are cached.
+        let tokens = zhijian_backbones::toys::tokens();
+        assert!(TeacherCache::applies(&teacher, &tokens, &[Tap::Pooled]));
+        assert!(!TeacherCache::applies(&teacher, &tokens, std::slice::from_ref(&block)));
         // Another split (other labels) is computed anew.
-        let (_, other) = teacher.outputs_once(&input, &labels.flip([0]), 4).unwrap();
-        assert!(other);
+        assert!(teacher.outputs_once(&input, &labels.flip([0]), &[], 4).unwrap().unwrap().1);
     }
 
     const ALL: [&str; 13] = ["kd_logits", "fitnet", "at", "sp", "rkd", "pkt", "nst", "cc", "vid", "factor_transfer", "dist", "crd", "distill_token"];
