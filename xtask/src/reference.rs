@@ -61,8 +61,8 @@ const TIME_TO_ACCURACY: [(&str, Option<usize>); 3] = [("linear_probe", Some(30))
 
 /// Runs `cargo xtask reference [--steps N | --time-to-accuracy]`.
 pub fn reference(args: &[String]) -> Result<()> {
-    if args == ["--time-to-accuracy"] {
-        return time_to_accuracy();
+    if args.first().is_some_and(|a| a == "--time-to-accuracy") {
+        return time_to_accuracy(&tta_methods(&args[1..])?);
     }
     let steps = parse_steps(args)?;
     let t0 = Instant::now();
@@ -103,7 +103,13 @@ pub fn reference(args: &[String]) -> Result<()> {
                     step(&format!("[{k}/{total}] {label} skipped: {why}"));
                     continue;
                 }
-                let args = ["job", "--method", method, "--precision", precision, "--data", data_arg];
+                let mut args = vec!["job", "--method", method, "--precision", precision, "--data", data_arg];
+                // In fp32 zhijian draws LibTorch's dropout masks, so the two
+                // sides' losses agree step by step (the parity table); in bf16
+                // it runs its default, cheaper masks.
+                if side == "zhijian" && precision == "fp32" {
+                    args.push("--torch-dropout");
+                }
                 let out = json_out(&format!("{}-{method}-{precision}", side.to_lowercase()));
                 let stage = if side == "zhijian" { zhijian(&label, &args, Some(out)) } else { pytorch(&label, &args, out) };
                 run_stage(stage, k, total, t_run, &mut results)?;
@@ -216,7 +222,7 @@ fn bf16_skip_reason(results: &serde_json::Map<String, Value>) -> Option<String> 
 /// PEFT, at each side's best precision (bf16 where bf16 matmuls are faster),
 /// the test top-1 after every epoch against the time spent training; the
 /// table gives the time each side took to reach PyTorch's final accuracy.
-fn time_to_accuracy() -> Result<()> {
+fn time_to_accuracy(methods: &[&str]) -> Result<()> {
     let t0 = Instant::now();
     let env = JobEnv::new()?;
     let data = env.dir.join("data-full.safetensors");
@@ -224,7 +230,8 @@ fn time_to_accuracy() -> Result<()> {
     let mut prepare = env.zhijian("prepare the data (every training review)", &["prepare", "--full"], None);
     prepare.command.arg("--out").arg(&data);
     let first = vec![prepare, env.pytorch("matmul ceiling, PyTorch", &["ceiling"], env.json_out("ceiling-pytorch"))];
-    let total = first.len() + TIME_TO_ACCURACY.iter().map(|(m, _)| tta_jobs(m).len()).sum::<usize>();
+    let chosen = || TIME_TO_ACCURACY.into_iter().filter(|(m, _)| methods.contains(m));
+    let total = first.len() + chosen().map(|(m, _)| tta_jobs(m).len()).sum::<usize>();
     let t_run = Instant::now();
     let mut results = serde_json::Map::new();
     let mut k = 0;
@@ -234,7 +241,7 @@ fn time_to_accuracy() -> Result<()> {
     }
     let skipped = bf16_skip_reason(&results);
     let precision = if skipped.is_some() { "fp32" } else { "bf16" };
-    for (method, epochs) in TIME_TO_ACCURACY {
+    for (method, epochs) in chosen() {
         for (side, grouped) in tta_jobs(method) {
             k += 1;
             let epochs = epochs.map(|e| e.to_string());
@@ -259,7 +266,12 @@ fn time_to_accuracy() -> Result<()> {
         "date_utc": today_utc(),
         "cpu": cpu_model(),
         "run_seconds": t_run.elapsed().as_secs_f64(),
-        "command": "cargo xtask reference --time-to-accuracy",
+        "command": if methods.len() == TIME_TO_ACCURACY.len() {
+            "cargo xtask reference --time-to-accuracy".to_string()
+        } else {
+            format!("cargo xtask reference --time-to-accuracy --methods {}", methods.join(","))
+        },
+        "methods": methods,
     });
     let report = json!({ "meta": meta, "results": results });
     let table = render_time_to_accuracy(&report)?;
@@ -268,6 +280,21 @@ fn time_to_accuracy() -> Result<()> {
     write_atomic(&env.dir.join("time-to-accuracy.md"), &table)?;
     step(&format!("time to accuracy done in {}; table and raw JSON in {}", clock(t0.elapsed().as_secs_f64()), env.dir.display()));
     Ok(())
+}
+
+/// The methods of `--time-to-accuracy [--methods a,b]`: all three unless named.
+fn tta_methods(args: &[String]) -> Result<Vec<&'static str>> {
+    let known = TIME_TO_ACCURACY.map(|(m, _)| m);
+    match args {
+        [] => Ok(known.to_vec()),
+        [flag, list] if flag == "--methods" => list
+            .split(',')
+            .map(|name| {
+                known.into_iter().find(|k| *k == name.trim()).with_context(|| format!("--methods: unknown method `{name}`; known: {}", known.join(", ")))
+            })
+            .collect(),
+        other => bail!("--time-to-accuracy takes only `--methods a,b` (of {}), got {other:?}", known.join(", ")),
+    }
 }
 
 /// The time-to-accuracy jobs of `method`: `(side, grouped by length)`, each
@@ -302,8 +329,9 @@ fn render_time_to_accuracy(report: &Value) -> Result<String> {
     let mut out = String::new();
     writeln!(
         out,
-        "## Time to accuracy: MiniLM-L6 → Rotten Tomatoes, every training review\n\n{} on both sides, batch 32, dynamic padding, AdamW, \
-         warm-up + cosine over the whole run; test top-1 after every epoch. {}, commit {}, {}, `{}`, {}.\n",
+        "## Time to accuracy: MiniLM-L6 → Rotten Tomatoes, every training review\n\n{} on both sides, batch 32, dynamic padding, AdamW \
+         (ATen's fused kernel on both sides), warm-up + cosine over the whole run; zhijian draws its default dropout masks; \
+         test top-1 after every epoch. {}, commit {}, {}, `{}`, {}.\n",
         m["precision"].as_str().unwrap_or("?"),
         m["cpu"].as_str().unwrap_or("?"),
         m["commit"].as_str().unwrap_or("?"),
@@ -324,7 +352,9 @@ fn render_time_to_accuracy(report: &Value) -> Result<String> {
                 .join(", ")
         })
     };
-    for (method, _) in TIME_TO_ACCURACY {
+    let methods: Vec<&str> =
+        m["methods"].as_array().map_or_else(|| TIME_TO_ACCURACY.map(|(m, _)| m).to_vec(), |a| a.iter().filter_map(Value::as_str).collect());
+    for method in methods {
         let reference = &r[tta_name("PyTorch", method, false)];
         let target = reference["test_top1"].as_f64().with_context(|| format!("no PyTorch result for {method}"))?;
         let base = reached(reference, target).map(|(_, s)| s);
@@ -450,7 +480,9 @@ fn render(report: &Value) -> Result<String> {
     writeln!(
         out,
         "MiniLM-L6 → Rotten Tomatoes, batch 32, {} steps: one epoch over {} training reviews, the same tokens, batches \
-         and initial head and LoRA matrices on both sides; test top-1 on {} reviews. {}, {} threads. Commit {}, {}, \
+         and initial head and LoRA matrices on both sides; test top-1 on {} reviews. In fp32 zhijian draws LibTorch's \
+         dropout masks (`train.dropout_masks = \"torch\"`): both sides train on the same masks. In bf16 it draws \
+         its own, cheaper ones (the default). Both sides run ATen's fused AdamW. {}, {} threads. Commit {}, {}, \
          `{}`, {} after the build.\n",
         m["steps"],
         zf["samples"],
@@ -529,6 +561,9 @@ fn render(report: &Value) -> Result<String> {
             if z["tokens"] != p["tokens"] || z["model_flops"] != p["model_flops"] {
                 notes.push(format!("{name} {precision}: the two sides computed different batches (tokens or model FLOPs differ)"));
             }
+            if precision == "fp32" && z["dropout_masks"] != "torch" {
+                notes.push(format!("{name} fp32: zhijian did not draw LibTorch's dropout masks, so its loss can differ from PyTorch's"));
+            }
             if z["trainable_params"] != p["trainable_params"] {
                 notes.push(format!("{name}: the trainable parameter counts differ"));
             }
@@ -575,7 +610,10 @@ mod tests {
     fn report(with_bf16: bool) -> Value {
         let mut results = serde_json::Map::new();
         for method in ["full_finetune", "lora"] {
-            results.insert(format!("zhijian-{method}-fp32"), result("zhijian", 20.0, 1000));
+            let mut zhijian = result("zhijian", 20.0, 1000);
+            // fp32 jobs draw LibTorch's dropout masks (the parity table's premise).
+            zhijian["dropout_masks"] = json!("torch");
+            results.insert(format!("zhijian-{method}-fp32"), zhijian);
             results.insert(format!("pytorch-{method}-fp32"), result("pytorch", 25.0, 1000));
             if with_bf16 {
                 results.insert(format!("zhijian-{method}-bf16"), result("zhijian", 60.0, 1000));
@@ -619,6 +657,16 @@ mod tests {
         assert!(!table.contains("**warning:**"), "{table}");
     }
 
+    /// An fp32 zhijian job on its own dropout masks cannot show step-by-step parity: the table says so.
+    #[test]
+    fn fp32_jobs_without_torch_masks_are_flagged() {
+        let mut r = report(false);
+        r["results"]["zhijian-lora-fp32"]["dropout_masks"] = json!("fast");
+        let table = render(&r).unwrap();
+        assert!(table.contains("**warning:** LoRA r8 fp32: zhijian did not draw LibTorch's dropout masks"), "{table}");
+        assert!(!table.contains("full fine-tuning fp32: zhijian did not draw"), "{table}");
+    }
+
     /// The time to target is the first epoch at or above PyTorch's final top-1 with dynamic padding; a job that never gets there says so.
     #[test]
     fn time_to_accuracy_table() {
@@ -645,6 +693,15 @@ mod tests {
         assert!(table.contains("| full_finetune | PyTorch | dynamic padding | 2 | 85.00 | 85.00 | 100 s (epoch 1) | 1.00× |"), "{table}");
         assert!(table.contains("| full_finetune | zhijian | dynamic padding | 2 | 86.00 | 85.00 | 50 s (epoch 1) | 2.00× |"), "{table}");
         assert!(!table.contains("| full_finetune | zhijian | grouped by length"), "{table}");
+    }
+
+    #[test]
+    fn time_to_accuracy_methods() {
+        assert_eq!(tta_methods(&[]).unwrap(), ["linear_probe", "lora", "full_finetune"]);
+        assert_eq!(tta_methods(&["--methods".into(), "full_finetune,lora".into()]).unwrap(), ["full_finetune", "lora"]);
+        let err = tta_methods(&["--methods".into(), "lora,bitfit".into()]).unwrap_err().to_string();
+        assert!(err.contains("unknown method `bitfit`") && err.contains("known: linear_probe"), "{err}");
+        assert!(tta_methods(&["--steps".into(), "3".into()]).is_err());
     }
 
     #[test]

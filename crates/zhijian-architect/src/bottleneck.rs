@@ -15,6 +15,7 @@
 use serde::{Deserialize, Serialize};
 use tch::nn::Path;
 use tch::{Kind, Tensor};
+use zhijian_core::layers::dropout;
 use zhijian_core::precision::cast_like;
 use zhijian_core::{Error, Model, Result};
 
@@ -180,7 +181,7 @@ impl Bottleneck {
         let [down, up] = self.effective().map(|w| cast_like(&w, x));
         let [down_bias, up_bias] = [&self.down_bias, &self.up_bias].map(|b| cast_like(b, x));
         let h = self.activation.apply(&x.linear(&down, Some(&down_bias)));
-        let h = if train && self.dropout > 0.0 { h.dropout(self.dropout, true) } else { h };
+        let h = dropout(&h, self.dropout, train);
         h.linear(&up, Some(&up_bias))
     }
 }

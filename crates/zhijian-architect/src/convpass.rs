@@ -36,6 +36,7 @@ use zhijian_core::{Error, Layout, Method, Model, Result, Role, SubLayer, config_
 
 use crate::adapter::{slot, sublayer_name};
 use crate::bottleneck::{Activation, BlockSet, block_prefixes, check_dropout, xavier_uniform};
+use zhijian_core::layers;
 use zhijian_core::precision::cast_like;
 
 /// How the 3×3 convolution of a bypass starts.
@@ -130,7 +131,7 @@ impl Bypass {
         // A 3×3 convolution with padding 1 of a 1×1 image sees only its centre tap.
         let single = h.narrow(1, 0, start).linear(&conv.select(3, 1).select(2, 1), Some(&conv_bias));
         let h = qgelu(&Tensor::cat(&[single, grid], 1));
-        let h = if train && dropout > 0.0 { h.dropout(dropout, true) } else { h };
+        let h = layers::dropout(&h, dropout, train);
         h.linear(&up, Some(&up_bias))
     }
 }

@@ -53,6 +53,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 use tch::nn::{Init, VarStore};
+use zhijian_core::layers::dropout;
 use zhijian_core::precision::cast_like;
 use zhijian_core::{Error, Method, Model, Result, Role, Site, config_table};
 
@@ -250,7 +251,7 @@ impl Method for Fact {
             return out;
         }
         let (r, d, p) = (self.config.dim, u.size()[1], self.config.dropout);
-        let drop = |y: Tensor| if train && p > 0.0 { y.dropout(p, true) } else { y };
+        let drop = |y: Tensor| dropout(&y, p, train);
         // In the activations' precision (bf16 under mixed precision).
         let (mix, u, v) = (cast_like(&self.mixing(a), x), &cast_like(u, x), &cast_like(v, x));
         let delta = match a.layout {

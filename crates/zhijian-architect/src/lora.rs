@@ -44,6 +44,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 use tch::nn::{Init, VarStore};
+use zhijian_core::layers::dropout;
 use zhijian_core::precision::cast_like;
 use zhijian_core::targets::select_sites;
 use zhijian_core::{Error, Method, Model, Result, Role, Site, config_table};
@@ -288,7 +289,7 @@ impl Method for Lora {
     fn linear(&self, site: &Site, x: &Tensor, out: Tensor, train: bool) -> Tensor {
         match self.pairs.get(&site.path) {
             Some(pair) if !self.merged => {
-                let x = if train && self.config.dropout > 0.0 { x.dropout(self.config.dropout, true) } else { x.shallow_clone() };
+                let x = dropout(x, self.config.dropout, train);
                 // In the activations' precision (bf16 under mixed precision).
                 let linear = |t: &Tensor, w: &Tensor| t.linear::<Tensor>(&cast_like(w, &x), None);
                 // The scale goes on the small B, not on the [tokens, out] update.
@@ -308,7 +309,7 @@ impl Method for Lora {
     fn conv(&self, site: &Site, x: &Tensor, out: Tensor, train: bool) -> Tensor {
         match (self.pairs.get(&site.path), site.conv) {
             (Some(pair), Some(g)) if !self.merged => {
-                let x = if train && self.config.dropout > 0.0 { x.dropout(self.config.dropout, true) } else { x.shallow_clone() };
+                let x = dropout(x, self.config.dropout, train);
                 let kernel = [site.out_features, site.in_features / g.groups, g.kernel[0], g.kernel[1]];
                 let delta = pair.b.matmul(&pair.a).reshape(kernel);
                 let conv = |w: &Tensor| x.conv2d::<Tensor>(&cast_like(w, &x), None, [g.stride; 2], [g.padding; 2], [1, 1], g.groups);

@@ -36,6 +36,7 @@
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 use tch::nn::{Init, VarStore};
+use zhijian_core::layers::dropout;
 use zhijian_core::{Error, Method, Model, Result, Role, Tokens, config_table};
 
 use crate::bottleneck::check_dropout;
@@ -88,7 +89,7 @@ impl Vpt {
     /// The prompts `[batch, tokens, hidden]` of one block, with dropout in training.
     fn batch_of(&self, prompts: &Tensor, batch: i64, train: bool) -> Tensor {
         let p = prompts.unsqueeze(0).expand([batch, -1, -1], false);
-        if train && self.config.dropout > 0.0 { p.dropout(self.config.dropout, true) } else { p }
+        dropout(&p, self.config.dropout, train)
     }
 }
 

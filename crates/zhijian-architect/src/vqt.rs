@@ -27,6 +27,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 use tch::nn::VarStore;
+use zhijian_core::layers::dropout;
 use zhijian_core::{Error, Method, Model, Result, Tap, Tokens, config_table};
 
 use crate::bottleneck::check_dropout;
@@ -118,7 +119,7 @@ impl Method for Vqt {
         let Some(queries) = &self.queries else { return tokens };
         let b = tokens.x.size()[0];
         let q = queries.get(block as i64).unsqueeze(0).expand([b, -1, -1], false);
-        let q = if train && self.config.dropout > 0.0 { q.dropout(self.config.dropout, true) } else { q };
+        let q = dropout(&q, self.config.dropout, train);
         let tokens = if block == 0 { tokens.insert_observers(&q) } else { tokens.replace_observers(&q) };
         self.start.set(tokens.layout.content_start() - self.config.tokens);
         tokens

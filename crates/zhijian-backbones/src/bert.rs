@@ -294,11 +294,11 @@ impl Layer {
         };
         let a = attention(cx, &q, &kv.k, &kv.v, mask.as_ref(), c.num_attention_heads, c.attention_probs_dropout_prob);
         let a = cx.sublayer(block, SubLayer::Attn, x, self.attn_out.forward(cx, &a), &t.layout);
-        let x = self.attn_norm.forward(cx, &(dropout(cx, &a, c.hidden_dropout_prob) + x));
+        let x = self.attn_norm.forward(cx, &(dropout(&a, c.hidden_dropout_prob, cx.is_train()) + x));
         // Hugging Face's "gelu" is the exact erf form, not the tanh approximation.
         let f = self.down.forward(cx, &self.up.forward(cx, &x).gelu("none"));
         let f = cx.sublayer(block, SubLayer::Mlp, &x, f, &t.layout);
-        let x = self.out_norm.forward(cx, &(dropout(cx, &f, c.hidden_dropout_prob) + x));
+        let x = self.out_norm.forward(cx, &(dropout(&f, c.hidden_dropout_prob, cx.is_train()) + x));
         Tokens { x, ..t }
     }
 }
@@ -416,7 +416,7 @@ impl Bert {
         if let Some(token_type) = &self.token_type {
             x += token_type.forward(&ids.zeros_like());
         }
-        let x = dropout(cx, &self.norm.forward(cx, &x), self.config.hidden_dropout_prob);
+        let x = dropout(&self.norm.forward(cx, &x), self.config.hidden_dropout_prob, cx.is_train());
         Self::tokens(x, mask)
     }
 

@@ -167,11 +167,11 @@ impl Block {
         let kv = cx.attn_kv(block, Kv { k: qkv[1].shallow_clone(), v: qkv[2].shallow_clone(), keep: t.attention_mask() });
         let a = attention(cx, &qkv[0], &kv.k, &kv.v, kv.keep.as_ref(), c.num_heads, 0.0);
         let a = cx.sublayer(block, SubLayer::Attn, &h, self.proj.forward(cx, &a), &t.layout);
-        let x = x + dropout(cx, &a, c.dropout);
+        let x = x + dropout(&a, c.dropout, cx.is_train());
         let h = self.norm2.forward(cx, &x);
         let f = self.fc2.forward(cx, &self.fc1.forward(cx, &h).gelu("none"));
         let f = cx.sublayer(block, SubLayer::Mlp, &h, f, &t.layout);
-        Tokens { x: &x + dropout(cx, &f, c.dropout), ..t }
+        Tokens { x: &x + dropout(&f, c.dropout, cx.is_train()), ..t }
     }
 }
 

@@ -5,8 +5,8 @@
 //! site so methods can inject without any change to backbone code.
 
 use serde::Serialize;
-use tch::Tensor;
 use tch::nn::{Init, Path};
+use tch::{Device, Kind, Tensor};
 
 use crate::ctx::Ctx;
 use crate::precision::to_fp32;
@@ -185,9 +185,67 @@ impl Embedding {
     }
 }
 
-/// Dropout that is active only in training passes.
-pub fn dropout(cx: &Ctx, x: &Tensor, p: f64) -> Tensor {
-    if cx.is_train() && p > 0.0 { x.dropout(p, true) } else { x.shallow_clone() }
+/// Which random masks training-mode dropout draws (`train.dropout_masks`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropoutMasks {
+    /// On the CPU, one pass of a counter-based generator
+    /// ([`zhijian_kernels::dropout_mask`]) seeded from LibTorch's generator:
+    /// the same Bernoulli masks in distribution, several times cheaper than
+    /// LibTorch's `bernoulli_`, which takes a fifth of a MiniLM fine-tuning
+    /// step. On a GPU, LibTorch's fused dropout. The default.
+    #[default]
+    Fast,
+    /// LibTorch's own masks everywhere: the ones PyTorch draws after the same
+    /// `manual_seed`, for a run that must match a PyTorch run step by step.
+    Torch,
+}
+
+thread_local! {
+    static DROPOUT_MASKS: std::cell::Cell<DropoutMasks> = const { std::cell::Cell::new(DropoutMasks::Fast) };
+}
+
+impl DropoutMasks {
+    /// The masks dropout draws on this thread (fast unless set).
+    pub fn current() -> DropoutMasks {
+        DROPOUT_MASKS.with(|m| m.get())
+    }
+
+    /// Makes dropout on this thread draw these masks until the guard drops.
+    /// A per-thread setting, like the training loop that sets it (the engine,
+    /// from its config): tests training on parallel threads do not see each
+    /// other's.
+    pub fn set(self) -> DropoutMasksGuard {
+        DropoutMasksGuard(DROPOUT_MASKS.with(|m| m.replace(self)))
+    }
+
+    /// Whether this is the default (configs leave it out then).
+    pub fn is_fast(&self) -> bool {
+        *self == DropoutMasks::Fast
+    }
+}
+
+/// Restores the dropout masks that were in force before [`DropoutMasks::set`].
+#[must_use = "the setting lasts only while the guard lives"]
+pub struct DropoutMasksGuard(DropoutMasks);
+
+impl Drop for DropoutMasksGuard {
+    fn drop(&mut self) {
+        DROPOUT_MASKS.with(|m| m.set(self.0));
+    }
+}
+
+/// Inverted dropout of probability `p`, active only in training passes
+/// (`train`), drawing [`DropoutMasks::current`]'s masks.
+pub fn dropout(x: &Tensor, p: f64, train: bool) -> Tensor {
+    if !train || p <= 0.0 {
+        return x.shallow_clone();
+    }
+    if p < 1.0 && x.device() == Device::Cpu && DropoutMasks::current() == DropoutMasks::Fast {
+        // p is in (0, 1) and the mask is made contiguous on the CPU: the kernel cannot refuse it.
+        return x * zhijian_kernels::dropout_mask(x, p).unwrap_or_else(|e| panic!("dropout mask: {e}"));
+    }
+    x.dropout(p, true)
 }
 
 /// Multi-head scaled dot-product attention over already projected `q`, `k`, `v`,
@@ -208,7 +266,32 @@ pub fn attention(cx: &Ctx, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Ten
     let split = |x: &Tensor| cx.cast(x).view([b, -1, heads, d / heads]).transpose(1, 2);
     let p = if cx.is_train() { dropout_p } else { 0.0 };
     let mask = mask.map(|m| cx.cast(m));
-    Tensor::scaled_dot_product_attention(&split(q), &split(k), &split(v), mask.as_ref(), p, false, None, false).transpose(1, 2).reshape([b, t, d])
+    let (q, k, v) = (split(q), split(k), split(v));
+    let out = if p > 0.0 && q.device() == Device::Cpu && DropoutMasks::current() == DropoutMasks::Fast {
+        attention_with_fast_dropout(&q, &k, &v, mask.as_ref(), p)
+    } else {
+        Tensor::scaled_dot_product_attention(&q, &k, &v, mask.as_ref(), p, false, None, false)
+    };
+    out.transpose(1, 2).reshape([b, t, d])
+}
+
+/// The path LibTorch's scaled dot-product attention takes on the CPU whenever
+/// its probabilities drop out (its "math" path), written out so the mask can
+/// come from [`dropout`]: q, k and v in fp32 (the math path computes reduced
+/// precision in fp32 too), each scaled by head_dim^(-¼), the mask added (−∞
+/// where a boolean mask is false), softmax, dropout, times v, back to q's kind.
+///
+/// # Shapes
+/// `q`: `[batch, heads, queries, head_dim]`; `k`, `v`: `[batch, heads, keys, head_dim]`.
+fn attention_with_fast_dropout(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, p: f64) -> Tensor {
+    let kind = q.kind();
+    let scale = (q.size()[3] as f64).powf(-0.25);
+    let float = |x: &Tensor| x.to_kind(Kind::Float);
+    let mut scores = (float(q) * scale).matmul(&(float(k) * scale).transpose(-2, -1));
+    if let Some(m) = mask {
+        scores = if m.kind() == Kind::Bool { scores.masked_fill(&m.logical_not(), f64::NEG_INFINITY) } else { scores + float(m) };
+    }
+    dropout(&scores.softmax(-1, Kind::Float), p, true).matmul(&float(v)).to_kind(kind)
 }
 
 /// Whether a checkpoint key names a buffer (running statistics), not a parameter:
@@ -429,6 +512,94 @@ mod tests {
         // Under bf16 the float mask follows the compute precision.
         let bf16 = attention(&cx.with_compute(Compute::Bf16), &q, &k, &v, Some(&mask), heads, 0.0);
         assert!(bf16.to_kind(Kind::Float).allclose(&manual, 5e-2, 5e-2, false));
+    }
+
+    /// Fast masks drop a fraction p and scale the rest by 1 / (1 − p), repeat
+    /// under one seed, and are not LibTorch's; `torch` masks are LibTorch's
+    /// exactly. Evaluation passes, p = 0 and the guard's end change nothing.
+    #[test]
+    fn dropout_draws_the_masks_in_force() {
+        let x = Tensor::ones([400, 500], (Kind::Float, Device::Cpu));
+        // LibTorch's generator is global and tests run on parallel threads: a
+        // draw elsewhere between the seed and ours can change our mask, so a
+        // comparison after re-seeding gets a few tries (a wrong mask never matches).
+        let same_after_seed = |f: &dyn Fn() -> Tensor, g: &dyn Fn() -> Tensor| {
+            (0..5).any(|_| {
+                tch::manual_seed(11);
+                let a = f();
+                tch::manual_seed(11);
+                a.equal(&g())
+            })
+        };
+        assert_eq!(DropoutMasks::current(), DropoutMasks::Fast);
+        let fast = dropout(&x, 0.2, true);
+        let dropped = fast.eq(0.0).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+        assert!((dropped - 0.2).abs() < 0.005, "dropped {dropped}");
+        assert!((fast.mean(Kind::Double).double_value(&[]) - 1.0).abs() < 0.01);
+        assert!(same_after_seed(&|| dropout(&x, 0.2, true), &|| dropout(&x, 0.2, true)), "the seed repeats the mask");
+        assert!(!same_after_seed(&|| dropout(&x, 0.2, true), &|| x.dropout(0.2, true)), "fast masks are not LibTorch's");
+        {
+            let _guard = DropoutMasks::Torch.set();
+            assert_eq!(DropoutMasks::current(), DropoutMasks::Torch);
+            assert!(same_after_seed(&|| dropout(&x, 0.2, true), &|| x.dropout(0.2, true)), "torch masks are LibTorch's");
+        }
+        assert_eq!(DropoutMasks::current(), DropoutMasks::Fast, "the guard restores the setting");
+        assert!(dropout(&x, 0.2, false).equal(&x));
+        assert!(dropout(&x, 0.0, true).equal(&x));
+        let grad_in = x.set_requires_grad(true);
+        let y = dropout(&grad_in, 0.5, true);
+        y.sum(Kind::Float).backward();
+        assert!(grad_in.grad().equal(&y.detach()), "the gradient goes through the same mask");
+    }
+
+    /// With fast masks, training attention runs the math path written out: at
+    /// p = 0 it is LibTorch's attention (boolean and float masks, fp32 and
+    /// bf16); at p > 0 it drops whole attention weights, and gradients flow.
+    #[test]
+    fn attention_with_fast_dropout_is_the_math_path() {
+        let (b, t, heads, hd) = (2, 5, 2, 4);
+        let split = |x: &Tensor| x.view([b, -1, heads, hd]).transpose(1, 2);
+        let (q, k, v) = (split(&randn(&[b, t, heads * hd])), split(&randn(&[b, t, heads * hd])), split(&randn(&[b, t, heads * hd])));
+        let keep = Tensor::from_slice(&[true, true, true, false, true, true, true, true, true, false]).view([b, 1, 1, t]);
+        let bias = randn(&[b, heads, t, t]);
+        for mask in [None, Some(&keep), Some(&bias)] {
+            let want = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, false, None, false);
+            let got = attention_with_fast_dropout(&q, &k, &v, mask, 0.0);
+            assert!(got.allclose(&want, 1e-5, 1e-5, false), "{}", (&got - &want).abs().max());
+            let bf = |x: &Tensor| x.to_kind(Kind::BFloat16);
+            let got = attention_with_fast_dropout(
+                &bf(&q),
+                &bf(&k),
+                &bf(&v),
+                mask.map(|m| if m.kind() == Kind::Bool { m.shallow_clone() } else { bf(m) }).as_ref(),
+                0.0,
+            );
+            assert_eq!(got.kind(), Kind::BFloat16);
+            assert!(got.to_kind(Kind::Float).allclose(&want, 5e-2, 5e-2, false));
+        }
+        let q = q.set_requires_grad(true);
+        let cx = Ctx::plain(true);
+        let dropped = attention(
+            &cx,
+            &q.transpose(1, 2).reshape([b, t, heads * hd]),
+            &k.transpose(1, 2).reshape([b, t, heads * hd]),
+            &v.transpose(1, 2).reshape([b, t, heads * hd]),
+            None,
+            heads,
+            0.5,
+        );
+        let full = attention(
+            &Ctx::plain(false),
+            &q.transpose(1, 2).reshape([b, t, heads * hd]),
+            &k.transpose(1, 2).reshape([b, t, heads * hd]),
+            &v.transpose(1, 2).reshape([b, t, heads * hd]),
+            None,
+            heads,
+            0.5,
+        );
+        assert!(!dropped.allclose(&full, 1e-3, 1e-3, false), "training drops attention weights");
+        dropped.sum(Kind::Float).backward();
+        assert!(q.grad().isfinite().all().int64_value(&[]) == 1 && q.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
     }
 
     /// Norms are fp32 whatever comes in; convolutions and attention follow the context.

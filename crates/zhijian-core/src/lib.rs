@@ -26,7 +26,7 @@ pub use backbone::{Backbone, ImagePreset, ImageSource, Input, ParamGroup, block_
 pub use ctx::{Ctx, Tap};
 pub use error::{Error, Result};
 pub use hooks::{Kv, Layout, SubLayer, Tokens};
-pub use layers::{Linear, Role, Site};
+pub use layers::{DropoutMasks, Linear, Role, Site};
 pub use method::{Method, RunData, Stage, StepCx, StepOutput, TeacherOutput};
 pub use metrics::Accuracy;
 pub use model::Model;

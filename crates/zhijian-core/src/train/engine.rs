@@ -12,6 +12,7 @@ use super::schedule::Schedule;
 use crate::backbone::{Input, ParamGroup};
 use crate::ctx::{Ctx, Tap};
 use crate::error::{Error, Result};
+use crate::layers::DropoutMasks;
 use crate::method::{Method, RunData, StepCx, StepOutput};
 use crate::metrics::Accuracy;
 use crate::model::Model;
@@ -64,6 +65,12 @@ pub struct TrainConfig {
     /// less padding. Default false.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub group_by_length: bool,
+    /// Which random masks dropout draws: `fast` (on the CPU, one pass of a
+    /// counter-based generator, a fraction of LibTorch's cost) or `torch`
+    /// (LibTorch's own, the masks PyTorch draws after the same seed: for a run
+    /// that must match a PyTorch run step by step). Default fast.
+    #[serde(skip_serializing_if = "DropoutMasks::is_fast")]
+    pub dropout_masks: DropoutMasks,
 }
 
 impl Default for TrainConfig {
@@ -84,6 +91,7 @@ impl Default for TrainConfig {
             precision: Precision::Fp32,
             eval_precision: Precision::Fp32,
             group_by_length: false,
+            dropout_masks: DropoutMasks::Fast,
         }
     }
 }
@@ -489,6 +497,8 @@ pub fn train(
 ) -> Result<TrainReport> {
     cfg.validate()?;
     check_combination(methods, opts.teacher)?;
+    // Every training pass of this run, on this thread, draws these masks.
+    let _masks = cfg.dropout_masks.set();
     let device = model.device();
     // `auto`'s probe runs once per process, before the clock starts.
     let (compute, probe) = cfg.precision.resolve(device);

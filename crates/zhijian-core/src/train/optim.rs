@@ -2,10 +2,14 @@
 //!
 //! tch's optimisers are bound to one `VarStore`, but a run trains parameters of
 //! two kinds of store (the backbone's and each method's), so the update rules
-//! are written here, following PyTorch's `AdamW` and `SGD` exactly.
+//! are written here, following PyTorch's `AdamW` and `SGD` exactly. AdamW runs
+//! ATen's fused kernel (`torch.optim.AdamW(fused=True)`, through
+//! zhijian-kernels) wherever parameter and gradient are dense and contiguous:
+//! one pass over each tensor instead of about ten.
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
+use zhijian_kernels::AdamwStep;
 
 /// The optimiser and its hyper-parameters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -112,6 +116,8 @@ pub struct Optimizer {
     /// backward then writes each gradient instead of adding to zeros, two
     /// passes over every trained weight fewer per step. It never steps.
     clearer: Option<tch::COptimizer>,
+    /// Whether AdamW runs ATen's fused kernel where the tensors allow it.
+    fused: bool,
 }
 
 impl Optimizer {
@@ -129,7 +135,7 @@ impl Optimizer {
             .collect();
         let clearer =
             tch::COptimizer::sgd(0.0, 0.0, 0.0, 0.0, false).ok().and_then(|mut c| slots.iter().all(|s| c.add_parameters(&s.param, 0).is_ok()).then_some(c));
-        Optimizer { config, weight_decay, slots, steps: 0, clearer }
+        Optimizer { config, weight_decay, slots, steps: 0, clearer, fused: true }
     }
 
     /// The parameters, in the order given.
@@ -176,7 +182,9 @@ impl Optimizer {
         let wd = self.weight_decay;
         let config = self.config.clone();
         tch::no_grad(|| {
-            for s in &mut self.slots {
+            // Fusable AdamW slots, grouped by their decay and learning rate: one fused call per group.
+            let mut groups: Vec<(AdamwStep, Vec<(usize, Tensor)>)> = Vec::new();
+            for (i, s) in self.slots.iter_mut().enumerate() {
                 let g = s.param.grad();
                 if !g.defined() {
                     continue;
@@ -184,26 +192,15 @@ impl Optimizer {
                 let decay = if s.decay { wd } else { 0.0 };
                 let lr = lr * s.lr_scale;
                 match config {
-                    // PyTorch's single-tensor AdamW, every operation in place: the
-                    // temporaries go to one scratch tensor kept across steps, not to
-                    // five fresh ones per step (each the size of the parameter, and
-                    // each a page-faulting allocation: 20 % of a full fine-tuning step).
                     OptimizerConfig::Adamw { beta1, beta2, eps } => {
-                        let _ = s.param.g_mul_scalar_(1.0 - lr * decay);
-                        let m = s.first.get_or_insert_with(|| g.zeros_like());
-                        let _ = m.lerp_(&g, 1.0 - beta1);
-                        let v = s.second.get_or_insert_with(|| g.zeros_like());
-                        let scratch = s.scratch.get_or_insert_with(|| g.empty_like());
-                        // v ← β₂ v + ((1 − β₂) g) g, rounded as PyTorch's addcmul.
-                        let _ = g.mul_scalar_out(scratch, 1.0 - beta2);
-                        let _ = v.g_mul_scalar_(beta2).addcmul_(scratch, &g);
-                        let step = lr / (1.0 - beta1.powi(t));
-                        if step > 0.0 {
-                            // θ ← θ − step · m / (√v / √(1 − β₂ᵗ) + ε): the denominator,
-                            // divided by −step, lets addcdiv do the subtraction.
-                            let _ = v.sqrt_out(scratch);
-                            let _ = scratch.g_div_scalar_((1.0 - beta2.powi(t)).sqrt()).g_add_scalar_(eps).g_div_scalar_(-step);
-                            let _ = s.param.addcdiv_(m, scratch);
+                        let h = AdamwStep { step: t, lr, beta1, beta2, weight_decay: decay, eps };
+                        if self.fused && zhijian_kernels::fusable(&s.param, &g) {
+                            match groups.iter_mut().find(|(k, _)| *k == h) {
+                                Some((_, members)) => members.push((i, g)),
+                                None => groups.push((h, vec![(i, g)])),
+                            }
+                        } else {
+                            adamw_unfused(s, &g, h);
                         }
                     }
                     OptimizerConfig::Sgd { momentum, nesterov } => {
@@ -219,7 +216,54 @@ impl Optimizer {
                     }
                 }
             }
+            for (h, members) in groups {
+                for (i, g) in &members {
+                    let s = &mut self.slots[*i];
+                    s.first.get_or_insert_with(|| g.zeros_like());
+                    s.second.get_or_insert_with(|| g.zeros_like());
+                }
+                let slots = members.iter().map(|(i, _)| &self.slots[*i]);
+                let params: Vec<&Tensor> = slots.clone().map(|s| &s.param).collect();
+                let firsts: Vec<&Tensor> = slots.clone().filter_map(|s| s.first.as_ref()).collect();
+                let seconds: Vec<&Tensor> = slots.filter_map(|s| s.second.as_ref()).collect();
+                let grads: Vec<&Tensor> = members.iter().map(|(_, g)| g).collect();
+                // `fusable` held for every member and the moments are made like their gradients,
+                // so the kernel's own checks cannot fail here.
+                zhijian_kernels::fused_adamw(&params, &grads, &firsts, &seconds, h).unwrap_or_else(|e| panic!("fused AdamW on checked tensors: {e}"));
+            }
         });
+    }
+
+    /// Turns the fused AdamW kernel off (on by default): every parameter then
+    /// takes the update written as separate tensor operations. For comparing
+    /// the two; they agree to rounding.
+    pub fn unfused(mut self) -> Self {
+        self.fused = false;
+        self
+    }
+}
+
+/// PyTorch's single-tensor AdamW, every operation in place: the temporaries go
+/// to one scratch tensor kept across steps, not to five fresh ones per step
+/// (each the size of the parameter, and each a page-faulting allocation: 20 %
+/// of a full fine-tuning step). Used where the fused kernel cannot be.
+fn adamw_unfused(s: &mut Slot, g: &Tensor, h: AdamwStep) {
+    let AdamwStep { step: t, lr, beta1, beta2, weight_decay, eps } = h;
+    let _ = s.param.g_mul_scalar_(1.0 - lr * weight_decay);
+    let m = s.first.get_or_insert_with(|| g.zeros_like());
+    let _ = m.lerp_(g, 1.0 - beta1);
+    let v = s.second.get_or_insert_with(|| g.zeros_like());
+    let scratch = s.scratch.get_or_insert_with(|| g.empty_like());
+    // v ← β₂ v + ((1 − β₂) g) g, rounded as PyTorch's addcmul.
+    let _ = g.mul_scalar_out(scratch, 1.0 - beta2);
+    let _ = v.g_mul_scalar_(beta2).addcmul_(scratch, g);
+    let step = lr / (1.0 - beta1.powi(t));
+    if step > 0.0 {
+        // θ ← θ − step · m / (√v / √(1 − β₂ᵗ) + ε): the denominator,
+        // divided by −step, lets addcdiv do the subtraction.
+        let _ = v.sqrt_out(scratch);
+        let _ = scratch.g_div_scalar_((1.0 - beta2.powi(t)).sqrt()).g_add_scalar_(eps).g_div_scalar_(-step);
+        let _ = s.param.addcdiv_(m, scratch);
     }
 }
 
@@ -253,6 +297,38 @@ mod tests {
         for i in 0..2 {
             assert!((got[i] - want[i]).abs() < 1e-9, "{got:?} vs {want:?}");
         }
+    }
+
+    /// The fused kernel and the separate operations make the same update, to
+    /// fp32 rounding, over parameters of both decay groups and two learning-rate
+    /// scales (two fused calls), across several steps.
+    #[test]
+    fn fused_and_unfused_adamw_agree() {
+        let opts = (Kind::Float, tch::Device::Cpu);
+        let start = [Tensor::randn([4, 5], opts), Tensor::randn([5], opts), Tensor::randn([3, 3], opts)];
+        let make = || {
+            let params = start.each_ref().map(|t| t.copy().set_requires_grad(true));
+            let o = [ParamOpts::default(), ParamOpts::default(), ParamOpts { lr_scale: 0.1, decay: None }];
+            let opt = Optimizer::with_options(OptimizerConfig::default(), params.iter().map(|p| p.shallow_clone()).zip(o).collect(), 0.05);
+            (params, opt)
+        };
+        let (fused_params, mut fused) = make();
+        let (plain_params, plain) = make();
+        let mut plain = plain.unfused();
+        for step in 0..5 {
+            for (params, opt) in [(&fused_params, &mut fused), (&plain_params, &mut plain)] {
+                opt.zero_grad();
+                params.iter().map(|p| (p * p * p).sum(Kind::Float)).fold(Tensor::from(0.0f32), |s, x| s + x).backward();
+                opt.step(0.01 * (step + 1) as f64);
+            }
+        }
+        assert!(fused_params.iter().all(|p| zhijian_kernels::fusable(p, &p.grad())), "the fused kernel ran");
+        for (a, b) in fused_params.iter().zip(&plain_params) {
+            let diff = (a - b).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "fused and unfused AdamW differ by {diff}");
+        }
+        let moved = (&fused_params[0] - &start[0]).abs().max().double_value(&[]);
+        assert!(moved > 1e-3, "the parameters moved ({moved})");
     }
 
     /// Gradients are dropped, not zero-filled: the next backward writes them afresh.
