@@ -161,7 +161,7 @@ fn dropout(c: &mut Criterion) {
             let _guard = masks.set();
             group.bench_function(format!("{masks:?}").to_lowercase(), |b| {
                 b.iter(|| {
-                    black_box(zhijian::core::layers::dropout(&x, 0.1, true));
+                    let _ = black_box(zhijian::core::layers::dropout(&x, 0.1, true));
                     sync();
                 })
             });
