@@ -578,25 +578,9 @@ mod tests {
             assert!(got.to_kind(Kind::Float).allclose(&want, 5e-2, 5e-2, false));
         }
         let q = q.set_requires_grad(true);
-        let cx = Ctx::plain(true);
-        let dropped = attention(
-            &cx,
-            &q.transpose(1, 2).reshape([b, t, heads * hd]),
-            &k.transpose(1, 2).reshape([b, t, heads * hd]),
-            &v.transpose(1, 2).reshape([b, t, heads * hd]),
-            None,
-            heads,
-            0.5,
-        );
-        let full = attention(
-            &Ctx::plain(false),
-            &q.transpose(1, 2).reshape([b, t, heads * hd]),
-            &k.transpose(1, 2).reshape([b, t, heads * hd]),
-            &v.transpose(1, 2).reshape([b, t, heads * hd]),
-            None,
-            heads,
-            0.5,
-        );
+        let merge = |x: &Tensor| x.transpose(1, 2).reshape([b, t, heads * hd]);
+        let run = |train: bool| attention(&Ctx::plain(train), &merge(&q), &merge(&k), &merge(&v), None, heads, 0.5);
+        let (dropped, full) = (run(true), run(false));
         assert!(!dropped.allclose(&full, 1e-3, 1e-3, false), "training drops attention weights");
         dropped.sum(Kind::Float).backward();
         assert!(q.grad().isfinite().all().int64_value(&[]) == 1 && q.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);

@@ -125,11 +125,7 @@ pub fn fused_adamw(params: &[&Tensor], grads: &[&Tensor], exp_avgs: &[&Tensor], 
             error.len(),
         )
     };
-    if rc == 0 {
-        return Ok(());
-    }
-    // SAFETY: the shim writes a NUL-terminated message (snprintf) into `error`.
-    Err(unsafe { CStr::from_ptr(error.as_ptr()) }.to_string_lossy().into_owned())
+    shim_result(rc, &error)
 }
 
 /// A dropout mask shaped and typed like `like` (a CPU tensor): each element
@@ -142,11 +138,17 @@ pub fn dropout_mask(like: &Tensor, p: f64) -> Result<Tensor, String> {
     let mut error = [0 as c_char; 1024];
     // SAFETY: `mask` is a live tensor owned here; `error` is a writable buffer of the length given.
     let rc = unsafe { zhijian_dropout_mask(mask.as_mut_ptr(), p, error.as_mut_ptr(), error.len()) };
+    shim_result(rc, &error).map(|()| mask)
+}
+
+/// A shim call's outcome: `Ok` for status 0, else the message it wrote.
+fn shim_result(rc: c_int, error: &[c_char; 1024]) -> Result<(), String> {
     if rc == 0 {
-        return Ok(mask);
+        return Ok(());
     }
-    // SAFETY: the shim writes a NUL-terminated message (snprintf) into `error`.
-    Err(unsafe { CStr::from_ptr(error.as_ptr()) }.to_string_lossy().into_owned())
+    // The shim's snprintf always NUL-terminates within the buffer (cutting a longer message).
+    let bytes = error.map(|c| c as u8);
+    Err(CStr::from_bytes_until_nul(&bytes).map_or_else(|_| "the C++ shim's error message has no end".into(), |m| m.to_string_lossy().into_owned()))
 }
 
 /// Whether [`fused_adamw`] can update `param` from `grad`: both dense,
