@@ -50,7 +50,7 @@ commands:
                         fine-tuning (2 epochs) on both sides, with dynamic padding and grouped by
                         length, test top-1 after each epoch; the time each took to reach PyTorch's
                         final accuracy (results/reference/time-to-accuracy.md; 50-55 min on 2 cores
-                        for all three, full fine-tuning alone about 25)
+                        for all three, full fine-tuning alone 15-25)
 
 environment: ZHIJIAN_HOME (default ~/.cache/zhijian; the venv is $ZHIJIAN_HOME/venv),
              ZHIJIAN_CACHE (assets; default ~/.cache/zhijian/assets)";

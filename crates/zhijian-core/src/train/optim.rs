@@ -194,7 +194,9 @@ impl Optimizer {
                 match config {
                     OptimizerConfig::Adamw { beta1, beta2, eps } => {
                         let h = AdamwStep { step: t, lr, beta1, beta2, weight_decay: decay, eps };
-                        if self.fused && zhijian_kernels::fusable(&s.param, &g) {
+                        // Moments made by an earlier unfused step (from a strided gradient) must fit too.
+                        let state_fits = [&s.first, &s.second].iter().all(|m| m.as_ref().is_none_or(|m| zhijian_kernels::fusable(&s.param, m)));
+                        if self.fused && zhijian_kernels::fusable(&s.param, &g) && state_fits {
                             match groups.iter_mut().find(|(k, _)| *k == h) {
                                 Some((_, members)) => members.push((i, g)),
                                 None => groups.push((h, vec![(i, g)])),
@@ -227,8 +229,8 @@ impl Optimizer {
                 let firsts: Vec<&Tensor> = slots.clone().filter_map(|s| s.first.as_ref()).collect();
                 let seconds: Vec<&Tensor> = slots.filter_map(|s| s.second.as_ref()).collect();
                 let grads: Vec<&Tensor> = members.iter().map(|(_, g)| g).collect();
-                // `fusable` held for every member and the moments are made like their gradients,
-                // so the kernel's own checks cannot fail here.
+                // `fusable` held for every member, its gradient and its moments (new ones are
+                // made like the gradient), so the kernel's own checks cannot fail here.
                 zhijian_kernels::fused_adamw(&params, &grads, &firsts, &seconds, h).unwrap_or_else(|e| panic!("fused AdamW on checked tensors: {e}"));
             }
         });
