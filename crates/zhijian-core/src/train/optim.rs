@@ -182,8 +182,9 @@ impl Optimizer {
         let wd = self.weight_decay;
         let config = self.config.clone();
         tch::no_grad(|| {
-            // Fusable AdamW slots, grouped by their decay and learning rate: one fused call per group.
-            let mut groups: Vec<(AdamwStep, Vec<(usize, Tensor)>)> = Vec::new();
+            // Fusable AdamW slots, grouped by their decay and learning rate and by
+            // kind and device (one fused call takes one of each): one call per group.
+            let mut groups: Vec<(FusedGroup, Vec<(usize, Tensor)>)> = Vec::new();
             for (i, s) in self.slots.iter_mut().enumerate() {
                 let g = s.param.grad();
                 if !g.defined() {
@@ -197,9 +198,10 @@ impl Optimizer {
                         // Moments made by an earlier unfused step (from a strided gradient) must fit too.
                         let state_fits = [&s.first, &s.second].iter().all(|m| m.as_ref().is_none_or(|m| zhijian_kernels::fusable(&s.param, m)));
                         if self.fused && zhijian_kernels::fusable(&s.param, &g) && state_fits {
-                            match groups.iter_mut().find(|(k, _)| *k == h) {
+                            let key = (h, s.param.kind(), s.param.device());
+                            match groups.iter_mut().find(|(k, _)| *k == key) {
                                 Some((_, members)) => members.push((i, g)),
-                                None => groups.push((h, vec![(i, g)])),
+                                None => groups.push((key, vec![(i, g)])),
                             }
                         } else {
                             adamw_unfused(s, &g, h);
@@ -218,7 +220,7 @@ impl Optimizer {
                     }
                 }
             }
-            for (h, members) in groups {
+            for ((h, _, _), members) in groups {
                 for (i, g) in &members {
                     let s = &mut self.slots[*i];
                     s.first.get_or_insert_with(|| g.zeros_like());
@@ -244,6 +246,10 @@ impl Optimizer {
         self
     }
 }
+
+/// What one fused AdamW call shares: the step's hyper-parameters, and the
+/// parameters' kind and device.
+type FusedGroup = (AdamwStep, Kind, tch::Device);
 
 /// PyTorch's single-tensor AdamW, every operation in place: the temporaries go
 /// to one scratch tensor kept across steps, not to five fresh ones per step
@@ -331,6 +337,20 @@ mod tests {
         }
         let moved = (&fused_params[0] - &start[0]).abs().max().double_value(&[]);
         assert!(moved > 1e-3, "the parameters moved ({moved})");
+    }
+
+    /// Parameters of two kinds under one optimiser take one fused call each
+    /// (a fused call takes one kind), and each gets its own update.
+    #[test]
+    fn fused_adamw_groups_by_kind() {
+        let single = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
+        let double = Tensor::from_slice(&[1.0f64, -2.0]).set_requires_grad(true);
+        let mut opt = Optimizer::new(OptimizerConfig::default(), vec![single.shallow_clone(), double.shallow_clone()], 0.0);
+        (single.sum(Kind::Float).to_kind(Kind::Double) + double.sum(Kind::Double)).backward();
+        opt.step(0.1);
+        // First step: m̂ / (√v̂ + ε) = g / (|g| + ε) ≈ 1, so each weight moves by −lr (less 1e-9 for ε).
+        assert!(single.to_kind(Kind::Double).allclose(&Tensor::from_slice(&[0.9f64, -2.1]), 1e-6, 1e-6, false), "{single}");
+        assert!(double.allclose(&Tensor::from_slice(&[0.9f64, -2.1]), 1e-8, 1e-8, false), "{double}");
     }
 
     /// Gradients are dropped, not zero-filled: the next backward writes them afresh.
