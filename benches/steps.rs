@@ -2,7 +2,8 @@
 //! on MiniLM-L6 (real weights; `cargo xtask fetch all-minilm-l6-v2 mnist-digits`
 //! first): one training step per method (batch 32 × 50 tokens, AdamW), the
 //! head's step on cached features, one AdamW update of every weight (fused and
-//! unfused), dropout with zhijian's and LibTorch's masks, batch-1 and batch-32
+//! unfused), dropout with zhijian's and LibTorch's masks, a block's dropout,
+//! residual add and LayerNorm fused and unfused, batch-1 and batch-32
 //! inference, a LoRA merge + unmerge, and the image loader. Group names carry the device and
 //! compute precision: the training steps and inference run in fp32 and, where
 //! bf16 matmuls are faster than fp32 ones (`precision = "auto"`'s probe), in
@@ -170,6 +171,42 @@ fn dropout(c: &mut Criterion) {
     }
 }
 
+/// What a MiniLM block does after each sub-layer, forward and backward in
+/// training (32 × 50 tokens × 384, dropout 0.1, gradients to the branch, the
+/// residual and the norm's weights): the fused node (zhijian-kernels) against
+/// the same dropout, add and LayerNorm as separate LibTorch operations, with a
+/// branch in fp32 and in bf16 (elementwise work only: measured whatever the
+/// CPU's bf16 matmuls).
+fn residual_norm(c: &mut Criterion) {
+    use zhijian::core::layers::{LayerNorm, dropout};
+    if device() != Device::Cpu {
+        return;
+    }
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let norm = LayerNorm::new(vs.root() / "norm", 384, 1e-12);
+    let cx = zhijian::core::Ctx::plain(true);
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let mut group = c.benchmark_group(format!("cpu-{}/residual-layernorm-32x50x384", if kind == Kind::Float { "f32" } else { "bf16" }));
+        group.sample_size(20);
+        let branch = Tensor::randn([32, 50, 384], (Kind::Float, Device::Cpu)).to_kind(kind).set_requires_grad(true);
+        let residual = Tensor::randn([32, 50, 384], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let grad = Tensor::randn([32, 50, 384], (Kind::Float, Device::Cpu));
+        for fused in [true, false] {
+            group.bench_function(if fused { "fused" } else { "unfused" }, |b| {
+                b.iter(|| {
+                    let out =
+                        if fused { norm.forward_residual(&cx, &branch, &residual, 0.1) } else { norm.forward(&cx, &(dropout(&branch, 0.1, true) + &residual)) };
+                    (out * &grad).sum(Kind::Float).backward();
+                    for t in [&branch, &residual, &norm.ws, &norm.bs] {
+                        let _ = t.grad().zero_();
+                    }
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
 fn lora_merge(c: &mut Criterion) {
     let mut group = c.benchmark_group(format!("{}/minilm-lora-r8", prefix(Compute::Fp32)));
     group.sample_size(10);
@@ -203,5 +240,5 @@ fn loader(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, train_steps, adamw, dropout, inference, lora_merge, loader);
+criterion_group!(benches, train_steps, adamw, dropout, residual_norm, inference, lora_merge, loader);
 criterion_main!(benches);

@@ -294,11 +294,11 @@ impl Layer {
         };
         let a = attention(cx, &q, &kv.k, &kv.v, mask.as_ref(), c.num_attention_heads, c.attention_probs_dropout_prob);
         let a = cx.sublayer(block, SubLayer::Attn, x, self.attn_out.forward(cx, &a), &t.layout);
-        let x = self.attn_norm.forward(cx, &(dropout(&a, c.hidden_dropout_prob, cx.is_train()) + x));
+        let x = self.attn_norm.forward_residual(cx, &a, x, c.hidden_dropout_prob);
         // Hugging Face's "gelu" is the exact erf form, not the tanh approximation.
         let f = self.down.forward(cx, &self.up.forward(cx, &x).gelu("none"));
         let f = cx.sublayer(block, SubLayer::Mlp, &x, f, &t.layout);
-        let x = self.out_norm.forward(cx, &(dropout(&f, c.hidden_dropout_prob, cx.is_train()) + x));
+        let x = self.out_norm.forward_residual(cx, &f, &x, c.hidden_dropout_prob);
         Tokens { x, ..t }
     }
 }

@@ -163,6 +163,35 @@ impl LayerNorm {
         let out = x.layer_norm([self.site.in_features], Some(&self.ws), Some(&self.bs), self.eps, true);
         cx.norm(&self.site, x, out)
     }
+
+    /// `forward(dropout(branch, p) + residual)`: what a post-LN block (BERT)
+    /// does after each sub-layer. On the CPU with fast dropout masks it is one
+    /// fused node ([`zhijian_kernels::residual_layer_norm`]: the same mask,
+    /// sum and normalisation in one pass each way); elsewhere the separate
+    /// operations. Methods see the same sum and output either way.
+    ///
+    /// # Shapes
+    /// `branch`, `residual`: `[..., dim]` → same.
+    pub fn forward_residual(&self, cx: &Ctx, branch: &Tensor, residual: &Tensor, p: f64) -> Tensor {
+        let p = if cx.is_train() { p } else { 0.0 };
+        let fusable = branch.device() == Device::Cpu
+            && matches!(branch.kind(), Kind::Float | Kind::BFloat16)
+            && self.ws.kind() == Kind::Float
+            && (p == 0.0 || DropoutMasks::current() == DropoutMasks::Fast);
+        if !fusable {
+            return self.forward(cx, &(dropout(branch, p, cx.is_train()) + residual));
+        }
+        let (out, sum) = zhijian_kernels::residual_layer_norm(
+            &branch.contiguous(),
+            &to_fp32(residual).contiguous(),
+            &self.ws.contiguous(),
+            &self.bs.contiguous(),
+            p,
+            self.eps,
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", self.site.path));
+        cx.norm(&self.site, &sum, out)
+    }
 }
 
 /// A lookup table `p.weight` of shape `[num, dim]`.
@@ -584,6 +613,46 @@ mod tests {
         assert!(!dropped.allclose(&full, 1e-3, 1e-3, false), "training drops attention weights");
         dropped.sum(Kind::Float).backward();
         assert!(q.grad().isfinite().all().int64_value(&[]) == 1 && q.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
+
+    /// A post-LN block's dropout, residual add and LayerNorm: the fused node
+    /// gives what the separate operations give with the same mask (fp32 and a
+    /// bf16 branch, training and evaluation), and takes LibTorch's path under
+    /// `torch` masks.
+    #[test]
+    fn forward_residual_is_norm_of_dropout_plus_residual() {
+        let vs = VarStore::new(Device::Cpu);
+        let ln = LayerNorm::new(vs.root() / "ln", 16, 1e-12);
+        tch::no_grad(|| {
+            let _ = ln.ws.shallow_clone().g_add_(&(randn(&[16]) * 0.1));
+        });
+        let residual = randn(&[3, 5, 16]);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let branch = randn(&[3, 5, 16]).to_kind(kind);
+            for train in [true, false] {
+                let cx = Ctx::plain(train);
+                let unfused = || ln.forward(&cx, &(dropout(&branch, 0.2, train) + &residual));
+                // Other tests draw from LibTorch's global generator in parallel: retry.
+                let same = (0..5).any(|_| {
+                    tch::manual_seed(5);
+                    let fused = ln.forward_residual(&cx, &branch, &residual, 0.2);
+                    tch::manual_seed(5);
+                    // The unfused bf16 product is rounded to bf16; the fused one stays fp32.
+                    let tol = if kind == Kind::Float { 1e-5 } else { 2e-2 };
+                    fused.allclose(&unfused(), tol, tol, false)
+                });
+                assert!(same, "{kind:?}, train {train}");
+            }
+        }
+        let _guard = DropoutMasks::Torch.set();
+        let cx = Ctx::plain(true);
+        let same = (0..5).any(|_| {
+            tch::manual_seed(5);
+            let a = ln.forward_residual(&cx, &residual, &residual, 0.2);
+            tch::manual_seed(5);
+            a.equal(&ln.forward(&cx, &(residual.dropout(0.2, true) + &residual)))
+        });
+        assert!(same, "torch masks: LibTorch's dropout");
     }
 
     /// Norms are fp32 whatever comes in; convolutions and attention follow the context.

@@ -2,7 +2,6 @@
 // `at::Tensor*`, so the Rust side passes its tensors' pointers straight through.
 // Every entry point catches C++ exceptions and returns their message: an
 // exception must not unwind into Rust.
-#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -10,27 +9,50 @@
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/full.h>
 
+#include "masks.h"
+
 #include <cstdint>
 #include <cstdio>
 #include <exception>
-#include <mutex>
+#include <algorithm>
 #include <vector>
 
 namespace {
-// SplitMix64's output function: element i of the stream seeded at `seed` is
-// mix(seed + (i + 1) * golden). A counter-based stream, so any thread can make
-// any stretch of it, and the mask does not depend on the thread count.
-inline uint64_t splitmix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
-
 std::vector<at::Tensor> gather(at::Tensor *const *tensors, size_t n) {
   std::vector<at::Tensor> out;
   out.reserve(n);
   for (size_t i = 0; i < n; ++i) out.push_back(*tensors[i]);
   return out;
+}
+
+template <typename T>
+struct MaskFill {
+  T *out;
+  uint64_t seed;
+  uint32_t threshold;
+  float scale;
+};
+
+// Elements [begin, end) of the mask, a block of keep flags at a time.
+template <typename T>
+ZHIJIAN_INLINE void fill_mask(const MaskFill<T> &a, int64_t begin, int64_t end) {
+  constexpr int64_t kBlock = 4096;
+  uint8_t keep[kBlock];
+  for (int64_t i = begin; i < end; i += kBlock) {
+    const int64_t n = std::min(kBlock, end - i);
+    zhijian::keep_flags(keep, i, i + n, a.seed, a.threshold);
+    T *__restrict out = a.out + i;
+    // A multiply, not a branch: the compiler vectorises it.
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(static_cast<float>(keep[j]) * a.scale);
+  }
+}
+template <typename T>
+ZHIJIAN_AVX2 void fill_mask_avx2(const MaskFill<T> &a, int64_t begin, int64_t end) {
+  fill_mask(a, begin, end);
+}
+template <typename T>
+void fill_mask_generic(const MaskFill<T> &a, int64_t begin, int64_t end) {
+  fill_mask(a, begin, end);
 }
 }  // namespace
 
@@ -66,25 +88,13 @@ extern "C" int zhijian_dropout_mask(at::Tensor *out, double p, char *error, size
     TORCH_CHECK(mask.device().is_cpu() && mask.is_contiguous() && mask.is_floating_point(),
                 "dropout mask: needs a contiguous floating CPU tensor");
     TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout probability must be in [0, 1), got ", p);
-    uint64_t seed;
-    {
-      auto gen = at::detail::getDefaultCPUGenerator();
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      seed = at::check_generator<at::CPUGeneratorImpl>(gen)->random64();
-    }
-    const uint64_t keep = static_cast<uint64_t>((1.0 - p) * 4294967296.0);
+    const uint64_t seed = zhijian::dropout_seed();
+    const uint32_t keep = zhijian::keep_max(p);
     const int64_t n = mask.numel();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mask.scalar_type(), "zhijian_dropout_mask", [&] {
-      scalar_t *data = mask.data_ptr<scalar_t>();
-      const scalar_t scale = static_cast<scalar_t>(1.0 / (1.0 - p));
-      const scalar_t zero = static_cast<scalar_t>(0.0);
-      // Each 64-bit draw decides two elements, one per 32-bit half.
-      at::parallel_for(0, (n + 1) / 2, 16384, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const uint64_t r = splitmix64(seed + static_cast<uint64_t>(i + 1) * 0x9E3779B97F4A7C15ULL);
-          data[2 * i] = (r & 0xFFFFFFFFULL) < keep ? scale : zero;
-          if (2 * i + 1 < n) data[2 * i + 1] = (r >> 32) < keep ? scale : zero;
-        }
+      const MaskFill<scalar_t> args{mask.data_ptr<scalar_t>(), seed, keep, static_cast<float>(static_cast<scalar_t>(1.0 / (1.0 - p)))};
+      at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
+        zhijian::has_avx2() ? fill_mask_avx2(args, begin, end) : fill_mask_generic(args, begin, end);
       });
     });
     return 0;

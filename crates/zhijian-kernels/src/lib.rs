@@ -1,13 +1,18 @@
 //! LibTorch kernels that tch does not bind, called through a small C++ shim
-//! (`cpp/kernels.cpp`, compiled against LibTorch's headers by `build.rs`).
+//! (`cpp/*.cpp`, compiled against LibTorch's headers by `build.rs`; its hot
+//! loops are built for AVX2 + FMA and for baseline x86-64 and picked at run time).
 //!
 //! - [`fused_adamw`]: ATen's fused AdamW, which updates a parameter and its two
 //!   moments in one pass. Written as separate tensor operations, the same
 //!   update reads and writes each parameter-sized tensor about ten times; on a
 //!   MiniLM full fine-tuning step that is an eighth of the step's time.
 //! - [`dropout_mask`]: a dropout mask from a counter-based random stream in one
-//!   pass. LibTorch's CPU dropout draws its mask with `bernoulli_`, a fifth of a
+//!   vectorised pass. LibTorch's CPU dropout draws its mask with `bernoulli_`, a fifth of a
 //!   MiniLM full fine-tuning step.
+//! - [`residual_layer_norm`]: `LayerNorm(residual + dropout(x))`, what a
+//!   post-LN transformer block does after each sub-layer, as one autograd node
+//!   whose forward and backward are one pass each, in place of about ten
+//!   LibTorch kernels over the block's activations.
 
 use std::ffi::{CStr, c_char, c_int};
 use tch::Tensor;
@@ -30,6 +35,18 @@ unsafe extern "C" {
         error_len: usize,
     ) -> c_int;
     fn zhijian_dropout_mask(out: *mut C_tensor, p: f64, error: *mut c_char, error_len: usize) -> c_int;
+    fn zhijian_residual_layer_norm(
+        x: *mut C_tensor,
+        residual: *mut C_tensor,
+        weight: *mut C_tensor,
+        bias: *mut C_tensor,
+        p: f64,
+        eps: f64,
+        out: *mut *mut C_tensor,
+        sum: *mut *mut C_tensor,
+        error: *mut c_char,
+        error_len: usize,
+    ) -> c_int;
 }
 
 /// AdamW's hyper-parameters for one fused step.
@@ -130,7 +147,8 @@ pub fn fused_adamw(params: &[&Tensor], grads: &[&Tensor], exp_avgs: &[&Tensor], 
 
 /// A dropout mask shaped and typed like `like` (a CPU tensor): each element
 /// is `1 / (1 − p)` with probability `1 − p`, else 0, so `x * mask` is inverted
-/// dropout. The random stream (SplitMix64 over a counter) is seeded from
+/// dropout. The random stream (two rounds of MurmurHash3's 32-bit finaliser
+/// over the element index, eight elements an instruction with AVX2) is seeded from
 /// LibTorch's default CPU generator: `tch::manual_seed` repeats the masks, but
 /// they are not the ones `Tensor::dropout` would draw.
 pub fn dropout_mask(like: &Tensor, p: f64) -> Result<Tensor, String> {
@@ -139,6 +157,42 @@ pub fn dropout_mask(like: &Tensor, p: f64) -> Result<Tensor, String> {
     // SAFETY: `mask` is a live tensor owned here; `error` is a writable buffer of the length given.
     let rc = unsafe { zhijian_dropout_mask(mask.as_mut_ptr(), p, error.as_mut_ptr(), error.len()) };
     shim_result(rc, &error).map(|()| mask)
+}
+
+/// `LayerNorm(residual + dropout(x, p))` over the last dimension with
+/// `weight` and `bias`, as one autograd node: returns the normalised result
+/// and the sum it normalised (both fp32), and gradients reach `x`, `residual`,
+/// `weight` and `bias` through either. The mask is the one [`dropout_mask`]
+/// would draw after the same seed; p = 0 drops nothing (evaluation).
+///
+/// `x`: a contiguous fp32 or bf16 CPU tensor `[..., h]`; `residual`: a
+/// contiguous fp32 CPU tensor of the same shape; `weight`, `bias`: contiguous
+/// fp32 `[h]`. Anything else is an error naming what does not fit.
+pub fn residual_layer_norm(x: &Tensor, residual: &Tensor, weight: &Tensor, bias: &Tensor, p: f64, eps: f64) -> Result<(Tensor, Tensor), String> {
+    let (mut out, mut sum) = (std::ptr::null_mut(), std::ptr::null_mut());
+    let mut error = [0 as c_char; 1024];
+    // SAFETY: the four inputs are live tensors borrowed for this call (the
+    // shim only reads them and takes its own references for the autograd
+    // graph); `out` and `sum` receive tensors the shim allocated with `new`,
+    // which `Tensor::from_ptr` takes ownership of (tch frees them with
+    // `delete`); `error` is a writable buffer of the length given.
+    let rc = unsafe {
+        zhijian_residual_layer_norm(
+            x.as_ptr() as *mut C_tensor,
+            residual.as_ptr() as *mut C_tensor,
+            weight.as_ptr() as *mut C_tensor,
+            bias.as_ptr() as *mut C_tensor,
+            p,
+            eps,
+            &mut out,
+            &mut sum,
+            error.as_mut_ptr(),
+            error.len(),
+        )
+    };
+    shim_result(rc, &error)?;
+    // SAFETY: status 0 means the shim stored two fresh tensors in `out` and `sum`.
+    Ok(unsafe { (Tensor::from_ptr(out), Tensor::from_ptr(sum)) })
 }
 
 /// A shim call's outcome: `Ok` for status 0, else the message it wrote.
@@ -247,5 +301,72 @@ mod tests {
         assert_eq!(Vec::<f32>::try_from(p.flatten(0, -1)).unwrap(), [1.0; 6], "nothing was updated");
         let err = fused_adamw(&[&p], &[], &[], &[], h).unwrap_err();
         assert!(err.contains("1 parameters, 0 gradients"), "{err}");
+    }
+
+    /// The fused node against the same computation in LibTorch's operators
+    /// (the mask from [`dropout_mask`] after the same seed): the result, the
+    /// sum and all four gradients, with gradients arriving through both
+    /// outputs, for fp32 and bf16 inputs and without dropout.
+    #[test]
+    fn residual_layer_norm_matches_the_unfused_ops() {
+        let (rows, h, eps) = (37, 48, 1e-12);
+        let f32 = (Kind::Float, Device::Cpu);
+        for (kind, p) in [(Kind::Float, 0.1), (Kind::Float, 0.0), (Kind::BFloat16, 0.3)] {
+            let x = Tensor::randn([rows, h], f32).to_kind(kind).set_requires_grad(true);
+            let residual = Tensor::randn([rows, h], f32).set_requires_grad(true);
+            let w = (Tensor::randn([h], f32) * 0.1 + 1.0).set_requires_grad(true);
+            let b = (Tensor::randn([h], f32) * 0.1).set_requires_grad(true);
+            let (dy, ds) = (Tensor::randn([rows, h], f32), Tensor::randn([rows, h], f32));
+            let fused = |x: &Tensor| residual_layer_norm(x, &residual, &w, &b, p, eps).unwrap();
+            let unfused = |x: &Tensor| {
+                let kept = if p > 0.0 { x.to_kind(Kind::Float) * dropout_mask(&x.to_kind(Kind::Float), p).unwrap() } else { x.to_kind(Kind::Float) };
+                let sum = kept + &residual;
+                (sum.layer_norm([h], Some(&w), Some(&b), eps, false), sum)
+            };
+            // Other tests draw from LibTorch's global generator in parallel:
+            // retry until no draw came between the seed and ours.
+            let ((y, s), (want_y, want_s)) = (0..5)
+                .map(|_| {
+                    tch::manual_seed(3);
+                    let got = fused(&x);
+                    tch::manual_seed(3);
+                    (got, unfused(&x))
+                })
+                .find(|((_, s), (_, want_s))| s.allclose(want_s, 1e-5, 1e-5, false))
+                .expect("the same mask after the same seed");
+            assert_eq!((y.kind(), s.kind()), (Kind::Float, Kind::Float));
+            assert!(y.allclose(&want_y, 1e-4, 1e-4, false), "{kind:?} p {p}: {}", (&y - &want_y).abs().max());
+            if p > 0.0 {
+                let dropped = s.eq_tensor(&residual).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+                assert!((dropped - p).abs() < 0.06, "dropped {dropped}");
+            }
+            let grads = |y: &Tensor, s: &Tensor| {
+                ((y * &dy).sum(Kind::Float) + (s * &ds).sum(Kind::Float)).backward();
+                let g = [&x, &residual, &w, &b].map(|t| t.grad().to_kind(Kind::Float).copy());
+                for t in [&x, &residual, &w, &b] {
+                    let _ = t.grad().zero_();
+                }
+                g
+            };
+            let (got, want) = (grads(&y, &s), grads(&want_y, &want_s));
+            for (name, (g, w)) in ["x", "residual", "weight", "bias"].iter().zip(got.iter().zip(&want)) {
+                let tol = if kind == Kind::BFloat16 && *name == "x" { 2e-2 } else { 1e-4 };
+                assert!(g.allclose(w, tol, tol, false), "{kind:?} p {p}: the gradient of {name} is off by {}", (g - w).abs().max());
+            }
+            assert_eq!(x.grad().kind(), kind, "x's gradient comes back in x's kind");
+        }
+    }
+
+    /// Inputs the kernel cannot read are refused with what does not fit.
+    #[test]
+    fn residual_layer_norm_refuses_what_it_cannot_read() {
+        let f32 = (Kind::Float, Device::Cpu);
+        let (x, w, b) = (Tensor::randn([4, 6], f32), Tensor::ones([6], f32), Tensor::zeros([6], f32));
+        let err = residual_layer_norm(&x, &Tensor::randn([4, 5], f32), &w, &b, 0.1, 1e-5).unwrap_err();
+        assert!(err.contains("residual must be") && err.contains("[4, 5]"), "{err}");
+        assert!(residual_layer_norm(&x.tr(), &x, &w, &b, 0.1, 1e-5).unwrap_err().contains("contiguous"));
+        assert!(residual_layer_norm(&x, &x, &Tensor::ones([5], f32), &b, 0.1, 1e-5).unwrap_err().contains("weight and bias"));
+        assert!(residual_layer_norm(&x.to_kind(Kind::Double), &x, &w, &b, 0.1, 1e-5).unwrap_err().contains("fp32 or bf16"));
+        assert!(residual_layer_norm(&x, &x, &w, &b, 1.0, 1e-5).unwrap_err().contains("[0, 1)"));
     }
 }

@@ -116,7 +116,13 @@ impl Knn {
             Weighting::Distance => {
                 let d = match c.metric {
                     Metric::Cosine => 1.0 - &s,
-                    Metric::Euclidean => -&s,
+                    // Recomputed directly for the k chosen: through ‖x‖² − 2x·m + ‖m‖²
+                    // a query's distance to itself in the memory is √(rounding) ≈ 1e-3,
+                    // not ≈ 0, and its inverse swings with every last-bit change.
+                    Metric::Euclidean => {
+                        let chosen = memory.index_select(0, &idx.view([-1])).view([idx.size()[0], k, -1]);
+                        (x.unsqueeze(1) - chosen).square().sum_dim_intlist(2, false, Kind::Float).sqrt()
+                    }
                 };
                 d.clamp_min(1e-12).reciprocal()
             }
@@ -243,6 +249,26 @@ mod tests {
         // Cosine distance weights with k = 2: 1 − 0.995 and 1 − 0.8557.
         let w = [1.0 / (1.0 - s[0]), 1.0 / (1.0 - s[2])];
         close(&votes(KnnConfig { k: 2, weighting: Weighting::Distance, ..Default::default() }), &[w[0] / (w[0] + w[1]), w[1] / (w[0] + w[1]), 0.0]);
+    }
+
+    /// A query that is (up to rounding) an example of the memory gets that
+    /// example's vote, whatever its last bits: distance weights come from
+    /// the chosen neighbours' distances computed directly.
+    #[test]
+    fn a_query_in_the_memory_votes_for_itself_stably() {
+        let mut knn = Knn::new(KnnConfig { k: 3, metric: Metric::Euclidean, weighting: Weighting::Distance, ..Default::default() });
+        knn.classes = 3;
+        tch::manual_seed(4);
+        // Large features (‖v‖² ≈ 6·10⁵, where fp32 rounding is ≈ 0.04) and two
+        // other examples ≈ 4 away.
+        let v = Tensor::randn([1, 64], (Kind::Float, tch::Device::Cpu)) * 100.0;
+        let memory = Tensor::cat(&[&v, &(&v + Tensor::randn([2, 64], (Kind::Float, tch::Device::Cpu)) * 0.5)], 0);
+        let labels = Tensor::from_slice(&[0i64, 1, 2]);
+        let query = memory.narrow(0, 0, 1);
+        let shares = |x: &Tensor| knn.votes(x, &memory, &labels);
+        let (exact, nudged) = (shares(&query), shares(&(&query + Tensor::randn([1, 64], (Kind::Float, tch::Device::Cpu)) * 1e-5)));
+        assert!(nudged.double_value(&[0, 0]) > 0.999, "{nudged}");
+        assert!((&exact - &nudged).abs().max().double_value(&[]) < 1e-3, "{exact} against {nudged}");
     }
 
     /// Bad values are refused in `prepare`, naming the method and the field.
