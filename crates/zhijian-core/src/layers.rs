@@ -176,6 +176,7 @@ impl LayerNorm {
         let p = if cx.is_train() { p } else { 0.0 };
         let fusable = branch.device() == Device::Cpu
             && matches!(branch.kind(), Kind::Float | Kind::BFloat16)
+            && branch.size() == residual.size()
             && self.ws.kind() == Kind::Float
             && (p == 0.0 || DropoutMasks::current() == DropoutMasks::Fast);
         if !fusable {

@@ -46,14 +46,7 @@ ZHIJIAN_INLINE void fill_mask(const MaskFill<T> &a, int64_t begin, int64_t end) 
     for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(static_cast<float>(keep[j]) * a.scale);
   }
 }
-template <typename T>
-ZHIJIAN_AVX2 void fill_mask_avx2(const MaskFill<T> &a, int64_t begin, int64_t end) {
-  fill_mask(a, begin, end);
-}
-template <typename T>
-void fill_mask_generic(const MaskFill<T> &a, int64_t begin, int64_t end) {
-  fill_mask(a, begin, end);
-}
+ZHIJIAN_BUILT_TWICE(fill_mask)
 }  // namespace
 
 // One AdamW step (decoupled weight decay) over `n` parameters in a single pass
@@ -94,7 +87,7 @@ extern "C" int zhijian_dropout_mask(at::Tensor *out, double p, char *error, size
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mask.scalar_type(), "zhijian_dropout_mask", [&] {
       const MaskFill<scalar_t> args{mask.data_ptr<scalar_t>(), seed, keep, static_cast<float>(static_cast<scalar_t>(1.0 / (1.0 - p)))};
       at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
-        zhijian::has_avx2() ? fill_mask_avx2(args, begin, end) : fill_mask_generic(args, begin, end);
+        fill_mask_fast(args, begin, end);
       });
     });
     return 0;

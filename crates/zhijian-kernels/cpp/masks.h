@@ -59,6 +59,22 @@ inline bool has_avx2() {
 inline bool has_avx2() { return false; }
 #endif
 
+// Defines `name##_fast(args...)`, which runs the inline template `name` from
+// its AVX2 + FMA build where the CPU has those, else from its baseline build.
+#define ZHIJIAN_BUILT_TWICE(name)                                        \
+  template <typename... A>                                               \
+  ZHIJIAN_AVX2 void name##_avx2(const A &...a) {                         \
+    name(a...);                                                          \
+  }                                                                      \
+  template <typename... A>                                               \
+  void name##_generic(const A &...a) {                                   \
+    name(a...);                                                          \
+  }                                                                      \
+  template <typename... A>                                               \
+  void name##_fast(const A &...a) {                                      \
+    ::zhijian::has_avx2() ? name##_avx2(a...) : name##_generic(a...);    \
+  }
+
 // A seed for one mask, drawn from LibTorch's default CPU generator so that
 // `manual_seed` repeats the masks.
 inline uint64_t dropout_seed() {

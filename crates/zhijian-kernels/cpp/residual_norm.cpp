@@ -127,24 +127,8 @@ ZHIJIAN_INLINE void backward_rows(const Backward<T> &a, float *__restrict dw, fl
   }
 }
 
-// Each loop built for AVX2 + FMA and for baseline x86-64, picked at run time.
-template <typename T>
-ZHIJIAN_AVX2 void forward_rows_avx2(const Forward<T> &a, int64_t r0, int64_t r1) {
-  forward_rows(a, r0, r1);
-}
-template <typename T>
-void forward_rows_generic(const Forward<T> &a, int64_t r0, int64_t r1) {
-  forward_rows(a, r0, r1);
-}
-template <typename T>
-ZHIJIAN_AVX2 void backward_rows_avx2(const Backward<T> &a, float *dw, float *db, int64_t r0,
-                                                             int64_t r1) {
-  backward_rows(a, dw, db, r0, r1);
-}
-template <typename T>
-void backward_rows_generic(const Backward<T> &a, float *dw, float *db, int64_t r0, int64_t r1) {
-  backward_rows(a, dw, db, r0, r1);
-}
+ZHIJIAN_BUILT_TWICE(forward_rows)
+ZHIJIAN_BUILT_TWICE(backward_rows)
 
 // Splits `rows` into one chunk per thread (at most), each with its own row of
 // `partials`, so the weight and bias gradients need no atomics.
@@ -167,7 +151,7 @@ struct ResidualLayerNorm : public torch::autograd::Function<ResidualLayerNorm> {
                                    keep.defined() ? keep.data_ptr<uint8_t>() : nullptr, h, seed,
                                    zhijian::keep_max(p), scale, static_cast<float>(eps)};
       at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-        zhijian::has_avx2() ? forward_rows_avx2(args, r0, r1) : forward_rows_generic(args, r0, r1);
+        forward_rows_fast(args, r0, r1);
       });
     });
     ctx->save_for_backward({s, mean, rstd, weight});
@@ -198,7 +182,7 @@ struct ResidualLayerNorm : public torch::autograd::Function<ResidualLayerNorm> {
         for (int64_t c = c0; c < c1; ++c) {
           float *dw = partials.data_ptr<float>() + c * 2 * h;
           const int64_t r0 = rows * c / chunks, r1 = rows * (c + 1) / chunks;
-          zhijian::has_avx2() ? backward_rows_avx2(args, dw, dw + h, r0, r1) : backward_rows_generic(args, dw, dw + h, r0, r1);
+          backward_rows_fast(args, dw, dw + h, r0, r1);
         }
       });
     });
