@@ -178,7 +178,7 @@ impl LayerNorm {
             && matches!(branch.kind(), Kind::Float | Kind::BFloat16)
             && branch.size() == residual.size()
             && self.ws.kind() == Kind::Float
-            && (p == 0.0 || DropoutMasks::current() == DropoutMasks::Fast);
+            && (p == 0.0 || fast_masks_on(branch));
         if !fusable {
             return self.forward(cx, &(dropout(branch, p, cx.is_train()) + residual));
         }
@@ -265,13 +265,19 @@ impl Drop for DropoutMasksGuard {
     }
 }
 
+/// Whether dropout of `x` draws zhijian's own masks ([`zhijian_kernels::dropout_mask`]:
+/// on the CPU under [`DropoutMasks::Fast`]) rather than LibTorch's.
+fn fast_masks_on(x: &Tensor) -> bool {
+    x.device() == Device::Cpu && DropoutMasks::current().is_fast()
+}
+
 /// Inverted dropout of probability `p`, active only in training passes
 /// (`train`), drawing [`DropoutMasks::current`]'s masks.
 pub fn dropout(x: &Tensor, p: f64, train: bool) -> Tensor {
     if !train || p <= 0.0 {
         return x.shallow_clone();
     }
-    if p < 1.0 && x.device() == Device::Cpu && DropoutMasks::current() == DropoutMasks::Fast {
+    if p < 1.0 && fast_masks_on(x) {
         // p is in (0, 1) and the mask is made contiguous on the CPU: the kernel cannot refuse it.
         return x * zhijian_kernels::dropout_mask(x, p).unwrap_or_else(|e| panic!("dropout mask: {e}"));
     }
@@ -297,7 +303,7 @@ pub fn attention(cx: &Ctx, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Ten
     let p = if cx.is_train() { dropout_p } else { 0.0 };
     let mask = mask.map(|m| cx.cast(m));
     let (q, k, v) = (split(q), split(k), split(v));
-    let out = if p > 0.0 && q.device() == Device::Cpu && DropoutMasks::current() == DropoutMasks::Fast {
+    let out = if p > 0.0 && fast_masks_on(&q) {
         attention_with_fast_dropout(&q, &k, &v, mask.as_ref(), p)
     } else {
         Tensor::scaled_dot_product_attention(&q, &k, &v, mask.as_ref(), p, false, None, false)
