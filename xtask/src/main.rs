@@ -49,8 +49,9 @@ commands:
                         the same, on every training review: linear probe, LoRA (3 epochs) and full
                         fine-tuning (2 epochs) on both sides, with dynamic padding and grouped by
                         length, test top-1 after each epoch; the time each took to reach PyTorch's
-                        final accuracy (results/reference/time-to-accuracy.md; 50-55 min on 2 cores
-                        for all three, full fine-tuning alone 15-25)
+                        final accuracy, each whole run's time against PyTorch's batched the same way,
+                        peak RSS (results/reference/time-to-accuracy.md; 50-55 min on 2 cores with
+                        fast bf16 for all three, about 90 in fp32; full fine-tuning alone 15-45)
 
 environment: ZHIJIAN_HOME (default ~/.cache/zhijian; the venv is $ZHIJIAN_HOME/venv),
              ZHIJIAN_CACHE (assets; default ~/.cache/zhijian/assets)";
