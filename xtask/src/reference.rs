@@ -352,6 +352,11 @@ fn render_time_to_accuracy(report: &Value) -> Result<String> {
                 .join(", ")
         })
     };
+    // PyTorch's time ÷ this job's, where both are known.
+    let times = |theirs: Option<f64>, ours: Option<f64>| match (theirs, ours) {
+        (Some(theirs), Some(ours)) if ours > 0.0 => format!("{:.2}×", theirs / ours),
+        _ => "—".to_string(),
+    };
     // The whole run's training time: the last epoch's point of the curve.
     let total = |job: &Value| job["curve"].as_array().and_then(|c| c.last()).and_then(|p| p["seconds"].as_f64()).filter(|s| *s > 0.0);
     let methods: Vec<&str> =
@@ -365,16 +370,10 @@ fn render_time_to_accuracy(report: &Value) -> Result<String> {
             let Some(top1) = job["test_top1"].as_f64() else { continue };
             let hit = reached(job, target);
             let time = hit.map_or("not reached".to_string(), |(e, s)| format!("{s:.0} s (epoch {e})"));
-            let speedup = match (hit, base) {
-                (Some((_, s)), Some(b)) if s > 0.0 => format!("{:.2}×", b / s),
-                _ => "—".into(),
-            };
+            let speedup = times(base, hit.map(|(_, s)| s));
             // Throughput against PyTorch batched the same way: unlike the time to
             // target, it does not hinge on where one run's accuracy lands.
-            let whole = match (total(&r[tta_name("PyTorch", method, grouped)]), total(job)) {
-                (Some(theirs), Some(ours)) => format!("{:.2}×", theirs / ours),
-                _ => "—".into(),
-            };
+            let whole = times(total(&r[tta_name("PyTorch", method, grouped)]), total(job));
             let rss = job["peak_rss_bytes"].as_f64().map_or("—".into(), bytes);
             let batches = if grouped { "grouped by length" } else { "dynamic padding" };
             writeln!(
